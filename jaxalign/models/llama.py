@@ -1,0 +1,478 @@
+"""A Llama-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2 and SmolLM2.
+
+One model covers the family: pre-norm blocks of grouped-query attention with
+rotary position embeddings and a SwiGLU MLP, RMSNorm everywhere, optional
+q/k/v biases (Qwen2), optional tied input/output embeddings (SmolLM2), and
+Llama-3's frequency-dependent RoPE scaling.
+
+Parameter names follow Hugging Face's (``embed_tokens``, ``layers.self_attn.q_proj``,
+...) so weight import and export are plain renames. The layers are stacked on a
+leading ``layers`` axis and run with ``jax.lax.scan``: one compiled layer body,
+whatever the depth, which keeps compile time flat from SmolLM2 to a 7B model.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``,
+``kv_heads``, ``head_dim``, ``mlp``, ``norm``, ``layers``); ``jaxalign.parallel``
+maps them onto mesh axes with one rules table.
+
+Shapes used below: ``B`` batch, ``T`` new tokens, ``S`` key/value slots,
+``D`` hidden size, ``H`` query heads, ``K`` key/value heads, ``Dh`` head size,
+``F`` MLP size, ``V`` vocabulary, ``L`` layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_from_name(name: str) -> Any:
+    """Returns the jnp dtype for ``float32``/``bfloat16``/``float16``, or a clear error."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling.
+
+    ``kind="llama3"``: Llama 3.1's smooth, frequency-dependent scaling (long
+    wavelengths divided by ``factor``, short ones kept, a linear blend between).
+    ``kind="linear"``: every position divided by ``factor`` (position interpolation).
+    """
+
+    kind: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (defaults: SmolLM2-135M)."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int | None = None  # None: hidden_size // num_heads, as in HF configs
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases, as Qwen2 has
+    max_position_embeddings: int = 8192
+    architecture: str = "llama"  # llama | mistral | qwen2: the HF class to export as
+    param_dtype: str = "float32"  # master weights
+    dtype: str = "float32"  # activations and matmuls
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.hidden_size ({self.hidden_size}) is not divisible by num_heads "
+                f"({self.num_heads}); set head_dim explicitly"
+            )
+        dtype_from_name(self.param_dtype)
+        dtype_from_name(self.dtype)
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, **overrides) -> ModelConfig:
+        """Builds a config from a Hugging Face ``config.json`` dict.
+
+        Accepts both the older ``rope_theta``/``rope_scaling`` keys and the newer
+        ``rope_parameters`` dict.
+        """
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(
+                f"unsupported model_type {model_type!r} in config.json; jaxalign supports "
+                "llama, mistral and qwen2 (Llama 2/3, Mistral, Qwen2, SmolLM2)"
+            )
+        rope = dict(hf.get("rope_parameters") or {})
+        if hf.get("rope_scaling"):
+            rope.update(hf["rope_scaling"])
+        theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if kind == "llama3":
+            scaling = RopeScaling(
+                kind="llama3",
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(
+                    rope.get("original_max_position_embeddings", 8192)
+                ),
+            )
+        elif kind == "linear":
+            scaling = RopeScaling(kind="linear", factor=float(rope["factor"]))
+        elif kind not in ("default", None):
+            raise ValueError(f"unsupported RoPE scaling type {kind!r} in config.json")
+        num_heads = hf["num_attention_heads"]
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim"),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+            architecture=model_type,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf_config(self) -> dict:
+        """The ``config.json`` dict that transformers loads this model from."""
+        class_name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(
+            self.architecture, "Qwen2ForCausalLM"
+        )
+        hf = {
+            "architectures": [class_name],
+            "model_type": self.architecture,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.dim_per_head,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": self.param_dtype,
+        }
+        if self.architecture == "llama":
+            hf["attention_bias"] = self.attention_bias
+            hf["mlp_bias"] = False
+        if self.architecture == "mistral":
+            hf["sliding_window"] = None
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            hf["rope_scaling"] = (
+                {
+                    "rope_type": "llama3",
+                    "factor": s.factor,
+                    "low_freq_factor": s.low_freq_factor,
+                    "high_freq_factor": s.high_freq_factor,
+                    "original_max_position_embeddings": s.original_max_position_embeddings,
+                }
+                if s.kind == "llama3"
+                else {"rope_type": "linear", "factor": s.factor}
+            )
+        return hf
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Pre-allocated keys and values for incremental decoding.
+
+    Rows are left-padded: slot ``s`` of every row is written at the same step, and
+    ``mask[b, s]`` says whether that slot holds a real token of row ``b``.
+    """
+
+    k: jax.Array  # [L, B, S, K, Dh]
+    v: jax.Array  # [L, B, S, K, Dh]
+    mask: jax.Array  # [B, S] bool
+    index: jax.Array  # [] int32: the next slot to write
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache of ``max_length`` slots for ``batch_size`` rows."""
+    dtype = dtype or dtype_from_name(config.dtype)
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.dim_per_head)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch_size, max_length), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """Per-row positions of real tokens: 0, 1, 2... counting only unmasked tokens.
+
+    ``attention_mask [B, T]``; padding tokens get the position of the token before
+    them (0 for left padding), which is harmless since nothing attends to them.
+    """
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) + offset
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies ``[Dh/2]``, with Llama-3 or linear scaling applied."""
+    dim = config.dim_per_head
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.kind == "linear":
+        return inv_freq / s.factor
+    if s.kind != "llama3":
+        raise ValueError(f"unknown RoPE scaling kind {s.kind!r}; expected 'llama3' or 'linear'")
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in HF's half-split layout. ``x [B,T,N,Dh]``, ``positions [B,T]``."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,Dh/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, config: ModelConfig, init=None) -> nnx.Param:
+    dtype = dtype_from_name(config.param_dtype)
+    if init is None:
+        init = jax.nn.initializers.normal(config.initializer_range)
+    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight``, computed in float32."""
+
+    def __init__(self, dim: int, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (dim,), ("norm",), config, jax.nn.initializers.ones)
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE and an optional KV cache."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.dim_per_head
+        self.config = config
+        self.q_proj = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), config)
+        self.k_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), config)
+        self.v_proj = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), config)
+        self.o_proj = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), config)
+        if config.attention_bias:
+            zeros = jax.nn.initializers.zeros
+            self.q_bias = _param(rngs, (h, dh), ("heads", "head_dim"), config, zeros)
+            self.k_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), config, zeros)
+            self.v_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), config, zeros)
+
+    def __call__(self, x, positions, key_mask, inv_freq, cache_kv=None, cache_index=None):
+        """``x [B,T,D]``; ``key_mask [B,T,S]`` says which keys each query may see.
+
+        Without a cache the keys are this call's tokens (``S == T``). With
+        ``cache_kv = (k [B,S,K,Dh], v [B,S,K,Dh])`` the new keys and values are
+        written at ``cache_index`` and attention runs over all ``S`` slots.
+        """
+        cfg = self.config
+        dtype = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dtype))
+        if cfg.attention_bias:
+            q = q + self.q_bias[...].astype(dtype)
+            k = k + self.k_bias[...].astype(dtype)
+            v = v + self.v_bias[...].astype(dtype)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if cache_kv is not None:
+            cache_k, cache_v = cache_kv
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            new_kv = (k, v)
+            k, v = k.astype(dtype), v.astype(dtype)
+        else:
+            new_kv = None
+        b, t, h, dh = q.shape
+        groups = h // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, dh)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(dh)
+        scores = jnp.where(key_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dtype)), new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), config)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), config)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), config)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        gate = x @ self.gate_proj[...].astype(dtype)
+        up = x @ self.up_proj[...].astype(dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config, rngs=rngs)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, key_mask, inv_freq, cache_kv=None, cache_index=None):
+        attn, new_kv = self.self_attn(
+            self.input_layernorm(x), positions, key_mask, inv_freq, cache_kv, cache_index
+        )
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_kv
+
+
+class Transformer(nnx.Module):
+    """The decoder. ``model(tokens, positions, attention_mask, cache) -> (logits, cache)``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = _param(
+            rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config
+        )
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return DecoderLayer(config, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(config.hidden_size, config, rngs=rngs)
+        if not config.tie_embeddings:
+            self.lm_head = _param(
+                rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), config
+            )
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        attention_mask: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-norm hidden states ``[B,T,D]`` (and the updated cache).
+
+        ``tokens, positions [B,T] int32``; ``attention_mask [B,T]`` is 1 on real
+        tokens. Without a cache, attention is causal over this call's tokens.
+        With one, the tokens are written at ``cache.index`` and may attend to
+        every earlier real slot.
+        """
+        cfg = self.config
+        dtype = dtype_from_name(cfg.dtype)
+        attention_mask = attention_mask.astype(bool)
+        t = tokens.shape[1]
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
+        inv_freq = rope_frequencies(cfg)
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            key_mask = causal[None] & attention_mask[:, None, :]
+            index, kv_mask = None, None
+        else:
+            index = cache.index
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
+            slots = jnp.arange(cache.max_length)
+            visible = slots[None, :] <= index + jnp.arange(t)[:, None]  # [T,S]
+            key_mask = visible[None] & kv_mask[:, None, :]
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def layer_step(x, layer_in):
+            params, kv = layer_in
+            layer = nnx.merge(graphdef, params)
+            x, new_kv = layer(x, positions, key_mask, inv_freq, kv, index)
+            return x, new_kv
+
+        if cfg.remat:
+            layer_step = jax.checkpoint(layer_step, prevent_cse=False)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = jax.lax.scan(layer_step, x, (layer_state, kv_in))
+        if cache is not None:
+            cache = KVCache(k=kv_out[0], v=kv_out[1], mask=kv_mask, index=index + t)
+        return self.norm(x), cache
+
+    def output_embedding(self) -> jax.Array:
+        """The ``[D, V]`` output projection (the transposed input embedding when tied)."""
+        if self.config.tie_embeddings:
+            return self.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits ``[..., V]`` from final hidden states ``[..., D]``."""
+        w = self.output_embedding().astype(hidden.dtype)
+        return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Float32 logits ``[B,T,V]`` and the updated cache (``None`` without one)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, bool)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        hidden, cache = self.hidden_states(tokens, positions, attention_mask, cache)
+        return self.logits(hidden), cache
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+    """The model's structure with shape-only parameters (no memory), for loading weights."""
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
