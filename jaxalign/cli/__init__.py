@@ -1,0 +1,50 @@
+"""The ``jaxalign`` command line: ``jaxalign <command> [options]``.
+
+Each command lives in its own module of this package with ``add_arguments(parser)``
+and ``main(args) -> int``; modules are imported only when their command runs, so
+``jaxalign --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "run": ("jaxalign.cli.run", "run an alignment job from a config (default: the SPA demo)"),
+    "dpo": ("jaxalign.cli.dpo", "DPO on a preference file"),
+    "generate": ("jaxalign.cli.generate", "sample responses for a prompt file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxalign",
+        description="Align language models with self-generated preference data (SPA, PLE).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["run"]  # the default job: the SPA demo on the embedded model
+    if argv[0] in COMMANDS:
+        sub_parser = argparse.ArgumentParser(
+            prog=f"jaxalign {argv[0]}", description=COMMANDS[argv[0]][1]
+        )
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        module.add_arguments(sub_parser)
+        args = sub_parser.parse_args(argv[1:])
+        return int(module.main(args) or 0)
+    parser.parse_args(argv)  # prints help or a usage error
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
