@@ -1,0 +1,373 @@
+"""Sampled decoding: prefill once, broadcast the KV cache, decode in one compiled loop.
+
+``generate(model, prompt_ids, prompt_mask, key, config)`` draws ``config.n``
+continuations of every prompt. The prompt batch is left-padded, so every row's
+last prompt token sits in the last column and the new tokens of all rows are
+written to the same cache slot at each step.
+
+The work is split so that nothing is done twice:
+
+1. **Prefill** ``[B, P]`` prompt tokens once into a cache of ``P + max_new_tokens``
+   slots, keeping only the last position's logits (never ``[B, P, V]``).
+2. **Broadcast** the cache and those logits ``n`` times (row ``i*n + j`` is sample
+   ``j`` of prompt ``i``) — one prefill per prompt, not ``n``.
+3. **Decode** with ``jax.lax.while_loop``: feed the last token, get ``[B*n, V]``
+   logits, filter, sample. The loop stops when every row has produced an EOS
+   token or ``max_new_tokens`` are reached. The cache is part of the loop carry
+   and is updated with ``dynamic_update_slice``, which XLA performs in place.
+
+The logit filters (temperature, top-k, top-p, min-p) are pure functions on
+``[B, V]`` logits, applied in that order (the order of Hugging Face's warpers).
+
+Log-probabilities, when requested, are those of the *unmodified* model
+distribution, ``log_softmax(raw logits)[token]``, not of the temperature-scaled,
+filtered one that the token was drawn from. SPA's and PLE's judges do not use
+them: they recompute log-probs with a forward pass (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxalign.models.llama import KVCache, Transformer, dtype_from_name, init_cache
+
+# Mesh axes the batch is split over, when the mesh has them (see jaxalign.parallel).
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to decode. Defaults are SPA's sampling settings (Kim et al. 2025, §4.1)
+    except ``n``: SPA draws 2 responses per prompt.
+    """
+
+    max_new_tokens: int = 300  # SPA: at most 300 new tokens
+    temperature: float = 0.7  # SPA: 0.7
+    top_k: int = 0  # keep the k most likely tokens; 0 turns the filter off
+    top_p: float = 1.0  # nucleus mass; SPA: 1.0 (off)
+    min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0 turns it off
+    n: int = 1  # samples per prompt; SPA uses 2
+    greedy: bool = False  # argmax of the raw logits; filters and temperature are ignored
+    eos_token_ids: tuple[int, ...] = ()  # a row finishes after emitting any of these
+    return_logprobs: bool = False  # log_softmax of the raw logits at each sampled token
+    pad_token_id: int = 0  # written after a row has finished
+    cache_dtype: str | None = None  # None: the model's activation dtype; "bfloat16" halves it
+
+    def __post_init__(self):
+        def fail(field: str, expected: str):
+            value = getattr(self, field)
+            raise ValueError(f"SamplingConfig.{field} must be {expected}, got {value!r}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            fail("max_new_tokens", "a positive integer")
+        if not self.greedy and not (
+            isinstance(self.temperature, int | float)
+            and math.isfinite(self.temperature)
+            and self.temperature > 0
+        ):
+            fail("temperature", "a positive number (use greedy=True for argmax decoding)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            fail("top_k", "an integer >= 0 (0 disables top-k)")
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", "in (0, 1] (1.0 disables top-p)")
+        if not 0.0 <= self.min_p <= 1.0:
+            fail("min_p", "in [0, 1] (0 disables min-p)")
+        if not isinstance(self.n, int) or self.n < 1:
+            fail("n", "a positive integer")
+        if not isinstance(self.eos_token_ids, tuple) or not all(
+            isinstance(t, int) and t >= 0 for t in self.eos_token_ids
+        ):
+            fail("eos_token_ids", "a tuple of non-negative token ids")
+        if self.cache_dtype is not None:
+            dtype_from_name(self.cache_dtype)
+
+    def replace(self, **changes) -> SamplingConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@flax.struct.dataclass
+class Samples:
+    """Decoded continuations; row ``i*n + j`` is sample ``j`` of prompt ``i``."""
+
+    tokens: jax.Array  # [B*n, max_new_tokens] int32; pad_token_id after a row finished
+    lengths: jax.Array  # [B*n] int32; generated tokens, the EOS token included
+    finished: jax.Array  # [B*n] bool; an EOS token was produced
+    logprobs: jax.Array | None = None  # [B*n, max_new_tokens] float32; 0 after the end
+
+
+# ---------------------------------------------------------------------------
+# Logit filters: pure functions on [B, V] float logits. A dropped token gets -inf.
+
+
+def scale_temperature(logits: jax.Array, temperature: float) -> jax.Array:
+    """``logits / T``: sampling from ``softmax(logits / T)``."""
+    return logits / temperature
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keeps logits ``>=`` the k-th largest in each row (ties with it are kept too).
+
+    ``logits [B, V]``; ``k`` in ``[1, V]``; ``k >= V`` keeps everything.
+    """
+    if k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    """Nucleus filter (Holtzman et al. 2020): the smallest set of most likely tokens
+    whose probability sums to ``>= p``.
+
+    With probabilities sorted in descending order ``q_1 >= q_2 >= ...``, token ``j``
+    is kept when the mass before it, ``q_1 + ... + q_{j-1}``, is ``< p``; so the top
+    token is always kept. Tokens tied with the last kept one are kept as well, which
+    makes the set independent of how a sort orders ties. ``logits [B, V]``.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs = -jnp.sort(-probs, axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # >= 1 since mass_before[0] = 0
+    cutoff = jnp.take_along_axis(sorted_probs, kept - 1, axis=-1)
+    return jnp.where(probs >= cutoff, logits, -jnp.inf)
+
+
+def min_p_filter(logits: jax.Array, min_p: float) -> jax.Array:
+    """Min-p filter (Nguyen et al. 2024): keeps tokens with ``p >= min_p * p_max``.
+
+    Computed in log space: ``logit >= max_logit + log(min_p)``. ``logits [B, V]``.
+    """
+    threshold = jnp.max(logits, axis=-1, keepdims=True) + math.log(min_p)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Temperature, then top-k, top-p and min-p — each only when it is switched on."""
+    logits = scale_temperature(logits.astype(jnp.float32), config.temperature)
+    if config.top_k > 0:
+        logits = top_k_filter(logits, config.top_k)
+    if config.top_p < 1.0:
+        logits = top_p_filter(logits, config.top_p)
+    if config.min_p > 0.0:
+        logits = min_p_filter(logits, config.min_p)
+    return logits
+
+
+def sample_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
+    """One token per row from ``[B, V]`` raw logits: argmax when greedy, otherwise a
+    draw from ``softmax(filter_logits(logits))`` (Gumbel-max). Returns ``[B] int32``.
+    """
+    if config.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, config), axis=-1).astype(jnp.int32)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[b, tokens[b]]`` of the raw logits: ``[B, V], [B] -> [B]``."""
+    logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return picked.astype(jnp.float32) - logz
+
+
+# ---------------------------------------------------------------------------
+# The decode loop.
+
+_TRACES = {"generate": 0}
+
+
+def trace_count() -> int:
+    """How many times the decode program has been traced (one per new compile),
+    so tests and reports can check that same-shaped batches reuse one program."""
+    return _TRACES["generate"]
+
+
+def _repeat_rows(cache: KVCache, n: int) -> KVCache:
+    """Row ``i`` of the cache becomes rows ``i*n ... i*n + n-1``."""
+    if n == 1:
+        return cache
+    return KVCache(
+        k=jnp.repeat(cache.k, n, axis=1),
+        v=jnp.repeat(cache.v, n, axis=1),
+        mask=jnp.repeat(cache.mask, n, axis=0),
+        index=cache.index,
+    )
+
+
+def prefill(
+    model: Transformer,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    cache_length: int,
+    cache_dtype=None,
+) -> tuple[jax.Array, KVCache]:
+    """Runs left-padded prompts ``[B, P]`` into a fresh cache of ``cache_length`` slots.
+
+    Returns the float32 logits of each row's last prompt token ``[B, V]`` (only that
+    position goes through the output layer) and the cache, with ``index == P``.
+    """
+    prompt_mask = prompt_mask.astype(bool)
+    cache = init_cache(model.config, prompt_ids.shape[0], cache_length, cache_dtype)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1, dtype=jnp.int32) - 1, 0)
+    hidden, cache = model.hidden_states(prompt_ids, positions, prompt_mask, cache)
+    return model.logits(hidden[:, -1]), cache
+
+
+def decode_step(
+    model: Transformer, cache: KVCache, tokens: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, KVCache]:
+    """Feeds one token per row, ``tokens [B]`` at ``positions [B]``, written at slot
+    ``cache.index``. Returns the next-token logits ``[B, V]`` float32 and the cache."""
+    rows = tokens.shape[0]
+    mask = jnp.ones((rows, 1), bool)
+    logits, cache = model(tokens[:, None], positions[:, None], mask, cache)
+    return logits[:, 0], cache
+
+
+def _decode(
+    model: Transformer,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    config: SamplingConfig,
+) -> Samples:
+    """The traced body of :func:`generate` (see the module docstring)."""
+    _TRACES["generate"] += 1
+    batch, prompt_len = prompt_ids.shape
+    n, max_new = config.n, config.max_new_tokens
+    rows = batch * n
+    prompt_mask = prompt_mask.astype(bool)
+    cache_dtype = dtype_from_name(config.cache_dtype or model.config.dtype)
+
+    logits, cache = prefill(model, prompt_ids, prompt_mask, prompt_len + max_new, cache_dtype)
+    lengths_in = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
+    cache = _repeat_rows(cache, n)
+    logits = jnp.repeat(logits, n, axis=0)
+    next_position = jnp.repeat(lengths_in, n)  # position of generated token 0
+    eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
+
+    def pick(logits, step, finished):
+        token = sample_tokens(logits, jax.random.fold_in(key, step), config)
+        token = jnp.where(finished, config.pad_token_id, token)
+        logprob = token_logprobs(logits, token) if config.return_logprobs else None
+        return token, logprob
+
+    tokens = jnp.full((rows, max_new), config.pad_token_id, jnp.int32)
+    logprobs = jnp.zeros((rows, max_new), jnp.float32)
+    not_done = jnp.zeros((rows,), bool)
+    token, logprob = pick(logits, 0, not_done)
+    tokens = tokens.at[:, 0].set(token)
+    if config.return_logprobs:
+        logprobs = logprobs.at[:, 0].set(logprob)
+    finished = jnp.isin(token, eos)
+    lengths = jnp.ones((rows,), jnp.int32)
+
+    def cond(carry):
+        step, finished = carry[0], carry[5]
+        return (step < max_new) & ~jnp.all(finished)
+
+    def body(carry):
+        step, cache, token, tokens, logprobs, finished, lengths = carry
+        # Feed the token sampled at step-1, at position prompt length + step-1.
+        logits, cache = decode_step(model, cache, token, next_position + step - 1)
+        token, logprob = pick(logits, step, finished)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        if config.return_logprobs:
+            logprob = jnp.where(finished, 0.0, logprob)
+            logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, step))
+        lengths = lengths + (~finished).astype(jnp.int32)
+        finished = finished | jnp.isin(token, eos)
+        return step + 1, cache, token, tokens, logprobs, finished, lengths
+
+    carry = (jnp.int32(1), cache, token, tokens, logprobs, finished, lengths)
+    _, _, _, tokens, logprobs, finished, lengths = jax.lax.while_loop(cond, body, carry)
+    return Samples(
+        tokens=tokens,
+        lengths=lengths,
+        finished=finished,
+        logprobs=logprobs if config.return_logprobs else None,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, config: SamplingConfig):
+    """One jitted program per (model structure, config); jit caches per input shapes
+    and shardings, so a run of same-bucket batches compiles once."""
+
+    def run(state, prompt_ids, prompt_mask, key):
+        return _decode(nnx.merge(graphdef, state), prompt_ids, prompt_mask, key, config)
+
+    return jax.jit(run)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over the mesh's data-parallel axes (``data`` and ``fsdp`` when present)."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, P(axes or None))
+
+
+def _place_on_mesh(state, prompt_ids, prompt_mask, mesh: Mesh):
+    """Splits the batch over the data axes; replicates parameters not already on ``mesh``."""
+    rows = batch_sharding(mesh)
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+    if prompt_ids.shape[0] % shards:
+        raise ValueError(
+            f"the prompt batch ({prompt_ids.shape[0]} rows) must be a multiple of the "
+            f"mesh's data-parallel size ({shards}); pad the batch or change the mesh"
+        )
+    replicated = NamedSharding(mesh, P())
+
+    def place(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    state = jax.tree.map(place, state)
+    return state, jax.device_put(prompt_ids, rows), jax.device_put(prompt_mask, rows)
+
+
+def generate(
+    model: Transformer,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    config: SamplingConfig,
+    *,
+    mesh: Mesh | None = None,
+) -> Samples:
+    """Samples ``config.n`` continuations of each left-padded prompt.
+
+    ``prompt_ids [B, P] int32`` and ``prompt_mask [B, P]`` (1 on real tokens) are
+    left-padded; ``key`` is a PRNG key, and the output is a deterministic function
+    of it. Returns :class:`Samples` with ``B * n`` rows, sample ``j`` of prompt ``i``
+    at row ``i*n + j``. With a ``mesh`` the rows are split over its ``data``/``fsdp``
+    axes (``B`` must divide evenly); parameters already placed on the mesh keep
+    their sharding, others are replicated.
+    """
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, bool)
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(
+            "prompt_ids and prompt_mask must both be [batch, prompt_len]; got "
+            f"{prompt_ids.shape} and {prompt_mask.shape}"
+        )
+    total = prompt_ids.shape[1] + config.max_new_tokens
+    if total > model.config.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {prompt_ids.shape[1]} + max_new_tokens {config.max_new_tokens} "
+            f"exceeds the model's context of {model.config.max_position_embeddings} tokens; "
+            "shorten the prompts or lower max_new_tokens"
+        )
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+        state, prompt_ids, prompt_mask = _place_on_mesh(state, prompt_ids, prompt_mask, mesh)
+    return _compiled(graphdef, config)(state, prompt_ids, prompt_mask, key)

@@ -1,0 +1,317 @@
+"""Tests for jaxalign.sampling: cached decode vs full forward, filters, statistics,
+n samples per prompt, sharding, and compile reuse."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxalign import sampling
+from jaxalign.models import ModelConfig, Transformer
+from jaxalign.sampling import (
+    SamplingConfig,
+    decode_step,
+    filter_logits,
+    generate,
+    min_p_filter,
+    prefill,
+    sample_tokens,
+    top_k_filter,
+    top_p_filter,
+)
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # peaked distributions, so greedy paths are well separated
+    )
+    return Transformer(config, rngs=nnx.Rngs(0))
+
+
+def left_padded(prompts, pad=0):
+    """``[B, P]`` ids and mask, each prompt right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad, np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = True
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+PROMPTS = [[5, 17, 3, 44, 9], [8, 1, 2, 3, 4, 70, 71, 72, 60], [33, 12, 90]]
+
+
+def full_forward_logits(model, prompt, generated):
+    """Logits ``[len(generated), V]`` predicting each generated token, from one
+    uncached forward pass over ``prompt + generated`` (no padding at all)."""
+    seq = jnp.asarray([list(prompt) + list(generated)], jnp.int32)
+    logits, _ = model(seq)
+    start = len(prompt) - 1
+    return np.asarray(logits[0, start : start + len(generated)])
+
+
+def keep_set(filtered):
+    return set(np.flatnonzero(np.isfinite(np.asarray(filtered)[0])).tolist())
+
+
+# ---------------------------------------------------------------------------
+# Cached decoding equals a full forward pass.
+
+
+def test_cached_decode_logits_match_full_forward(model):
+    ids, mask = left_padded(PROMPTS)
+    steps = 8
+    config = SamplingConfig(max_new_tokens=steps, greedy=True, return_logprobs=True)
+    out = generate(model, ids, mask, jax.random.key(0), config)
+    tokens = np.asarray(out.tokens)
+    assert tokens.shape == (3, steps)
+    assert np.all(np.asarray(out.lengths) == steps) and not np.any(np.asarray(out.finished))
+
+    # Re-run the loop's own prefill and decode steps, keeping every step's full logits.
+    logits, cache = prefill(model, ids, mask, ids.shape[1] + steps)
+    positions = jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
+    cached = [np.asarray(logits)]
+    for t in range(steps - 1):
+        logits, cache = decode_step(model, cache, jnp.asarray(tokens[:, t]), positions + t)
+        cached.append(np.asarray(logits))
+    cached = np.stack(cached, axis=1)  # [B, steps, V]
+
+    for i, prompt in enumerate(PROMPTS):
+        reference = full_forward_logits(model, prompt, tokens[i])
+        np.testing.assert_allclose(cached[i], reference, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(tokens[i], reference.argmax(-1))
+        ref_logprobs = reference - np.log(np.exp(reference).sum(-1, keepdims=True))
+        picked = ref_logprobs[np.arange(steps), tokens[i]]
+        np.testing.assert_allclose(np.asarray(out.logprobs[i]), picked, atol=1e-4)
+
+
+def test_eos_stops_rows_and_pads(model):
+    ids, mask = left_padded(PROMPTS)
+    free = generate(model, ids, mask, jax.random.key(0), SamplingConfig(12, greedy=True))
+    free_tokens = np.asarray(free.tokens)
+    eos = int(free_tokens[1, 3])  # row 1 emits it at step 3 (maybe other rows earlier)
+    config = SamplingConfig(12, greedy=True, eos_token_ids=(eos,), pad_token_id=0)
+    out = generate(model, ids, mask, jax.random.key(0), config)
+    for i in range(3):
+        hits = np.flatnonzero(free_tokens[i] == eos)
+        if hits.size:
+            end = hits[0] + 1
+            assert out.finished[i] and out.lengths[i] == end
+            np.testing.assert_array_equal(out.tokens[i, :end], free_tokens[i, :end])
+            assert np.all(np.asarray(out.tokens[i, end:]) == 0)
+        else:
+            assert not out.finished[i] and out.lengths[i] == 12
+    assert out.lengths[1] == 4
+
+
+# ---------------------------------------------------------------------------
+# Filters keep exactly the hand-computed sets.
+
+
+def test_top_k_keeps_k_largest_and_ties():
+    logits = jnp.asarray([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    assert keep_set(top_k_filter(logits, 2)) == {1, 3}
+    assert keep_set(top_k_filter(logits, 1)) == {1}
+    assert keep_set(top_k_filter(logits, 5)) == {0, 1, 2, 3, 4}
+    ties = jnp.asarray([[3.0, 1.0, 3.0, 3.0, 0.0]])
+    assert keep_set(top_k_filter(ties, 2)) == {0, 2, 3}  # ties with the 2nd are kept
+    np.testing.assert_array_equal(np.asarray(top_k_filter(logits, 2))[0, [1, 3]], [5.0, 4.0])
+
+
+def test_top_p_smallest_set_reaching_p():
+    logits = jnp.log(jnp.asarray([[0.3, 0.5, 0.05, 0.15]]))  # sorted: .5 .3 .15 .05
+    assert keep_set(top_p_filter(logits, 0.7)) == {0, 1}  # .5 < .7, .5+.3 >= .7
+    assert keep_set(top_p_filter(logits, 0.85)) == {0, 1, 3}  # needs .5+.3+.15
+    assert keep_set(top_p_filter(logits, 0.99)) == {0, 1, 2, 3}
+    assert keep_set(top_p_filter(logits, 0.3)) == {1}
+    assert keep_set(top_p_filter(logits, 0.01)) == {1}  # the top token is always kept
+    spread = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]]))
+    assert keep_set(top_p_filter(spread, 0.65)) == {0, 1}
+
+
+def test_top_p_keeps_ties_at_the_boundary():
+    ties = jnp.log(jnp.asarray([[0.2, 0.4, 0.2, 0.2]]))
+    assert keep_set(top_p_filter(ties, 0.5)) == {0, 1, 2, 3}  # any one .2 would do
+    assert keep_set(top_p_filter(ties, 0.3)) == {1}
+    flat = jnp.zeros((1, 4))
+    assert keep_set(top_p_filter(flat, 0.1)) == {0, 1, 2, 3}
+
+
+def test_min_p_threshold_relative_to_top():
+    logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.3, 0.15]]))
+    assert keep_set(min_p_filter(logits, 0.5)) == {1, 2}  # p >= 0.25
+    assert keep_set(min_p_filter(logits, 0.2)) == {1, 2, 3}  # p >= 0.1
+    assert keep_set(min_p_filter(logits, 1.0)) == {1}
+
+
+def test_filters_apply_after_temperature():
+    # T=0.5 turns probs .5/.3/.15/.05 into ∝ .25/.09/.0225/.0025 (normalised
+    # .6983/.2514/.0628/.0070): top-p 0.9 then keeps the first two only.
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    assert keep_set(filter_logits(logits, SamplingConfig(temperature=1.0, top_p=0.9))) == {
+        0,
+        1,
+        2,
+    }
+    assert keep_set(filter_logits(logits, SamplingConfig(temperature=0.5, top_p=0.9))) == {0, 1}
+    both = SamplingConfig(temperature=1.0, top_k=3, min_p=0.5)
+    assert keep_set(filter_logits(logits, both)) == {0, 1}
+
+
+# ---------------------------------------------------------------------------
+# Sampling frequencies.
+
+
+def chi_square(counts, probs):
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_temperature_sampling_matches_softmax():
+    raw = np.asarray([1.0, 0.5, 0.0, -0.5, -2.0], np.float32)
+    temperature = 0.7
+    draws = 200_000
+    logits = jnp.broadcast_to(jnp.asarray(raw), (draws, raw.size))
+    config = SamplingConfig(temperature=temperature)
+    tokens = np.asarray(sample_tokens(logits, jax.random.key(123), config))
+    counts = np.bincount(tokens, minlength=raw.size).astype(np.float64)
+    expected = np.exp(raw / temperature) / np.exp(raw / temperature).sum()
+    # 4 degrees of freedom: P(chi2 > 18.47) = 0.001.
+    assert chi_square(counts, expected) < 18.47
+    assert np.max(np.abs(counts / draws - expected)) < 4 * np.sqrt(0.25 / draws)
+
+
+def test_filtered_sampling_renormalises_over_kept_tokens():
+    raw = np.log(np.asarray([0.4, 0.3, 0.2, 0.1], np.float32))
+    draws = 100_000
+    logits = jnp.broadcast_to(jnp.asarray(raw), (draws, raw.size))
+    config = SamplingConfig(temperature=1.0, top_k=2)
+    tokens = np.asarray(sample_tokens(logits, jax.random.key(7), config))
+    counts = np.bincount(tokens, minlength=4).astype(np.float64)
+    assert counts[2] == 0 and counts[3] == 0
+    assert chi_square(counts[:2], np.asarray([4 / 7, 3 / 7])) < 10.83  # 1 dof, p = 0.001
+
+
+# ---------------------------------------------------------------------------
+# n samples per prompt, determinism, compile reuse, sharding.
+
+
+def test_n_samples_share_the_prompt(model):
+    ids, mask = left_padded(PROMPTS)
+    n, steps = 3, 6
+    greedy1 = generate(model, ids, mask, jax.random.key(0), SamplingConfig(steps, greedy=True))
+    greedy3 = generate(model, ids, mask, jax.random.key(0), SamplingConfig(steps, greedy=True, n=n))
+    np.testing.assert_array_equal(
+        np.asarray(greedy3.tokens), np.repeat(np.asarray(greedy1.tokens), n, axis=0)
+    )
+
+    config = SamplingConfig(steps, temperature=1.5, n=n, return_logprobs=True)
+    out = generate(model, ids, mask, jax.random.key(1), config)
+    tokens = np.asarray(out.tokens)
+    assert tokens.shape == (len(PROMPTS) * n, steps)
+    for i, prompt in enumerate(PROMPTS):
+        rows = tokens[i * n : (i + 1) * n]
+        assert len({tuple(r) for r in rows}) > 1  # samples differ
+        for j, row in enumerate(rows):  # each is conditioned on prompt i
+            reference = full_forward_logits(model, prompt, row)
+            ref_logprobs = reference - np.log(np.exp(reference).sum(-1, keepdims=True))
+            np.testing.assert_allclose(
+                np.asarray(out.logprobs[i * n + j]),
+                ref_logprobs[np.arange(steps), row],
+                atol=1e-4,
+            )
+    again = generate(model, ids, mask, jax.random.key(1), config)
+    np.testing.assert_array_equal(np.asarray(again.tokens), tokens)  # same key, same tokens
+    other = generate(model, ids, mask, jax.random.key(2), config)
+    assert not np.array_equal(np.asarray(other.tokens), tokens)
+
+
+def test_same_shapes_compile_once(model):
+    config = SamplingConfig(5, temperature=1.0, n=2)
+    ids, mask = left_padded(PROMPTS)
+    generate(model, ids, mask, jax.random.key(0), config)
+    before = sampling.trace_count()
+    for seed in range(3):
+        generate(model, ids, mask, jax.random.key(seed), config)
+    assert sampling.trace_count() == before
+    wider, wider_mask = left_padded([[1] * 12] + PROMPTS[1:])
+    generate(model, wider, wider_mask, jax.random.key(0), config)
+    assert sampling.trace_count() == before + 1
+
+
+def test_sharded_matches_unsharded(model):
+    devices = np.asarray(jax.devices()[:8])
+    if devices.size < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py fakes them on CPU)")
+    mesh = Mesh(devices.reshape(4, 2, 1), ("data", "fsdp", "tensor"))
+    prompts = PROMPTS + [[7, 7, 1], [2] * 9, [50, 60], [11, 12, 13, 14], [90, 91, 92, 93, 94]]
+    ids, mask = left_padded(prompts)
+    for config in (
+        SamplingConfig(6, greedy=True, n=2),
+        SamplingConfig(6, temperature=1.0, top_k=20, n=2),
+    ):
+        plain = generate(model, ids, mask, jax.random.key(3), config)
+        split = generate(model, ids, mask, jax.random.key(3), config, mesh=mesh)
+        assert len(split.tokens.sharding.device_set) == 8
+        np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(plain.tokens))
+        np.testing.assert_array_equal(np.asarray(split.lengths), np.asarray(plain.lengths))
+
+
+def test_sharded_batch_must_divide():
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
+    small = Transformer(
+        ModelConfig(
+            vocab_size=11,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+        ),
+        rngs=nnx.Rngs(0),
+    )
+    ids, mask = left_padded([[1, 2, 3]] * 3)
+    with pytest.raises(ValueError, match="multiple of the mesh's data-parallel size"):
+        generate(small, ids, mask, jax.random.key(0), SamplingConfig(2), mesh=mesh)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("max_new_tokens", 0, "max_new_tokens"),
+        ("temperature", 0.0, "temperature"),
+        ("top_p", 0.0, "top_p"),
+        ("top_p", 1.5, "top_p"),
+        ("min_p", -0.1, "min_p"),
+        ("top_k", -1, "top_k"),
+        ("n", 0, "SamplingConfig.n"),
+        ("eos_token_ids", [2], "eos_token_ids"),
+        ("cache_dtype", "int4", "dtype"),
+    ],
+)
+def test_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**{field: value})
+
+
+def test_greedy_allows_zero_temperature():
+    assert SamplingConfig(greedy=True, temperature=0.0).greedy
+
+
+def test_context_overflow_is_reported(model):
+    ids, mask = left_padded(PROMPTS)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=250))
