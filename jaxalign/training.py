@@ -1,0 +1,588 @@
+"""The pure, jit-compiled, sharded training step and what it needs.
+
+The pair batch
+--------------
+Every trainer in jaxalign (DPO, SPA, PLE) consumes the same *pair batch*: a
+dict of arrays with fixed shapes per length bucket. Each sequence is the prompt
+followed by the response, RIGHT-padded, starting at column 0:
+
+- ``chosen_ids, rejected_ids [B,T] int32``;
+- ``chosen_attention_mask, rejected_attention_mask [B,T]``: 1 on prompt and
+  response tokens, 0 on padding;
+- ``chosen_loss_mask, rejected_loss_mask [B,T]``: 1 on response tokens only,
+  the tokens whose log-probs are summed; token ``t`` is predicted by the logits
+  at position ``t-1``;
+- ``weight [B] f32``: multiplies the pair's loss; 0 marks a padding pair;
+- ``smoothing [B] f32``: the pair's label smoothing ``α_i``;
+- optional ``ref_chosen_logps, ref_rejected_logps [B] f32``: reference
+  log-probs precomputed by :func:`compute_reference_logps`.
+
+Losses reduce as ``sum(w·ℓ) / max(sum(w), ε)``. Reward-weighted SFT examples
+(PLE) use the same sequence layout under an ``sft_`` prefix, in the same dict
+or alone: ``sft_ids, sft_attention_mask, sft_loss_mask [B2,T]`` and
+``sft_weight [B2]`` (see :func:`sft_loss_fn`). :mod:`jaxalign.data.pairs`
+builds these batches from text.
+
+The step
+--------
+``state, metrics = train_step(state, batch)`` (or ``train_step(state, batch,
+frozen)``) is built by :func:`make_train_step` as one ``jax.jit`` with explicit
+shardings and the state donated. Features enter as functions, not branches: a
+*loss function*
+
+    loss_fn(model, batch, algo_state, step, rng, frozen) -> (loss, (metrics, new_algo_state))
+
+gets the policy as a live NNX module (``nnx.merge(graphdef, params)``), so it
+may run ``model.hidden_states`` itself; ``algo_state`` is the algorithm's own
+pytree carried in :class:`TrainState` (SPA's margin ring buffer); ``frozen`` is
+an optional, non-differentiated, non-donated pytree passed to ``train_step``
+as its third argument (an on-the-fly reference model's parameters), or
+``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxalign import losses
+from jaxalign.models.llama import ModelConfig, Transformer, positions_from_mask
+from jaxalign.parallel import (
+    BATCH_AXES,
+    batch_divisor,
+    batch_sharding,
+    model_shardings,
+    replicated,
+)
+
+PAIR_FIELDS = (
+    "chosen_ids",
+    "rejected_ids",
+    "chosen_attention_mask",
+    "rejected_attention_mask",
+    "chosen_loss_mask",
+    "rejected_loss_mask",
+    "weight",
+    "smoothing",
+)
+REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
+SFT_FIELDS = ("sft_ids", "sft_attention_mask", "sft_loss_mask", "sft_weight")
+
+LOSS_NAMES = (*losses.PREFERENCE_LOSSES, "ranking")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyper-parameters (defaults: SPA, Kim et al. 2024, App. B)."""
+
+    learning_rate: float = 5e-7  # SPA and Zephyr's DPO recipe
+    warmup_ratio: float = 0.1  # SPA: 10% linear warm-up
+    schedule: str = "cosine"  # SPA: cosine decay to 0; also "linear", "constant"
+    weight_decay: float = 0.0  # alignment-handbook DPO recipe (SPA builds on it): no decay
+    adam_b1: float = 0.9  # AdamW (Loshchilov & Hutter 2019) / torch defaults, used by TRL
+    adam_b2: float = 0.999  # torch AdamW default
+    adam_eps: float = 1e-8  # torch AdamW default
+    max_grad_norm: float = 1.0  # HF Trainer default (TRL's DPOTrainer inherits it)
+    batch_size: int = 32  # SPA: global batch of 32 pairs
+    micro_batches: int = 1  # gradient accumulation steps inside one train step
+    beta: float = 0.1  # SPA / DPO: KL strength β
+    loss: str = "sigmoid"  # DPO (Rafailov et al. 2023); ipo | hinge | robust | ranking
+    ranking_margin: float = 0.0  # RRHF's ranking loss has no margin
+    epochs: int = 3  # SPA round 0: 3 epochs on the seed pairs (later rounds: 1)
+    logp_chunk_size: int = 256  # sequence positions per log-softmax chunk (memory bound)
+    # None keeps the model's own dtype; "bfloat16": bfloat16 compute with float32 master
+    # weights (the parameters stay in their param_dtype, each matmul casts them).
+    compute_dtype: str | None = None
+    remat: bool | None = None  # None keeps the model's setting; True recomputes layers
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.loss not in LOSS_NAMES:
+            raise ValueError(f"train.loss must be one of {list(LOSS_NAMES)}, got {self.loss!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(
+                f"train.schedule must be cosine, linear or constant, got {self.schedule!r}"
+            )
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be a positive multiple of "
+                f"train.micro_batches ({self.micro_batches})"
+            )
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(
+                "train.compute_dtype must be null, float32, bfloat16 or float16, "
+                f"got {self.compute_dtype!r}"
+            )
+        if self.logp_chunk_size < 1:
+            raise ValueError(f"train.logp_chunk_size must be positive, got {self.logp_chunk_size}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step (a pytree)."""
+
+    step: jax.Array  # [] int32: train steps taken, skipped ones included
+    params: nnx.State  # the policy's parameters
+    opt_state: optax.OptState
+    rng: jax.Array  # [2] uint32 PRNG key, split once per step
+    algo_state: dict  # algorithm state (SPA's margin ring buffer); {} by default
+    skipped_steps: jax.Array  # [] int32: steps whose update was dropped (non-finite)
+
+
+LossFn = Callable[..., tuple[jax.Array, tuple[dict, dict]]]
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def chunked_token_logps(
+    model: Transformer,
+    hidden: jax.Array,
+    ids: jax.Array,
+    loss_mask: jax.Array,
+    chunk_size: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token log-probs of masked tokens, computed chunk by chunk.
+
+    ``hidden [B,T,D]`` (final-norm states), ``ids, loss_mask [B,T]``. Token ``t``
+    is scored by the logits at ``t-1``: ``Σ_t m_t · log softmax(W h_{t-1})[ids_t]``.
+    The sequence is cut into chunks of ``chunk_size`` positions; each chunk's
+    ``[B,chunk,V]`` float32 logits live only inside a ``jax.checkpoint``-ed map
+    body, so neither the forward nor the backward pass holds ``[B,T,V]``.
+    Returns ``(sum_logps [B], num_tokens [B])``.
+    """
+    b, t, d = hidden.shape
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
+    mask = mask.astype(jnp.float32)
+    size = min(chunk_size, t)
+    n = -(-t // size)
+    pad = n * size - t
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+
+    def to_chunks(x):
+        return jnp.swapaxes(x.reshape(b, n, size, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_logps(chunk):
+        h, tgt, m = chunk
+        logits = model.logits(h)  # [B, size, V] float32
+        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+        return jnp.sum((picked - jax.nn.logsumexp(logits, axis=-1)) * m, axis=-1)
+
+    per_chunk = jax.lax.map(chunk_logps, (to_chunks(hidden), to_chunks(targets), to_chunks(mask)))
+    return jnp.sum(per_chunk, axis=0), jnp.sum(mask, axis=1)
+
+
+def sequence_logps(
+    model: Transformer,
+    ids: jax.Array,
+    attention_mask: jax.Array,
+    loss_mask: jax.Array,
+    chunk_size: int = 256,
+) -> tuple[jax.Array, jax.Array]:
+    """``log π(response | prompt)`` per row: ``(sum_logps [B], num_tokens [B])``.
+
+    ``ids, attention_mask, loss_mask [B,T]``, right-padded (the pair-batch layout).
+    """
+    positions = positions_from_mask(attention_mask)
+    hidden, _ = model.hidden_states(ids, positions, attention_mask)
+    return chunked_token_logps(model, hidden, ids, loss_mask, chunk_size)
+
+
+def pair_logps(
+    model: Transformer, batch: Mapping[str, jax.Array], chunk_size: int = 256
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Chosen and rejected log-probs from ONE forward pass over ``[2B,T]``.
+
+    Returns ``(chosen_logps, rejected_logps, chosen_num_tokens, rejected_num_tokens)``,
+    each ``[B]``.
+    """
+    b = batch["chosen_ids"].shape[0]
+
+    def both(name):
+        return jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
+
+    logps, counts = sequence_logps(
+        model, both("ids"), both("attention_mask"), both("loss_mask"), chunk_size
+    )
+    return logps[:b], logps[b:], counts[:b], counts[b:]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk_size",))
+def _reference_logps(graphdef, params, batch, chunk_size):
+    model = nnx.merge(graphdef, params)
+    chosen, rejected, _, _ = pair_logps(model, batch, chunk_size)
+    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+def compute_reference_logps(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch: Mapping[str, Any],
+    chunk_size: int = 256,
+) -> dict[str, jax.Array]:
+    """Reference log-probs ``{ref_chosen_logps, ref_rejected_logps}`` ``[B]`` for a pair batch.
+
+    Run once per dataset (or round) with the reference parameters and stored with
+    the pairs, so training holds only the policy. Jitted; compiles once per bucket.
+    """
+    fields = {k: batch[k] for k in PAIR_FIELDS if k.endswith(("ids", "mask"))}
+    return _reference_logps(graphdef, params, fields, chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------- loss functions
+
+
+def dpo_loss_fn(config: TrainConfig, graphdef: nnx.GraphDef | None = None) -> LossFn:
+    """The standard pairwise loss function for :func:`make_train_step`.
+
+    Uses ``config.loss`` from :mod:`jaxalign.losses`. The reference log-probs come
+    from the batch (``ref_chosen_logps``/``ref_rejected_logps``) when present;
+    otherwise from an on-the-fly reference whose parameters are the step's
+    ``frozen`` argument (then ``graphdef`` must be given; gradients are stopped).
+    ``loss="ranking"`` is reference-free.
+    """
+    chunk = config.logp_chunk_size
+
+    def reference(batch, frozen):
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if frozen is None or graphdef is None:
+            raise ValueError(
+                "the batch has no ref_chosen_logps/ref_rejected_logps; precompute them with "
+                "compute_reference_logps, or pass the reference parameters as train_step's "
+                "`frozen` argument and build the loss with dpo_loss_fn(config, graphdef)"
+            )
+        ref_model = nnx.merge(graphdef, jax.lax.stop_gradient(frozen))
+        chosen, rejected, _, _ = pair_logps(ref_model, batch, chunk)
+        return chosen, rejected
+
+    if config.loss == "ranking":
+
+        def loss_fn(model, batch, algo_state, step, rng, frozen=None):
+            chosen, rejected, n_chosen, n_rejected = pair_logps(model, batch, chunk)
+            loss, aux = losses.ranking_loss(
+                chosen,
+                rejected,
+                n_chosen,
+                n_rejected,
+                batch["weight"],
+                batch["smoothing"],
+                margin=config.ranking_margin,
+            )
+            return loss, (aux, algo_state)
+
+        return loss_fn
+
+    preference_loss = losses.PREFERENCE_LOSSES[config.loss]
+
+    def loss_fn(model, batch, algo_state, step, rng, frozen=None):
+        chosen, rejected, _, _ = pair_logps(model, batch, chunk)
+        ref_chosen, ref_rejected = reference(batch, frozen)
+        loss, aux = preference_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            batch["weight"],
+            batch["smoothing"],
+            beta=config.beta,
+        )
+        return loss, (aux, algo_state)
+
+    return loss_fn
+
+
+def sft_loss_fn(config: TrainConfig) -> LossFn:
+    """Reward-weighted SFT on the ``sft_*`` fields (:func:`jaxalign.losses.weighted_sft_loss`)."""
+
+    def loss_fn(model, batch, algo_state, step, rng, frozen=None):
+        logps, counts = sequence_logps(
+            model,
+            batch["sft_ids"],
+            batch["sft_attention_mask"],
+            batch["sft_loss_mask"],
+            config.logp_chunk_size,
+        )
+        loss, aux = losses.weighted_sft_loss(logps, counts, batch["sft_weight"])
+        return loss, (aux, algo_state)
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- optimizer/state
+
+
+def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate per applied update: linear warm-up over ``warmup_ratio·total_steps``,
+    then cosine or linear decay to 0 (HF ``get_cosine_schedule_with_warmup``), or constant."""
+    total = max(int(total_steps), 1)
+    warmup = int(config.warmup_ratio * total)
+    peak = config.learning_rate
+    if config.schedule == "constant":
+        decay = optax.constant_schedule(peak)
+    elif config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, max(total - warmup, 1))
+    else:
+        decay = optax.linear_schedule(peak, 0.0, max(total - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping to ``max_grad_norm``, then AdamW on :func:`make_schedule`."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(
+            make_schedule(config, total_steps),
+            b1=config.adam_b1,
+            b2=config.adam_b2,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        ),
+    )
+
+
+def configure_model(model: Transformer, config: TrainConfig) -> Transformer:
+    """A copy of ``model`` with ``config``'s compute dtype and remat applied (arrays shared)."""
+    changes = {}
+    if config.compute_dtype is not None and config.compute_dtype != model.config.dtype:
+        changes["dtype"] = config.compute_dtype
+    if config.remat is not None and config.remat != model.config.remat:
+        changes["remat"] = config.remat
+    if not changes:
+        return model
+    new_config = model.config.replace(**changes)
+    copy = nnx.merge(*nnx.split(model))
+    for _, module in copy.iter_modules():
+        if isinstance(getattr(module, "config", None), ModelConfig):
+            module.config = new_config
+    return copy
+
+
+def state_shardings_for(
+    state: TrainState, param_shardings: Any, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> TrainState:
+    """Shardings for a :class:`TrainState`: parameters (and Adam moments, which mirror
+    them) by the logical-axis rules; counters, RNG and algorithm state replicated."""
+    rep = replicated(mesh)
+    opt = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        state.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    return TrainState(
+        step=rep,
+        params=param_shardings,
+        opt_state=opt,
+        rng=rep,
+        algo_state=jax.tree.map(lambda _: rep, state.algo_state),
+        skipped_steps=rep,
+    )
+
+
+def create_train_state(
+    model: Transformer,
+    config: TrainConfig,
+    total_steps: int,
+    mesh: Mesh,
+    algo_state: dict | None = None,
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """Splits ``model`` and builds a sharded :class:`TrainState`.
+
+    Returns ``(graphdef, state, shardings)``: ``graphdef`` carries the compute
+    dtype and remat setting from ``config``; ``shardings`` is a ``TrainState`` of
+    ``NamedSharding``s, for :func:`make_train_step` and checkpoint restores.
+    """
+    graphdef, params = nnx.split(configure_model(model, config))
+    param_shardings = model_shardings(params, mesh)
+    optimizer = make_optimizer(config, total_steps)
+    algo_state = {} if algo_state is None else algo_state
+
+    def init(params, algo_state):
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=jax.random.PRNGKey(config.seed),
+            algo_state=algo_state,
+            skipped_steps=jnp.zeros((), jnp.int32),
+        )
+
+    abstract = jax.eval_shape(init, params, algo_state)
+    shardings = state_shardings_for(abstract, param_shardings, optimizer, mesh)
+    state = jax.jit(init, out_shardings=shardings)(params, algo_state)
+    return graphdef, state, shardings
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _micro_batch_weight(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The weight mass a micro-batch's loss is a mean over (``weight`` + ``sft_weight``)."""
+    total = jnp.zeros((), jnp.float32)
+    for name in ("weight", "sft_weight"):
+        if name in batch:
+            total = total + jnp.sum(batch[name].astype(jnp.float32))
+    return total
+
+
+def split_micro_batches(batch: Mapping[str, jax.Array], n: int, mesh: Mesh) -> dict:
+    """``[B, ...] -> [n, B/n, ...]``; micro-batch ``i`` takes rows ``i, i+n, ...``.
+
+    Interleaving keeps every micro-batch spread over all batch shards.
+    """
+
+    def split(name, x):
+        rows = x.shape[0]
+        if rows % (n * batch_divisor(mesh)):
+            raise ValueError(
+                f"batch field {name!r} has {rows} rows, not a multiple of micro_batches ({n}) x "
+                f"the data x fsdp mesh size ({batch_divisor(mesh)})"
+            )
+        x = jnp.swapaxes(x.reshape(rows // n, n, *x.shape[1:]), 0, 1)
+        spec = PartitionSpec(None, BATCH_AXES)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return {name: split(name, x) for name, x in batch.items()}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    config: TrainConfig,
+    mesh: Mesh,
+    loss_fn: LossFn,
+    state_shardings: TrainState,
+    *,
+    total_steps: int,
+    frozen_shardings: Any = None,
+):
+    """Builds ``train_step(state, batch[, frozen]) -> (state, metrics)``, jitted with shardings.
+
+    - ``loss_fn(model, batch, algo_state, step, rng, frozen)`` (see the module doc);
+    - ``config.micro_batches`` > 1: gradients accumulate over a ``lax.scan`` of
+      micro-batches (carrying ``algo_state``), each weighted by its share of the
+      batch's weight mass, which equals one step on the whole batch for any loss
+      that is a weighted mean;
+    - the update is AdamW after global-norm clipping (:func:`make_optimizer`,
+      with the same ``total_steps`` as :func:`create_train_state`);
+    - a non-finite loss or gradient norm drops the update: params, optimizer
+      state and algorithm state stay as they were; ``train/skipped`` is 1 and
+      ``state.skipped_steps`` grows;
+    - ``frozen_shardings``: give it (e.g. the reference params' shardings) to get
+      a step with a third, non-donated ``frozen`` argument.
+
+    Metrics: ``train/loss``, ``train/grad_norm`` (before clipping),
+    ``train/learning_rate``, ``train/skipped``, ``train/skipped_total`` and the
+    loss's own metrics.
+    """
+    optimizer = make_optimizer(config, total_steps)
+    schedule = make_schedule(config, total_steps)
+    n_micro = config.micro_batches
+
+    def grads_of(params, batch, algo_state, step, rng, frozen):
+        def objective(params):
+            model = nnx.merge(graphdef, params)
+            loss, (aux, new_algo) = loss_fn(model, batch, algo_state, step, rng, frozen)
+            return loss, (aux, new_algo)
+
+        (loss, (aux, new_algo)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return loss, aux, new_algo, grads
+
+    def accumulate(state, batch, rng, frozen):
+        micro = split_micro_batches(batch, n_micro, mesh)
+        masses = jax.vmap(_micro_batch_weight)(micro)
+        total = jnp.sum(masses)
+        shares = jnp.where(total > 0, masses / jnp.maximum(total, losses.WEIGHT_EPS), 1.0 / n_micro)
+        rngs = jax.random.split(rng, n_micro)
+        first = jax.tree.map(lambda x: x[0], micro)
+        out_shape = jax.eval_shape(
+            grads_of, state.params, first, state.algo_state, state.step, rngs[0], frozen
+        )
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), out_shape)
+        init = (zeros[0], zeros[1], state.algo_state, zeros[3])
+
+        def body(carry, xs):
+            loss_acc, aux_acc, algo_state, grad_acc = carry
+            mb, share, key = xs
+            loss, aux, algo_state, grads = grads_of(
+                state.params, mb, algo_state, state.step, key, frozen
+            )
+            add = lambda acc, x: acc + share * x.astype(jnp.float32)
+            return (
+                add(loss_acc, loss),
+                jax.tree.map(add, aux_acc, aux),
+                algo_state,
+                jax.tree.map(add, grad_acc, grads),
+            ), None
+
+        (loss, aux, algo_state, grads), _ = jax.lax.scan(body, init, (micro, shares, rngs))
+        return loss, aux, algo_state, grads
+
+    def step(state: TrainState, batch: dict, frozen=None):
+        rng, step_rng = jax.random.split(state.rng)
+        if n_micro == 1:
+            loss, aux, algo_state, grads = grads_of(
+                state.params, batch, state.algo_state, state.step, step_rng, frozen
+            )
+        else:
+            loss, aux, algo_state, grads = accumulate(state, batch, step_rng, frozen)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        skipped = (~finite).astype(jnp.int32)
+        applied = state.step - state.skipped_steps
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=rng,
+            algo_state=keep(algo_state, state.algo_state),
+            skipped_steps=state.skipped_steps + skipped,
+        )
+        metrics = {
+            **aux,
+            "train/loss": loss,
+            "train/grad_norm": grad_norm,
+            "train/learning_rate": schedule(applied),
+            "train/skipped": skipped,
+            "train/skipped_total": new_state.skipped_steps,
+        }
+        return new_state, metrics
+
+    rep = replicated(mesh)
+    data = batch_sharding(mesh)
+    if frozen_shardings is None:
+        return jax.jit(
+            lambda state, batch: step(state, batch),
+            in_shardings=(state_shardings, data),
+            out_shardings=(state_shardings, rep),
+            donate_argnums=0,
+        )
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, data, frozen_shardings),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=0,
+    )
