@@ -83,6 +83,10 @@ class Tokenizer:
             raise ValueError(f"{path}: cannot build a tokenizer from its metadata ({e})") from None
         return cls(hf)
 
+    def _special_ids(self) -> dict[str, int]:
+        """Added (special) token text -> id."""
+        return {str(token): i for i, token in self.hf.added_tokens_decoder.items()}
+
     # -- properties -------------------------------------------------------------------------
 
     @property
@@ -102,20 +106,18 @@ class Tokenizer:
     def eos_token_ids(self) -> tuple[int, ...]:
         """Every id that ends generation: EOS first, then end-of-turn/document markers."""
         ids = [] if self.hf.eos_token_id is None else [self.hf.eos_token_id]
-        special = {str(t) for t in self.hf.added_tokens_decoder.values()}
-        for marker in END_MARKERS:
-            if marker in special:
-                ids.append(self.hf.convert_tokens_to_ids(marker))
+        special = self._special_ids()
+        ids += [special[marker] for marker in END_MARKERS if marker in special]
         return tuple(dict.fromkeys(ids))
 
     @property
     def end_of_turn_id(self) -> int:
         """The id that closes an assistant turn: the template's end marker, else EOS."""
         template = self.hf.chat_template or ""
-        special = {str(t) for t in self.hf.added_tokens_decoder.values()}
+        special = self._special_ids()
         for marker in END_MARKERS:
             if marker in special and marker in template:
-                return self.hf.convert_tokens_to_ids(marker)
+                return special[marker]
         if self.hf.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; set eos_token in its config")
         return self.hf.eos_token_id
