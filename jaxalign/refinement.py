@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.models.llama import positions_from_mask
 
 
 def extrapolated_logits(policy_logits: jax.Array, ref_logits: jax.Array, lam: float) -> jax.Array:
@@ -110,3 +114,121 @@ def refined_labels(
     if mode == "confidence":
         return base_smoothing, base_weight * jnp.abs(2.0 * p - 1.0)
     raise ValueError(f"unknown label mode {mode!r}; expected smooth, drop, soft or confidence")
+
+
+# ----------------------------------------------------------------------------- the SPA loss
+
+
+def _extrapolated_token_terms(
+    policy, reference, h_policy, h_ref, ids, loss_mask, lam: float, chunk_size: int
+):
+    """Per-row sums of ``log π(y_t)``, ``log π_ref(y_t)`` and ``log p̃(y_t)`` over masked tokens.
+
+    Chunked over the sequence like :func:`jaxalign.training.chunked_token_logps`,
+    so no ``[B,T,V]`` logits are held; only ``log π`` carries a gradient.
+    """
+    b, t, _ = h_policy.shape
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
+    mask = mask.astype(jnp.float32)
+    size = min(chunk_size, t)
+    n = -(-t // size)
+    pad = n * size - t
+
+    def to_chunks(x):
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(b, n, size, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_terms(chunk):
+        hp, hr, tgt, m = chunk
+        logits = policy.logits(hp)
+        ref_logits = jax.lax.stop_gradient(reference.logits(hr))
+        mixed = extrapolated_logits(jax.lax.stop_gradient(logits), ref_logits, lam)
+
+        def picked(x):
+            chosen = jnp.take_along_axis(x, tgt[..., None], axis=-1)[..., 0]
+            return jnp.sum((chosen - jax.nn.logsumexp(x, axis=-1)) * m, axis=-1)
+
+        return picked(logits), picked(ref_logits), picked(mixed)
+
+    chunks = (to_chunks(h_policy), to_chunks(h_ref), to_chunks(targets), to_chunks(mask))
+    per_chunk = jax.lax.map(chunk_terms, chunks)
+    return tuple(jnp.sum(x, axis=0) for x in per_chunk)
+
+
+def spa_loss_fn(
+    graphdef,
+    *,
+    beta: float,
+    lam: float,
+    quantile: float,
+    alpha: float,
+    flag_after_step: int,
+    label_mode: str = "smooth",
+    chunk_size: int = 256,
+    refine: bool = True,
+):
+    """SPA's training loss for :func:`jaxalign.training.make_train_step`.
+
+    The reference model (``π_{i-1}``) runs on the fly from the step's ``frozen``
+    parameters: de-coupled noise detection needs its per-token logits, not only
+    its summed log-probs. Per batch:
+
+    1. ``log π``, ``log π_ref`` and the extrapolated ``log p̃`` of chosen and
+       rejected (one forward pass of each model over ``[2B, T]``);
+    2. ``m̃ = β·[(log p̃(c) − log π_ref(c)) − (log p̃(r) − log π_ref(r))]``;
+    3. ``τ`` = the ``quantile`` of the margins in ``algo_state["margins"]``
+       (earlier batches); pairs with ``m̃ < τ`` are flagged once
+       ``step ≥ flag_after_step``;
+    4. flagged pairs get smoothing ``α`` (or the ``label_mode`` option), and
+       the loss is DPO with per-pair smoothing;
+    5. this batch's margins enter the ring buffer.
+
+    ``batch["p"] [B]`` (the judge's preference probability) is used by the
+    ``soft`` and ``confidence`` label modes; it defaults to 1.
+    """
+
+    def loss_fn(model, batch, algo_state, step, rng, frozen=None):
+        if frozen is None:
+            raise ValueError("spa_loss_fn needs the reference parameters as train_step's `frozen`")
+
+        reference = nnx.merge(graphdef, jax.lax.stop_gradient(frozen))
+        b = batch["chosen_ids"].shape[0]
+
+        def both(name):
+            return jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
+
+        ids, attn, lmask = both("ids"), both("attention_mask"), both("loss_mask")
+        positions = positions_from_mask(attn)
+        h_policy, _ = model.hidden_states(ids, positions, attn)
+        h_ref, _ = reference.hidden_states(ids, positions, attn)
+        h_ref = jax.lax.stop_gradient(h_ref)
+        logp, ref_logp, mixed_logp = _extrapolated_token_terms(
+            model, reference, h_policy, h_ref, ids, lmask, lam, chunk_size
+        )
+        weight, smoothing = batch["weight"], batch["smoothing"]
+        valid = weight > 0
+        metrics = {}
+        if refine:
+            margin = beta * ((mixed_logp[:b] - ref_logp[:b]) - (mixed_logp[b:] - ref_logp[b:]))
+            threshold = buffer_quantile(algo_state, quantile)
+            active = step >= flag_after_step
+            z = flag_noisy_pairs(margin, threshold, active) * valid
+            p = batch.get("p", jnp.ones_like(weight))
+            smoothing, weight = refined_labels(z, p, smoothing, weight, alpha, label_mode)
+            algo_state = push_margins(algo_state, margin, valid)
+            n_valid = jnp.maximum(jnp.sum(valid), 1)
+            metrics = {
+                "spa/flagged_fraction": jnp.sum(z) / n_valid,
+                "spa/threshold": jnp.where(jnp.isfinite(threshold), threshold, 0.0),
+                "spa/extrapolated_margin": jnp.sum(margin * valid) / n_valid,
+                "spa/flagging_active": active.astype(jnp.float32),
+            }
+        loss, aux = losses.dpo_sigmoid_loss(
+            logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], weight, smoothing, beta=beta
+        )
+        return loss, ({**aux, **metrics}, algo_state)
+
+    return loss_fn
