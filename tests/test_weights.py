@@ -230,3 +230,90 @@ def test_truncated_gguf(tmp_path, smollm2_gguf, size):
 def test_missing_gguf(tmp_path):
     with pytest.raises(WeightsError, match="no such GGUF file"):
         load_gguf(tmp_path / "absent.gguf")
+
+
+def write_gguf_like_llama_cpp(model: torch.nn.Module, path: Path, arch: str) -> None:
+    """Writes a float32 GGUF the way llama.cpp's convert_hf_to_gguf.py does for ``arch``:
+    its tensor names, q/k rows permuted for ``llama`` (not for ``qwen2``)."""
+    import gguf
+
+    cfg = model.config
+    h, k = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(h)
+    writer.add_head_count_kv(k)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    names = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    for name, tensor in model.state_dict().items():
+        w = tensor.float().numpy()
+        if name in top:
+            writer.add_tensor(top[name], w)
+            continue
+        _, _, i, rest = name.split(".", 3)
+        if arch == "llama" and rest == "self_attn.q_proj.weight":
+            w = llama_cpp_permute(w, h)
+        elif arch == "llama" and rest == "self_attn.k_proj.weight":
+            w = llama_cpp_permute(w, k)
+        writer.add_tensor(f"blk.{i}.{names[rest]}", w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_written_by_llama_cpp_conventions_matches_torch(tmp_path, arch):
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+    )
+    reference = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if name.endswith("bias"):
+                p.add_(0.5 * torch.randn_like(p))
+    write_gguf_like_llama_cpp(reference, tmp_path / "tiny.gguf", arch)
+    model, imported = load_gguf(tmp_path / "tiny.gguf")
+    assert imported.attention_bias == (arch == "qwen2") and not imported.tie_embeddings
+    tokens, mask = left_padded([[3, 9, 27, 61, 5, 8, 13], [44, 2, 7]])
+    expected = torch_logits(reference, tokens, mask)
+    logits, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    real = mask.astype(bool)
+    err = np.abs(np.asarray(logits)[real] - expected[real]).max()
+    assert err <= 1e-4 * max(np.abs(expected).max(), 1.0), err

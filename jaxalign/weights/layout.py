@@ -232,7 +232,7 @@ def model_from_params(cfg: ModelConfig, params: dict[ParamPath, np.ndarray]) -> 
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = nnx.to_flat_state(state)
     for path, variable in flat:
-        array = params[tuple(path)]
+        array = params.pop(tuple(path))  # drop the host copy as soon as it is on device
         expected = variable.get_value().shape
         if array.shape != expected:
             raise WeightsError(
