@@ -1,0 +1,334 @@
+"""The train step: chunked log-probs, sharding, accumulation, padding pairs, skips, compiles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import parallel, training
+from jaxalign.models.llama import ModelConfig, Transformer
+
+TINY = ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    tie_embeddings=True,
+)
+B, T = 8, 16
+STEPS = 20
+
+
+def _sequences(rng, b=B, t=T):
+    """Right-padded prompt+response rows: prompt 2..5 tokens, total 6..t."""
+    ids = rng.integers(1, TINY.vocab_size, (b, t)).astype(np.int32)
+    lengths = rng.integers(6, t + 1, b)
+    prompts = rng.integers(2, 6, b)
+    cols = np.arange(t)[None]
+    attention = (cols < lengths[:, None]).astype(np.int32)
+    loss = (attention * (cols >= prompts[:, None])).astype(np.int32)
+    return ids * attention, attention, loss
+
+
+def make_batch(seed, b=B, t=T, weight=None, smoothing=None):
+    rng = np.random.default_rng(seed)
+    c, r = _sequences(rng, b, t), _sequences(rng, b, t)
+    return {
+        "chosen_ids": c[0],
+        "chosen_attention_mask": c[1],
+        "chosen_loss_mask": c[2],
+        "rejected_ids": r[0],
+        "rejected_attention_mask": r[1],
+        "rejected_loss_mask": r[2],
+        "weight": (rng.uniform(0.5, 2.0, b) if weight is None else weight).astype(np.float32),
+        "smoothing": (rng.uniform(0, 0.3, b) if smoothing is None else smoothing).astype(
+            np.float32
+        ),
+        "ref_chosen_logps": rng.normal(-40, 3, b).astype(np.float32),
+        "ref_rejected_logps": rng.normal(-40, 3, b).astype(np.float32),
+    }
+
+
+CONFIG = training.TrainConfig(learning_rate=1e-3, warmup_ratio=0.0, logp_chunk_size=5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(TINY, rngs=nnx.Rngs(0))
+
+
+_STEPS_BUILT = {}
+
+
+def build(model, mesh, config=CONFIG, loss_fn=None):
+    """A fresh state and a train step; DPO steps are shared between tests (compile once)."""
+    graphdef, state, shardings = training.create_train_state(model, config, STEPS, mesh)
+    key = (tuple(mesh.shape.items()), config)
+    if loss_fn is None and key in _STEPS_BUILT:
+        return graphdef, state, shardings, _STEPS_BUILT[key]
+    step = training.make_train_step(
+        graphdef,
+        config,
+        mesh,
+        loss_fn or training.dpo_loss_fn(config),
+        shardings,
+        total_steps=STEPS,
+    )
+    if loss_fn is None:
+        _STEPS_BUILT[key] = step
+    return graphdef, state, shardings, step
+
+
+def one_device():
+    return parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _naive_logps(model, ids, attention, loss_mask):
+    """Full ``[B,T,V]`` logits, numpy log-softmax, shift by one, masked sum."""
+    logits, _ = model(jnp.asarray(ids), None, jnp.asarray(attention))
+    logits = np.asarray(logits, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    logp -= logits.max(-1, keepdims=True)
+    picked = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    return (picked * loss_mask[:, 1:]).sum(-1), loss_mask[:, 1:].sum(-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_logps_equal_full_logits(model, chunk):
+    ids, attention, loss_mask = _sequences(np.random.default_rng(1))
+    got, n = training.sequence_logps(model, ids, attention, loss_mask, chunk_size=chunk)
+    want, want_n = _naive_logps(model, ids, attention, loss_mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(n, want_n)
+
+
+def test_chunked_logps_gradients_equal_full_logits(model):
+    ids, attention, loss_mask = _sequences(np.random.default_rng(2))
+    graphdef, params = nnx.split(model)
+    coef = jnp.linspace(0.5, 1.5, B)
+
+    def chunked(p):
+        s, _ = training.sequence_logps(nnx.merge(graphdef, p), ids, attention, loss_mask, 5)
+        return jnp.sum(coef * s)
+
+    def full(p):
+        logits, _ = nnx.merge(graphdef, p)(jnp.asarray(ids), None, jnp.asarray(attention))
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+        return jnp.sum(coef * jnp.sum(picked * loss_mask[:, 1:], -1))
+
+    g_chunked = jax.grad(chunked)(params)
+    g_full = jax.grad(full)(params)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_full), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_logps_match_naive(model):
+    batch = make_batch(3)
+    graphdef, params = nnx.split(model)
+    ref = training.compute_reference_logps(graphdef, params, batch, chunk_size=4)
+    for side in ("chosen", "rejected"):
+        want, _ = _naive_logps(
+            model, batch[f"{side}_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_loss_mask"]
+        )
+        np.testing.assert_allclose(ref[f"ref_{side}_logps"], want, rtol=1e-5, atol=1e-4)
+
+
+def test_dpo_step_loss_matches_numpy(model):
+    """First step's reported loss = the conservative-DPO formula on naive log-probs."""
+    batch = make_batch(4)
+    _, state, _, step = build(model, one_device())
+    _, metrics = step(state, batch)
+    pc, _ = _naive_logps(
+        model, batch["chosen_ids"], batch["chosen_attention_mask"], batch["chosen_loss_mask"]
+    )
+    pr, _ = _naive_logps(
+        model, batch["rejected_ids"], batch["rejected_attention_mask"], batch["rejected_loss_mask"]
+    )
+    z = CONFIG.beta * ((pc - batch["ref_chosen_logps"]) - (pr - batch["ref_rejected_logps"]))
+    a, w = batch["smoothing"], batch["weight"]
+    ls = lambda x: -np.log1p(np.exp(-x))
+    want = np.sum(w * (-(1 - a) * ls(z) - a * ls(-z))) / np.sum(w)
+    np.testing.assert_allclose(metrics["train/loss"], want, rtol=1e-5)
+
+
+def _run(step, state, batches):
+    metrics = []
+    for batch in batches:
+        state, m = step(state, batch)
+        metrics.append(jax.device_get(m))
+    return jax.device_get(state), metrics
+
+
+def test_sharded_step_equals_single_device(model):
+    batches = [make_batch(10 + i) for i in range(3)]
+    _, state, _, step = build(model, one_device())
+    single, m1 = _run(step, state, batches)
+    mesh = parallel.make_mesh(2, 2, 2)
+    _, state, shardings, step = build(model, mesh)
+    # The embedding really is split: vocab over tensor, embed over fsdp.
+    assert state.params["embed_tokens"].sharding.spec == jax.sharding.PartitionSpec(
+        "tensor", "fsdp"
+    )
+    sharded, m8 = _run(step, state, batches)
+    for a, b in zip(m1, m8, strict=True):
+        np.testing.assert_allclose(a["train/loss"], b["train/loss"], atol=1e-5)
+        np.testing.assert_allclose(a["train/grad_norm"], b["train/grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_micro_batches_equal_one_big_batch(model):
+    batches = [make_batch(20 + i) for i in range(3)]
+    _, state, _, step = build(model, one_device())
+    whole, m1 = _run(step, state, batches)
+    config4 = training.TrainConfig(**{**CONFIG.__dict__, "micro_batches": 4})
+    _, state, _, step = build(model, parallel.make_mesh(2, 1, 1, jax.devices()[:2]), config4)
+    accumulated, m4 = _run(step, state, batches)
+    for a, b in zip(m1, m4, strict=True):
+        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["train/grad_norm"], b["train/grad_norm"], rtol=1e-5)
+        np.testing.assert_allclose(a["rewards/margin"], b["rewards/margin"], rtol=1e-4, atol=1e-6)
+    for a, b in zip(
+        jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_weight_zero_garbage_pair_changes_nothing(model):
+    clean = make_batch(30, b=7)
+    garbage = make_batch(31, b=1, weight=np.zeros(1), smoothing=np.full(1, 0.4))
+    garbage["ref_chosen_logps"][:] = 1e4  # absurd reference values must not leak either
+    padded = {k: np.concatenate([clean[k], garbage[k]]) for k in clean}
+    _, state, _, step = build(model, one_device())
+    a_state, a_m = step(state, clean)
+    _, state, _, step = build(model, one_device())
+    b_state, b_m = step(state, padded)
+    np.testing.assert_allclose(a_m["train/loss"], b_m["train/loss"], rtol=1e-6)
+    np.testing.assert_allclose(a_m["train/grad_norm"], b_m["train/grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(a_state.params), jax.tree.leaves(b_state.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_non_finite_loss_skips_the_update(model):
+    _, state, _, step = build(model, one_device())
+    state, _ = step(state, make_batch(40))
+    before = jax.device_get(state)
+    bad = make_batch(41)
+    bad["ref_chosen_logps"][2] = np.nan
+    state, metrics = step(state, bad)
+    assert int(metrics["train/skipped"]) == 1 and int(metrics["train/skipped_total"]) == 1
+    assert int(state.step) == 2 and int(state.skipped_steps) == 1
+    after = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(before.opt_state), jax.tree.leaves(after.opt_state), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    state, metrics = step(state, make_batch(42))
+    assert int(metrics["train/skipped"]) == 0 and np.isfinite(metrics["train/loss"])
+
+
+def test_step_compiles_once_per_bucket(model):
+    traces = []
+    inner = training.dpo_loss_fn(CONFIG)
+
+    def counting_loss(*args):
+        traces.append(1)  # runs only while tracing
+        return inner(*args)
+
+    _, state, _, step = build(model, parallel.make_mesh(2, 2, 2), loss_fn=counting_loss)
+    for i in range(5):
+        state, _ = step(state, make_batch(50 + i))
+    assert len(traces) == 1
+    assert step._cache_size() == 1
+
+
+def test_on_the_fly_reference_equals_precomputed(model):
+    reference = Transformer(TINY, rngs=nnx.Rngs(7))
+    graphdef_ref, ref_params = nnx.split(reference)
+    batch = make_batch(60)
+    pre = training.compute_reference_logps(graphdef_ref, ref_params, batch, chunk_size=5)
+    batch.update({k: np.asarray(v) for k, v in pre.items()})
+    _, state, _, step = build(model, one_device())
+    _, m_pre = step(state, batch)
+
+    mesh = one_device()
+    graphdef, state, shardings = training.create_train_state(model, CONFIG, STEPS, mesh)
+    frozen_shardings = parallel.model_shardings(ref_params, mesh)
+    step = training.make_train_step(
+        graphdef,
+        CONFIG,
+        mesh,
+        training.dpo_loss_fn(CONFIG, graphdef),
+        shardings,
+        total_steps=STEPS,
+        frozen_shardings=frozen_shardings,
+    )
+    live = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+    _, m_live = step(state, live, ref_params)
+    for key in ("train/loss", "train/grad_norm", "rewards/margin"):
+        np.testing.assert_allclose(m_pre[key], m_live[key], rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_warmup_then_cosine():
+    config = training.TrainConfig(learning_rate=1.0, warmup_ratio=0.1)
+    lr = training.make_schedule(config, 100)
+    np.testing.assert_allclose([lr(0), lr(5), lr(10)], [0.0, 0.5, 1.0], atol=1e-6)
+    # HF get_cosine_schedule_with_warmup: 0.5·(1 + cos(π·progress)) after warm-up.
+    np.testing.assert_allclose(lr(55), 0.5 * (1 + np.cos(np.pi * 45 / 90)), atol=1e-6)
+    np.testing.assert_allclose(lr(100), 0.0, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(model):
+    config = training.TrainConfig(**{**CONFIG.__dict__, "compute_dtype": "bfloat16"})
+    graphdef, state, _, step = build(model, one_device(), config)
+    batch = make_batch(70)
+    state, metrics = step(state, batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert nnx.merge(graphdef, state.params).config.dtype == "bfloat16"
+    _, state32, _, step32 = build(model, one_device())
+    _, m32 = step32(state32, batch)
+    np.testing.assert_allclose(metrics["train/loss"], m32["train/loss"], rtol=2e-2)
+
+
+def test_ranking_and_sft_loss_functions_match_numpy(model):
+    ranking = training.TrainConfig(**{**CONFIG.__dict__, "loss": "ranking", "ranking_margin": 0.5})
+    _, state, _, step = build(model, one_device(), ranking)
+    batch = {k: v for k, v in make_batch(80).items() if not k.startswith("ref_")}
+    _, m = step(state, batch)
+    sides = {}
+    for side in ("chosen", "rejected"):
+        logps, n = _naive_logps(
+            model, batch[f"{side}_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_loss_mask"]
+        )
+        sides[side] = logps / n
+    d = sides["chosen"] - sides["rejected"]
+    a, w = batch["smoothing"], batch["weight"]
+    want = np.sum(w * ((1 - a) * np.maximum(0, 0.5 - d) + a * np.maximum(0, 0.5 + d))) / w.sum()
+    np.testing.assert_allclose(m["train/loss"], want, rtol=1e-5)
+
+    rng = np.random.default_rng(81)
+    ids, attention, loss_mask = _sequences(rng)
+    sft = {
+        "sft_ids": ids,
+        "sft_attention_mask": attention,
+        "sft_loss_mask": loss_mask,
+        "sft_weight": rng.uniform(0, 1, B).astype(np.float32),
+    }
+    _, state, _, step = build(model, one_device(), CONFIG, training.sft_loss_fn(CONFIG))
+    _, m = step(state, sft)
+    logps, n = _naive_logps(model, ids, attention, loss_mask)
+    w = sft["sft_weight"]
+    np.testing.assert_allclose(m["train/loss"], np.sum(w * -logps / n) / np.sum(w), rtol=1e-5)
+
+
+def test_config_errors_are_actionable():
+    with pytest.raises(ValueError, match="train.loss"):
+        training.TrainConfig(loss="dpo++")
+    with pytest.raises(ValueError, match="micro_batches"):
+        training.TrainConfig(batch_size=10, micro_batches=4)
