@@ -1,0 +1,89 @@
+"""Pair-batch building: layout, masks, truncation counts, buckets and padding, by hand."""
+
+import numpy as np
+import pytest
+
+from jaxalign.data.pairs import bucket_length, build_pair_batches
+from jaxalign.training import PAIR_FIELDS
+
+
+class CharTokenizer:
+    """One id per character (ord), prompt gets BOS=1, responses end with EOS=2."""
+
+    pad_token_id = 0
+
+    def encode_prompt(self, prompt, use_chat_template=True):
+        return [1] + [ord(c) for c in prompt]
+
+    def encode_response(self, text, add_eos=True):
+        return [ord(c) for c in text] + ([2] if add_eos else [])
+
+
+def test_layout_masks_and_padding_pairs():
+    records = [
+        {"prompt": "ab", "chosen": "xyz", "rejected": "q", "weight": 0.5, "smoothing": 0.1},
+        {"prompt": "c", "chosen": "uv", "rejected": "w", "p": 0.7, "rejected_eos": False},
+    ]
+    batches, report = build_pair_batches(
+        records, CharTokenizer(), batch_size=4, max_prompt_tokens=8, max_response_tokens=8
+    )
+    assert len(batches) == 1 and report.kept == 2 and report.padding_pairs == 2
+    b = batches[0]
+    assert set(PAIR_FIELDS) <= set(b)
+    assert b["chosen_ids"].shape == (4, 16) and b["chosen_ids"].dtype == np.int32
+    # Record 0, chosen: [BOS a b | x y z EOS], right-padded from column 0.
+    np.testing.assert_array_equal(b["chosen_ids"][0, :7], [1, 97, 98, 120, 121, 122, 2])
+    np.testing.assert_array_equal(b["chosen_attention_mask"][0], [1] * 7 + [0] * 9)
+    np.testing.assert_array_equal(b["chosen_loss_mask"][0], [0] * 3 + [1] * 4 + [0] * 9)
+    # Record 1, rejected without EOS: [BOS c | w].
+    np.testing.assert_array_equal(b["rejected_ids"][1, :3], [1, 99, 119])
+    np.testing.assert_array_equal(b["rejected_loss_mask"][1, :4], [0, 0, 1, 0])
+    np.testing.assert_allclose(b["weight"], [0.5, 1.0, 0.0, 0.0])
+    np.testing.assert_allclose(b["smoothing"], [0.1, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(b["p"], [1.0, 0.7, 1.0, 1.0])
+    np.testing.assert_array_equal(b["index"], [0, 1, -1, -1])
+    assert b["chosen_attention_mask"][2:].sum() == 0
+
+
+def test_truncation_is_counted_and_keeps_prompt_end():
+    records = [{"prompt": "abcdefghij", "chosen": "klmnopqrstuvwxyz", "rejected": "k"}]
+    batches, report = build_pair_batches(
+        records, CharTokenizer(), batch_size=1, max_prompt_tokens=4, max_response_tokens=5
+    )
+    assert report.truncated_prompts == 1 and report.truncated_responses == 1
+    b = batches[0]
+    assert b["chosen_ids"].shape[1] == 9  # the bucket is capped at 4 + 5
+    np.testing.assert_array_equal(b["chosen_ids"][0], [ord(c) for c in "ghijklmno"])
+    np.testing.assert_array_equal(b["chosen_loss_mask"][0], [0] * 4 + [1] * 5)
+    assert "truncated prompts 1" in report.summary()
+
+
+def test_buckets_group_by_length():
+    records = [{"prompt": "a" * n, "chosen": "b", "rejected": "c"} for n in (3, 20, 4, 40, 5)]
+    batches, report = build_pair_batches(
+        records, CharTokenizer(), batch_size=2, max_prompt_tokens=64, max_response_tokens=8
+    )
+    assert report.buckets == {16: 3, 32: 1, 64: 1}
+    assert [b["chosen_ids"].shape for b in batches] == [(2, 16), (2, 16), (2, 32), (2, 64)]
+    assert [list(b["index"]) for b in batches] == [[0, 2], [4, -1], [1, -1], [3, -1]]
+
+
+def test_empty_response_is_skipped_and_counted():
+    class Empty(CharTokenizer):
+        def encode_response(self, text, add_eos=True):
+            return [] if text == "-" else super().encode_response(text, add_eos)
+
+    records = [
+        {"prompt": "a", "chosen": "-", "rejected": "b"},
+        {"prompt": "a", "chosen": "c", "rejected": "b"},
+    ]
+    _, report = build_pair_batches(
+        records, Empty(), batch_size=1, max_prompt_tokens=4, max_response_tokens=4
+    )
+    assert (report.read, report.kept, report.skipped) == (2, 1, 1)
+    assert report.reasons["empty_response"] == 1
+
+
+@pytest.mark.parametrize("n, want", [(1, 16), (16, 16), (17, 32), (100, 128), (700, 600)])
+def test_bucket_length(n, want):
+    assert bucket_length(n, 600) == want
