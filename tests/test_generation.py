@@ -275,3 +275,35 @@ def test_greedy_matches_transformers_smollm2_short():
 @pytest.mark.slow
 def test_greedy_matches_transformers_smollm2_full():
     smollm2_parity(num_prompts=5, new_tokens=64)
+
+
+# ---------------------------------------------------------------------------
+# The `jaxalign generate` command.
+
+
+def test_cli_generate_writes_and_resumes(tmp_path, capsys):
+    from jaxalign.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"id": 7, "prompt": "Say hi."}, {"id": 8, "prompt": "Count to 3."}])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--prompts", str(prompts), "--out", str(out), "--n", "2"]
+    argv += ["--max-new-tokens", "4", "--no-progress", "--stop", "zzz"]
+    assert main(argv) == 0
+    records = read_jsonl(out)
+    assert [r["id"] for r in records] == [7, 8]
+    assert all(len(r["responses"]) == 2 for r in records)
+    assert all(1 <= x["num_tokens"] <= 4 for r in records for x in r["responses"])
+    assert main(argv) == 0
+    assert "wrote 0 prompts, skipped 2" in capsys.readouterr().out
+    assert len(read_jsonl(out)) == 2
+
+
+def test_cli_generate_rejects_bad_settings(tmp_path, capsys):
+    from jaxalign.cli import main
+
+    argv = ["generate", "--prompts", str(tmp_path / "missing.jsonl"), "--out", "x.jsonl"]
+    assert main(argv + ["--temperature", "-1"]) == 2
+    assert "SamplingConfig.temperature" in capsys.readouterr().err
+    assert main(argv + ["--max-new-tokens", "2"]) == 1
+    assert "missing.jsonl not found" in capsys.readouterr().err
