@@ -1,0 +1,237 @@
+"""``jaxalign dpo``: DPO on a JSONL preference file, resumable.
+
+    jaxalign dpo --config my.yaml data.seed_pairs=pairs.jsonl train.epochs=1
+
+Reads ``{prompt, chosen, rejected}`` records (``data.seed_pairs``), tokenises
+and buckets them, precomputes the reference model's log-probs once (stored in
+the output directory), then trains for ``train.epochs`` with a progress bar.
+Metrics go to ``<output_dir>/metrics.jsonl`` (and TensorBoard when
+``tensorboardX`` is installed); the train state is checkpointed every
+``--save-every`` steps. Rerunning the same command resumes from the latest
+checkpoint; the batch order of every epoch is a function of the seed, so a
+resumed run sees the same batches as an uninterrupted one. The final
+parameters are written to ``<output_dir>/model`` (``checkpoint.load_params``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxalign import checkpoint, parallel, training
+from jaxalign.data.pairs import build_pair_batches
+from jaxalign.models.llama import Transformer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument(
+        "--pairs", default=None, help="preference JSONL (default: the config's data.seed_pairs)"
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help="run directory (default: the config's run.output_dir)"
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. train.beta=0.05 train.epochs=1",
+    )
+
+
+def epoch_order(seed: int, epoch: int, num_batches: int) -> np.ndarray:
+    """The batch order of ``epoch``: a permutation that depends only on ``(seed, epoch)``."""
+    return np.random.default_rng([seed, epoch]).permutation(num_batches)
+
+
+def _save_npz_atomically(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def reference_logps(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batches: Sequence[dict],
+    cache: pathlib.Path,
+    chunk_size: int,
+    progress: bool = True,
+) -> list[dict]:
+    """``batches`` with ``ref_chosen_logps``/``ref_rejected_logps``, computed once and cached.
+
+    The reference is the starting model, so the cache at ``cache`` is reused on
+    resume as long as it holds the same number of pairs per batch.
+    """
+    if cache.exists():
+        saved = np.load(cache)
+        if len(saved.files) == 2 * len(batches) and all(
+            saved[f"chosen_{i}"].shape == b["weight"].shape for i, b in enumerate(batches)
+        ):
+            return [
+                {
+                    **b,
+                    "ref_chosen_logps": saved[f"chosen_{i}"],
+                    "ref_rejected_logps": saved[f"rejected_{i}"],
+                }
+                for i, b in enumerate(batches)
+            ]
+    out, arrays = [], {}
+    for i, batch in enumerate(tqdm(batches, desc="reference log-probs", disable=not progress)):
+        ref = jax.device_get(
+            training.compute_reference_logps(graphdef, params, batch, chunk_size=chunk_size)
+        )
+        arrays[f"chosen_{i}"] = np.asarray(ref["ref_chosen_logps"])
+        arrays[f"rejected_{i}"] = np.asarray(ref["ref_rejected_logps"])
+        out.append({**batch, **ref})
+    _save_npz_atomically(cache, arrays)
+    return out
+
+
+def _device_batch(batch: dict, mesh) -> dict:
+    fields = training.PAIR_FIELDS + training.REFERENCE_FIELDS
+    return parallel.make_global_batch({k: np.asarray(batch[k]) for k in fields}, mesh)
+
+
+def train_dpo(
+    model: Transformer,
+    batches: Sequence[dict],
+    config: training.TrainConfig,
+    mesh,
+    output_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    save_every: int = 100,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[nnx.State, dict]:
+    """Trains ``model`` on pair ``batches`` with resumable checkpoints in ``output_dir``.
+
+    Returns the final parameters and the last step's metrics. A rerun with the
+    same arguments continues from the newest checkpoint.
+    """
+    from jaxalign.report import MetricsWriter
+
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total = config.epochs * len(batches)
+    graphdef, state, shardings = training.create_train_state(model, config, total, mesh)
+    batches = reference_logps(
+        graphdef,
+        state.params,
+        batches,
+        out / "reference_logps.npz",
+        config.logp_chunk_size,
+        progress,
+    )
+    step_fn = training.make_train_step(
+        graphdef, config, mesh, training.dpo_loss_fn(config), shardings, total_steps=total
+    )
+    ckpt = checkpoint.Checkpointer(out / "checkpoints")
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, extra = ckpt.restore(target_state=state, shardings=shardings)
+        start = int(extra.get("step", ckpt.latest_step()))
+        log(f"resuming from step {start} of {total} ({out / 'checkpoints'})")
+    has_tb = importlib.util.find_spec("tensorboardX") is not None
+    if not has_tb and start == 0:
+        log("tensorboardX is not installed: metrics go to metrics.jsonl only")
+    writer = MetricsWriter(out / "metrics.jsonl", str(out / "tensorboard") if has_tb else None)
+    last: dict = {}
+    bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not progress)
+    for step in range(start, total):
+        epoch, position = divmod(step, len(batches))
+        batch = batches[epoch_order(seed, epoch, len(batches))[position]]
+        state, metrics = step_fn(state, _device_batch(batch, mesh))
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        writer.write("dpo", step + 1, {"epoch": epoch, **last})
+        bar.set_postfix(loss=f"{last['train/loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
+        bar.update(1)
+        if (step + 1) % save_every == 0 or step + 1 == total:
+            ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch})
+    bar.close()
+    writer.close()
+    ckpt.wait()
+    ckpt.close()
+    params = jax.device_get(state.params)
+    checkpoint.save_params(out / "model", params)
+    return params, last
+
+
+def main(args: argparse.Namespace) -> int:
+    from jaxalign.config import ConfigError, load_config
+    from jaxalign.data.records import DataError, read_preference_records
+    from jaxalign.models.registry import load
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"jaxalign dpo: {e}", file=sys.stderr)
+        return 2
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    parallel.initialize_distributed()
+    m = config.run.mesh
+    mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor)
+    if config.train.batch_size % parallel.batch_divisor(mesh):
+        log(
+            f"jaxalign dpo: train.batch_size={config.train.batch_size} is not a multiple of the "
+            f"mesh's data x fsdp size {parallel.batch_divisor(mesh)}; change one of them"
+        )
+        return 2
+    try:
+        records, read_report = read_preference_records(
+            args.pairs or config.data.seed_pairs, config.data.on_bad_record
+        )
+    except DataError as e:
+        log(f"jaxalign dpo: {e}")
+        return 2
+    log(read_report.summary())
+    model, tokenizer = load(
+        config.model.name,
+        param_dtype=config.model.param_dtype,
+        dtype=config.model.dtype,
+        cache_dir=config.model.cache_dir,
+    )
+    if config.model.remat:
+        model = training.configure_model(
+            model, training.TrainConfig(remat=True, compute_dtype=config.model.dtype)
+        )
+    batches, pair_report = build_pair_batches(
+        records,
+        tokenizer,
+        batch_size=config.train.batch_size,
+        max_prompt_tokens=config.data.max_prompt_tokens,
+        max_response_tokens=config.data.max_response_tokens,
+        use_chat_template=config.data.use_chat_template,
+    )
+    log(pair_report.summary())
+    if not batches:
+        log("jaxalign dpo: no usable preference pairs")
+        return 2
+    output_dir = pathlib.Path(args.output_dir or config.run.output_dir)
+    _, last = train_dpo(
+        model,
+        batches,
+        config.train,
+        mesh,
+        output_dir,
+        seed=config.run.seed,
+        save_every=args.save_every,
+        progress=config.run.progress,
+        log=log,
+    )
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith(("train/", "rew")))
+    log(f"done: {output_dir / 'model'} ({summary})")
+    return 0
