@@ -145,6 +145,8 @@ def train_dpo(
         state, extra = ckpt.restore(target_state=state, shardings=shardings)
         start = int(extra.get("step", ckpt.latest_step()))
         log(f"resuming from step {start} of {total} ({out / 'checkpoints'})")
+        if start >= total:
+            log("training had already finished; rewriting the final model only")
     has_tb = importlib.util.find_spec("tensorboardX") is not None
     if not has_tb and start == 0:
         log("tensorboardX is not installed: metrics go to metrics.jsonl only")
@@ -204,10 +206,6 @@ def main(args: argparse.Namespace) -> int:
         dtype=config.model.dtype,
         cache_dir=config.model.cache_dir,
     )
-    if config.model.remat:
-        model = training.configure_model(
-            model, training.TrainConfig(remat=True, compute_dtype=config.model.dtype)
-        )
     batches, pair_report = build_pair_batches(
         records,
         tokenizer,
