@@ -38,7 +38,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxalign.models.llama import KVCache, Transformer, dtype_from_name, init_cache
+from jaxalign.models.llama import (
+    KVCache,
+    Transformer,
+    dtype_from_name,
+    init_cache,
+    rope_frequencies,
+)
 
 # Mesh axes the batch is split over, when the mesh has them (see jaxalign.parallel).
 BATCH_AXES = ("data", "fsdp")
@@ -162,13 +168,62 @@ def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     return logits
 
 
+SAMPLING_BLOCK = 256  # vocabulary block of the two-level draws below
+
+
+def _blocks(logits: jax.Array, block: int) -> jax.Array:
+    """``[B, V] -> [B, ceil(V / block), block]``, padded with -inf."""
+    rows, vocab = logits.shape
+    pad = -vocab % block
+    if pad:
+        logits = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    return logits.reshape(rows, -1, block)
+
+
+def _first_above(cumulative: jax.Array, u: jax.Array) -> jax.Array:
+    """Index of the first entry of each row's cumulative sums ``[B, N]`` exceeding
+    ``u * total`` (``u [B, 1]`` in [0, 1)). The target is kept strictly below the
+    total, so the chosen entry always has positive weight."""
+    total = cumulative[:, -1:]
+    target = jnp.minimum(u * total, jnp.nextafter(total, jnp.zeros_like(total)))
+    return jnp.sum(cumulative <= target, axis=-1, dtype=jnp.int32)
+
+
+def categorical(key: jax.Array, logits: jax.Array, block: int = SAMPLING_BLOCK) -> jax.Array:
+    """An exact draw from ``softmax(logits)`` per row, ``[B, V] -> [B] int32``.
+
+    Inverse-CDF sampling in two levels: pick a block of ``block`` tokens with
+    probability proportional to its mass, then a token inside it. ``P(token) =
+    P(block) * P(token | block) = softmax(logits)[token]``. It costs one ``exp`` over
+    the vocabulary and two short cumulative sums, and needs two random numbers per
+    row; Gumbel-max (``jax.random.categorical``) needs ``V`` of them, which on CPU
+    costs more than the 49152-wide output layer's share of a SmolLM2 decode step.
+    """
+    grouped = _blocks(logits.astype(jnp.float32), block)
+    weights = jnp.exp(grouped - jnp.max(grouped, axis=(1, 2), keepdims=True))
+    u = jax.random.uniform(key, (2, logits.shape[0], 1))
+    block_index = _first_above(jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1), u[0])
+    inside = jnp.take_along_axis(weights, block_index[:, None, None], axis=1)[:, 0]
+    token_index = _first_above(jnp.cumsum(inside, axis=-1), u[1])
+    return block_index * block + token_index
+
+
+def argmax(logits: jax.Array, block: int = SAMPLING_BLOCK) -> jax.Array:
+    """``jnp.argmax(logits, -1)`` (first index on ties), ``[B, V] -> [B] int32``,
+    as a block maximum then an argmax within the block: XLA's CPU argmax over a
+    wide row is several times slower than this."""
+    grouped = _blocks(logits, block)
+    block_index = jnp.argmax(jnp.max(grouped, axis=-1), axis=-1).astype(jnp.int32)
+    inside = jnp.take_along_axis(grouped, block_index[:, None, None], axis=1)[:, 0]
+    return block_index * block + jnp.argmax(inside, axis=-1).astype(jnp.int32)
+
+
 def sample_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
     """One token per row from ``[B, V]`` raw logits: argmax when greedy, otherwise a
-    draw from ``softmax(filter_logits(logits))`` (Gumbel-max). Returns ``[B] int32``.
-    """
+    draw from ``softmax(filter_logits(logits))``. Returns ``[B] int32``."""
     if config.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, config), axis=-1).astype(jnp.int32)
+        return argmax(logits)
+    return categorical(key, filter_logits(logits, config))
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -221,15 +276,61 @@ def prefill(
     return model.logits(hidden[:, -1]), cache
 
 
+@flax.struct.dataclass
+class DecodeCache:
+    """The KV cache as the decode loop carries it: one buffer per layer.
+
+    ``KVCache`` stacks layers on a leading axis, and a layer scan over it writes a
+    whole new stack every step. With one loop-carried buffer per layer, each step's
+    ``dynamic_update_slice`` of the new slot happens in place.
+    """
+
+    k: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
+    v: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
+    mask: jax.Array  # [B, S] bool: slot holds a real token
+    index: jax.Array  # [] int32: the next slot to write
+
+    @classmethod
+    def from_kv_cache(cls, cache: KVCache) -> DecodeCache:
+        layers = range(cache.k.shape[0])
+        return cls(
+            k=tuple(cache.k[i] for i in layers),
+            v=tuple(cache.v[i] for i in layers),
+            mask=cache.mask,
+            index=cache.index,
+        )
+
+
 def decode_step(
-    model: Transformer, cache: KVCache, tokens: jax.Array, positions: jax.Array
-) -> tuple[jax.Array, KVCache]:
+    model: Transformer, cache: DecodeCache, tokens: jax.Array, positions: jax.Array
+) -> tuple[jax.Array, DecodeCache]:
     """Feeds one token per row, ``tokens [B]`` at ``positions [B]``, written at slot
-    ``cache.index``. Returns the next-token logits ``[B, V]`` float32 and the cache."""
-    rows = tokens.shape[0]
-    mask = jnp.ones((rows, 1), bool)
-    logits, cache = model(tokens[:, None], positions[:, None], mask, cache)
-    return logits[:, 0], cache
+    ``cache.index``. Returns the next-token logits ``[B, V]`` float32 and the cache.
+
+    The same computation as ``model(tokens[:, None], positions[:, None], ones, cache)``
+    (the model's own layers are called), with the layers unrolled over the per-layer
+    buffers of :class:`DecodeCache` instead of scanned over a stacked cache.
+    """
+    config = model.config
+    index = cache.index
+    mask = jax.lax.dynamic_update_slice(
+        cache.mask, jnp.ones((tokens.shape[0], 1), bool), (0, index)
+    )
+    visible = jnp.arange(mask.shape[1]) <= index
+    key_mask = (mask & visible)[:, None, :]  # [B, 1, S]
+    inv_freq = rope_frequencies(config)
+    x = jnp.take(model.embed_tokens[...], tokens[:, None], axis=0)
+    x = x.astype(dtype_from_name(config.dtype))
+    graphdef, stacked = nnx.split(model.layers)
+    new_k, new_v = [], []
+    for i in range(config.num_layers):
+        layer = nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], stacked))
+        kv = (cache.k[i], cache.v[i])
+        x, (k, v) = layer(x, positions[:, None], key_mask, inv_freq, kv, index)
+        new_k.append(k)
+        new_v.append(v)
+    logits = model.logits(model.norm(x[:, 0]))
+    return logits, DecodeCache(k=tuple(new_k), v=tuple(new_v), mask=mask, index=index + 1)
 
 
 def _decode(
@@ -249,7 +350,7 @@ def _decode(
 
     logits, cache = prefill(model, prompt_ids, prompt_mask, prompt_len + max_new, cache_dtype)
     lengths_in = jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)
-    cache = _repeat_rows(cache, n)
+    cache = DecodeCache.from_kv_cache(_repeat_rows(cache, n))
     logits = jnp.repeat(logits, n, axis=0)
     next_position = jnp.repeat(lengths_in, n)  # position of generated token 0
     eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)

@@ -82,6 +82,7 @@ def test_cached_decode_logits_match_full_forward(model):
 
     # Re-run the loop's own prefill and decode steps, keeping every step's full logits.
     logits, cache = prefill(model, ids, mask, ids.shape[1] + steps)
+    cache = sampling.DecodeCache.from_kv_cache(cache)
     positions = jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
     cached = [np.asarray(logits)]
     for t in range(steps - 1):
@@ -192,6 +193,31 @@ def test_temperature_sampling_matches_softmax():
     # 4 degrees of freedom: P(chi2 > 18.47) = 0.001.
     assert chi_square(counts, expected) < 18.47
     assert np.max(np.abs(counts / draws - expected)) < 4 * np.sqrt(0.25 / draws)
+
+
+def test_two_level_draw_across_blocks():
+    # 700 tokens: blocks of 256, the last one padded; mass on a few tokens in every block,
+    # including block edges, and none elsewhere.
+    vocab, draws = 700, 200_000
+    support = np.asarray([3, 255, 256, 511, 600, 699])
+    raw = np.full(vocab, -np.inf, np.float32)
+    raw[support] = [0.0, 1.0, -1.0, 0.5, 2.0, -0.5]
+    logits = jnp.broadcast_to(jnp.asarray(raw), (draws, vocab))
+    tokens = np.asarray(sampling.categorical(jax.random.key(5), logits))
+    counts = np.bincount(tokens, minlength=vocab).astype(np.float64)
+    assert counts.sum() == counts[support].sum()  # never a zero-probability token
+    expected = np.exp(raw[support]) / np.exp(raw[support]).sum()
+    assert chi_square(counts[support], expected) < 20.52  # 5 dof, p = 0.001
+
+
+def test_blocked_argmax_matches_numpy_and_takes_the_first_tie():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 700)).astype(np.float32)
+    logits[1, [10, 300]] = 9.0  # tie across blocks
+    logits[2, [520, 521]] = 9.0  # tie inside the padded last block
+    got = np.asarray(sampling.argmax(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert got[1] == 10 and got[2] == 520
 
 
 def test_filtered_sampling_renormalises_over_kept_tokens():
