@@ -6,7 +6,7 @@ temperature 0.7 with top-p 1.0, and no early stop on either side (no EOS for jax
 ``min_new_tokens`` for transformers), so both decode exactly 128 tokens per row.
 Prints one JSON line; compile time is reported apart from the timed runs.
 
-    python benchmarks/decode.py [--batch 16] [--prompt-len 64] [--new-tokens 128] [--repeats 2]
+    python benchmarks/decode.py [--batch 16] [--prompt-len 64] [--new-tokens 128] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -58,28 +58,21 @@ def make_prompts(tokenizer, batch: int, prompt_len: int) -> tuple[np.ndarray, np
     return ids, mask
 
 
-def time_jaxalign(model, ids, mask, new_tokens: int, repeats: int) -> dict:
+def jaxalign_runner(model, ids, mask, new_tokens: int):
+    """A function decoding the batch once (blocking) for a seed."""
     config = SamplingConfig(max_new_tokens=new_tokens, temperature=0.7, top_p=1.0)
-    start = time.perf_counter()
-    jax.block_until_ready(generate(model, ids, mask.astype(bool), jax.random.key(0), config))
-    first = time.perf_counter() - start
-    times = []
-    for seed in range(1, repeats + 1):
-        start = time.perf_counter()
-        out = generate(model, ids, mask.astype(bool), jax.random.key(seed), config)
+    mask = mask.astype(bool)
+
+    def run(seed: int) -> None:
+        out = generate(model, ids, mask, jax.random.key(seed), config)
         jax.block_until_ready(out)
-        times.append(time.perf_counter() - start)
-    assert int(np.min(np.asarray(out.lengths))) == new_tokens
-    best = min(times)
-    return {
-        "tokens_per_s": ids.shape[0] * new_tokens / best,
-        "seconds": best,
-        "compile_s": first - best,
-        "traces": sampling.trace_count(),
-    }
+        assert int(np.min(np.asarray(out.lengths))) == new_tokens
+
+    return run
 
 
-def time_torch(folder, ids, mask, new_tokens: int, repeats: int) -> dict:
+def torch_runner(folder, ids, mask, new_tokens: int):
+    """transformers ``generate`` with the same settings, decoding all ``new_tokens``."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -95,17 +88,20 @@ def time_torch(folder, ids, mask, new_tokens: int, repeats: int) -> dict:
         min_new_tokens=new_tokens,
         pad_token_id=int(ids[0, 0]),
     )
-    times = []
-    with torch.inference_mode():
-        model.generate(ids_t, attention_mask=mask_t, max_new_tokens=4, do_sample=False)  # warm-up
-        for seed in range(repeats):
-            torch.manual_seed(seed)
-            start = time.perf_counter()
+
+    def run(seed: int) -> None:
+        torch.manual_seed(seed)
+        with torch.inference_mode():
             out = model.generate(ids_t, attention_mask=mask_t, **kwargs)
-            times.append(time.perf_counter() - start)
-    assert out.shape[1] == ids.shape[1] + new_tokens
-    best = min(times)
-    return {"tokens_per_s": ids.shape[0] * new_tokens / best, "seconds": best}
+        assert out.shape[1] == ids.shape[1] + new_tokens
+
+    return run
+
+
+def timed(run, seed: int) -> float:
+    start = time.perf_counter()
+    run(seed)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -113,31 +109,43 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
 
-    name = "smollm2-135m-instruct"
-    model, tokenizer = load(name)
-    folder = default_cache_dir() / EMBEDDED[name].name
+    model_name = "smollm2-135m-instruct"
+    model, tokenizer = load(model_name)
+    folder = default_cache_dir() / EMBEDDED[model_name].name
     ids, mask = make_prompts(tokenizer, args.batch, args.prompt_len)
-    ours = time_jaxalign(model, ids, mask, args.new_tokens, args.repeats)
+    tokens = args.batch * args.new_tokens
+    runners = {"jaxalign": jaxalign_runner(model, ids, mask, args.new_tokens)}
+    if not args.skip_torch:
+        runners["torch"] = torch_runner(folder, ids, mask, args.new_tokens)
+    first = {name: timed(run, 0) for name, run in runners.items()}  # compile / warm-up
+    # Alternate the two so that load from other processes hits both alike.
+    times = {name: [] for name in runners}
+    for seed in range(1, args.repeats + 1):
+        for name, run in runners.items():
+            times[name].append(timed(run, seed))
+    best = {name: min(t) for name, t in times.items()}
     result = {
         "benchmark": "decode",
-        "model": name,
+        "model": model_name,
         "dtype": "float32",
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "cpu_cores": os.cpu_count(),
-        "jaxalign_tokens_per_s": round(ours["tokens_per_s"], 1),
-        "jaxalign_compile_s": round(ours["compile_s"], 2),
-        "jaxalign_traces": ours["traces"],
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "jaxalign_tokens_per_s": round(tokens / best["jaxalign"], 1),
+        "jaxalign_compile_s": round(first["jaxalign"] - best["jaxalign"], 2),
+        "jaxalign_traces": sampling.trace_count(),
+        "jaxalign_runs_s": [round(t, 2) for t in times["jaxalign"]],
     }
-    if not args.skip_torch:
-        theirs = time_torch(folder, ids, mask, args.new_tokens, args.repeats)
-        result["torch_tokens_per_s"] = round(theirs["tokens_per_s"], 1)
-        result["ratio"] = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
+    if "torch" in runners:
+        result["torch_tokens_per_s"] = round(tokens / best["torch"], 1)
+        result["torch_runs_s"] = [round(t, 2) for t in times["torch"]]
+        result["ratio"] = round(best["torch"] / best["jaxalign"], 2)
     print(json.dumps(result))
 
 

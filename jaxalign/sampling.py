@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from jaxalign import parallel
 from jaxalign.models.llama import (
     KVCache,
     Transformer,
@@ -45,9 +45,6 @@ from jaxalign.models.llama import (
     init_cache,
     rope_frequencies,
 )
-
-# Mesh axes the batch is split over, when the mesh has them (see jaxalign.parallel).
-BATCH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,22 +406,15 @@ def _compiled(graphdef, config: SamplingConfig):
     return jax.jit(run)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows split over the mesh's data-parallel axes (``data`` and ``fsdp`` when present)."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    return NamedSharding(mesh, P(axes or None))
-
-
 def _place_on_mesh(state, prompt_ids, prompt_mask, mesh: Mesh):
     """Splits the batch over the data axes; replicates parameters not already on ``mesh``."""
-    rows = batch_sharding(mesh)
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names)
+    shards = parallel.batch_divisor(mesh)
     if prompt_ids.shape[0] % shards:
         raise ValueError(
             f"the prompt batch ({prompt_ids.shape[0]} rows) must be a multiple of the "
             f"mesh's data-parallel size ({shards}); pad the batch or change the mesh"
         )
-    replicated = NamedSharding(mesh, P())
+    replicated = parallel.replicated(mesh)
 
     def place(x):
         sharding = getattr(x, "sharding", None)
@@ -432,6 +422,7 @@ def _place_on_mesh(state, prompt_ids, prompt_mask, mesh: Mesh):
             return x
         return jax.device_put(x, replicated)
 
+    rows = parallel.batch_sharding(mesh)
     state = jax.tree.map(place, state)
     return state, jax.device_put(prompt_ids, rows), jax.device_put(prompt_mask, rows)
 
@@ -450,9 +441,10 @@ def generate(
     ``prompt_ids [B, P] int32`` and ``prompt_mask [B, P]`` (1 on real tokens) are
     left-padded; ``key`` is a PRNG key, and the output is a deterministic function
     of it. Returns :class:`Samples` with ``B * n`` rows, sample ``j`` of prompt ``i``
-    at row ``i*n + j``. With a ``mesh`` the rows are split over its ``data``/``fsdp``
-    axes (``B`` must divide evenly); parameters already placed on the mesh keep
-    their sharding, others are replicated.
+    at row ``i*n + j``. With a ``mesh`` (``jaxalign.parallel.make_mesh``) the rows
+    are split over its ``data`` and ``fsdp`` axes (``B`` must divide evenly);
+    parameters already placed on the mesh (``parallel.shard_model_state``) keep their
+    sharding, others are replicated.
     """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, bool)

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxalign import sampling
+from jaxalign import parallel, sampling
 from jaxalign.models import ModelConfig, Transformer
 from jaxalign.sampling import (
     SamplingConfig,
@@ -294,6 +294,19 @@ def test_sharded_matches_unsharded(model):
         assert len(split.tokens.sharding.device_set) == 8
         np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(plain.tokens))
         np.testing.assert_array_equal(np.asarray(split.lengths), np.asarray(plain.lengths))
+
+
+def test_sharded_parameters_match_unsharded(model):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py fakes them on CPU)")
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    graphdef, state = nnx.split(model)
+    sharded = nnx.merge(graphdef, parallel.shard_model_state(state, mesh))
+    ids, mask = left_padded(PROMPTS + [[4, 5, 6]])
+    config = SamplingConfig(6, greedy=True, n=2)
+    plain = generate(model, ids, mask, jax.random.key(0), config)
+    split = generate(sharded, ids, mask, jax.random.key(0), config, mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(plain.tokens))
 
 
 def test_sharded_batch_must_divide():
