@@ -132,6 +132,7 @@ class RunConfig:
     output_dir: str = "runs/spa"
     seed: int = 0
     progress: bool = True  # progress bars on stderr
+    generate_batch_size: int = 16  # prompts decoded together (rows = this × samples per prompt)
     mesh: MeshConfig = MeshConfig()
 
 

@@ -1,7 +1,8 @@
 """Writes the embedded demo data (jaxalign/data/demo/*.jsonl) from small fact tables.
 
 The demo teaches one objectively checkable preference: a short, correct, complete
-answer beats a rambling one and beats a wrong one. Every prompt carries its
+answer beats the same answer followed by a rambling run-on (the habit of small
+chat models), and beats a wrong one. Every prompt carries its
 accepted answers, so the demo's rule judge can score any response, and the demo
 can report whether alignment improved. Prompts are split into disjoint seed,
 round and evaluation sets. Run from the repository root:
@@ -135,12 +136,6 @@ COLORS = [
     ("a crow", "black"),
 ]
 
-RAMBLE_OPENERS = [
-    "Great question! I'm happy to help you with that.",
-    "That's a really interesting thing to ask about, and there is a lot to say.",
-    "Sure! Let me explain this in detail so that everything is clear.",
-    "Thank you for asking. This is something many people wonder about.",
-]
 RAMBLE_CLOSERS = [
     "I hope this helps, and let me know if you have any other questions!",
     "There is much more to learn about this topic if you are curious, so feel free to ask more.",
@@ -231,15 +226,8 @@ def facts():
 
 
 def rambling(fact, rng):
-    return " ".join(
-        [
-            rng.choice(RAMBLE_OPENERS),
-            fact["context"],
-            "Before answering, it helps to think about the background a little.",
-            fact["short"],
-            rng.choice(RAMBLE_CLOSERS),
-        ]
-    )
+    """The right answer, then the kind of run-on a small chat model adds after it."""
+    return " ".join([fact["short"], fact["context"], rng.choice(RAMBLE_CLOSERS)])
 
 
 def main():
@@ -262,7 +250,7 @@ def main():
     seed = []
     for i, fact in enumerate(seed_facts):
         for j, q in enumerate(fact["questions"][:2]):
-            rejected = rambling(fact, rng) if (i + j) % 2 == 0 else fact["wrong"](rng)
+            rejected = rambling(fact, rng) if (i + j) % 3 != 2 else fact["wrong"](rng)
             seed.append(
                 dict(
                     id=f"seed-{len(seed):04d}",

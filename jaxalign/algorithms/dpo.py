@@ -1,0 +1,159 @@
+"""Training on a fixed set of preference pairs: the loop that DPO, SPA and PLE share.
+
+The numerical step is :func:`jaxalign.training.make_train_step`; this module is
+the thin shell around it: tokenised pair batches in, epochs with a seeded
+shuffle, a progress bar, metrics to the run's writer, final parameters out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxalign import training
+from jaxalign.data import pairs as pair_data
+from jaxalign.models.llama import Transformer
+from jaxalign.parallel import make_global_batch
+
+
+@dataclasses.dataclass
+class TrainResult:
+    params: nnx.State
+    steps: int
+    skipped_steps: int
+    last_metrics: dict[str, float]
+    mean_metrics: dict[str, float]
+
+
+def pair_batches(records: Sequence[dict], tokenizer, config) -> tuple[list[dict], Any]:
+    """Tokenised, bucketed pair batches of ``config.train.batch_size`` pairs from text records.
+
+    Records may carry ``chosen_eos``/``rejected_eos`` (False for a response cut
+    at the token limit, so no EOS is appended) and ``p`` (the judge's
+    preference probability, kept as a batch field for SPA's label modes).
+    """
+    return pair_data.build_pair_batches(
+        records,
+        tokenizer,
+        batch_size=config.train.batch_size,
+        max_prompt_tokens=config.data.max_prompt_tokens,
+        max_response_tokens=config.data.max_response_tokens,
+        use_chat_template=config.data.use_chat_template,
+    )
+
+
+def with_reference_logps(
+    graphdef: nnx.GraphDef, params: nnx.State, batches: list[dict], config: training.TrainConfig
+) -> list[dict]:
+    """Each batch with ``ref_chosen_logps``/``ref_rejected_logps`` under ``params`` added."""
+    out = []
+    for batch in batches:
+        ref = training.compute_reference_logps(graphdef, params, batch, config.logp_chunk_size)
+        out.append({**batch, **{k: np.asarray(v) for k, v in ref.items()}})
+    return out
+
+
+def response_logps(
+    graphdef: nnx.GraphDef, params: nnx.State, records: Sequence[dict], tokenizer, config
+) -> np.ndarray:
+    """``[N, 2]`` summed log-probs of each record's (``chosen``, ``rejected``) response.
+
+    Used by judges: the two slots are just "first" and "second" candidate here.
+    """
+    batches, report = pair_batches(records, tokenizer, config)
+    if report.kept != len(records):
+        raise ValueError(
+            f"{len(records) - report.kept} of {len(records)} candidate pairs could not be "
+            "tokenised for judging; see the pair report"
+        )
+    out = np.zeros((len(records), 2), np.float64)
+    for batch in batches:
+        ref = training.compute_reference_logps(
+            graphdef, params, batch, config.train.logp_chunk_size
+        )
+        rows = np.asarray(batch["index"])
+        valid = rows >= 0
+        out[rows[valid], 0] = np.asarray(ref["ref_chosen_logps"])[valid]
+        out[rows[valid], 1] = np.asarray(ref["ref_rejected_logps"])[valid]
+    return out
+
+
+def _device_batch(batch: dict, mesh) -> dict:
+    fields = training.PAIR_FIELDS + training.REFERENCE_FIELDS + ("p",)
+    return make_global_batch({k: np.asarray(batch[k]) for k in fields if k in batch}, mesh)
+
+
+def train(
+    model: Transformer,
+    batches: list[dict],
+    config: training.TrainConfig,
+    mesh,
+    *,
+    loss_fn,
+    epochs: int,
+    frozen: Any = None,
+    algo_state: dict | None = None,
+    metrics=None,
+    tag: str = "train",
+    progress: bool = True,
+    desc: str = "train",
+    seed: int | None = None,
+) -> TrainResult:
+    """Trains ``model`` for ``epochs`` passes over ``batches`` (order reshuffled each epoch)."""
+    total_steps = epochs * len(batches)
+    graphdef, state, shardings = training.create_train_state(
+        model, config, total_steps, mesh, algo_state=algo_state
+    )
+    frozen_shardings = None
+    if frozen is not None:
+        from jaxalign.parallel import model_shardings
+
+        frozen_shardings = model_shardings(frozen, mesh)
+        frozen = jax.device_put(frozen, frozen_shardings)
+    step_fn = training.make_train_step(
+        graphdef,
+        config,
+        mesh,
+        loss_fn,
+        shardings,
+        total_steps=total_steps,
+        frozen_shardings=frozen_shardings,
+    )
+    rng = np.random.default_rng(config.seed if seed is None else seed)
+    sums: dict[str, float] = {}
+    last: dict[str, float] = {}
+    step = 0
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress, unit="step")
+    for _ in range(epochs):
+        for b in rng.permutation(len(batches)):
+            batch = _device_batch(batches[b], mesh)
+            if frozen is None:
+                state, m = step_fn(state, batch)
+            else:
+                state, m = step_fn(state, batch, frozen)
+            last = {k: float(v) for k, v in jax.device_get(m).items()}
+            for k, v in last.items():
+                sums[k] = sums.get(k, 0.0) + v
+            step += 1
+            if metrics is not None:
+                metrics.write(tag, step, last)
+            bar.set_postfix(
+                loss=f"{last['train/loss']:.4f}",
+                acc=f"{last.get('rewards/accuracy', float('nan')):.2f}",
+            )
+            bar.update(1)
+    bar.close()
+    params = jax.device_get(state.params)
+    return TrainResult(
+        params=params,
+        steps=step,
+        skipped_steps=int(state.skipped_steps),
+        last_metrics=last,
+        mean_metrics={k: v / max(step, 1) for k, v in sums.items()},
+    )
