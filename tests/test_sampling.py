@@ -99,6 +99,20 @@ def test_cached_decode_logits_match_full_forward(model):
         np.testing.assert_allclose(np.asarray(out.logprobs[i]), picked, atol=1e-4)
 
 
+def test_bfloat16_cache_stays_close(model):
+    ids, mask = left_padded(PROMPTS)
+    config = SamplingConfig(max_new_tokens=6, greedy=True, return_logprobs=True)
+    exact = generate(model, ids, mask, jax.random.key(0), config)
+    half = generate(model, ids, mask, jax.random.key(0), config.replace(cache_dtype="bfloat16"))
+    tokens = np.asarray(exact.tokens)
+    for i, prompt in enumerate(PROMPTS):  # score the bf16 path's choices in float32
+        reference = full_forward_logits(model, prompt, np.asarray(half.tokens[i]))
+        ref_logprobs = reference - np.log(np.exp(reference).sum(-1, keepdims=True))
+        picked = ref_logprobs[np.arange(6), np.asarray(half.tokens[i])]
+        np.testing.assert_allclose(np.asarray(half.logprobs[i]), picked, atol=0.05)
+    assert (np.asarray(half.tokens) == tokens).mean() > 0.8
+
+
 def test_eos_stops_rows_and_pads(model):
     ids, mask = left_padded(PROMPTS)
     free = generate(model, ids, mask, jax.random.key(0), SamplingConfig(12, greedy=True))
