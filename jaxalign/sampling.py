@@ -13,8 +13,17 @@ The work is split so that nothing is done twice:
    ``j`` of prompt ``i``) — one prefill per prompt, not ``n``.
 3. **Decode** with ``jax.lax.while_loop``: feed the last token, get ``[B*n, V]``
    logits, filter, sample. The loop stops when every row has produced an EOS
-   token or ``max_new_tokens`` are reached. The cache is part of the loop carry
-   and is updated with ``dynamic_update_slice``, which XLA performs in place.
+   token or ``max_new_tokens`` are reached. The cache is part of the loop carry,
+   one buffer per layer (:class:`DecodeCache`), so each step's
+   ``dynamic_update_slice`` of one slot happens in place instead of rewriting a
+   stacked ``[L, B, S, K, Dh]`` cache.
+
+Where a CPU decode step's time goes (SmolLM2-135M, batch 16): reading the float32
+weights (~540 MB) bounds it near 20 ms; the per-layer buffers save a full cache
+copy per step, and the two-level :func:`categorical` and :func:`argmax` replace a
+Gumbel-max draw (V random numbers per row) and XLA's wide-row argmax, which each
+cost several milliseconds per step on CPU. ``cache_dtype="bfloat16"`` halves the
+cache traffic at a small cost in accuracy.
 
 The logit filters (temperature, top-k, top-p, min-p) are pure functions on
 ``[B, V]`` logits, applied in that order (the order of Hugging Face's warpers).
