@@ -93,11 +93,12 @@ def model_flops(config: ModelConfig, sequences: int, length: int) -> float:
     return 6 * matmul_params(config) * tokens + attention * sequences
 
 
-def time_jax(config: ModelConfig, batch: dict, steps: int, chunk: int) -> dict:
+def jax_stepper(config: ModelConfig, batch: dict, chunk: int):
+    """``(run_one_step, info)`` for jaxalign's jitted DPO step (compiled here)."""
     train_config = training.TrainConfig(logp_chunk_size=chunk, batch_size=len(batch["weight"]))
     mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = Transformer(config, rngs=nnx.Rngs(0))
-    graphdef, state, shardings = training.create_train_state(model, train_config, steps + 1, mesh)
+    graphdef, state, shardings = training.create_train_state(model, train_config, 1000, mesh)
     ref = training.compute_reference_logps(graphdef, state.params, batch, chunk_size=chunk)
     batch = {**batch, **{k: np.asarray(v) for k, v in ref.items()}}
     step = training.make_train_step(
@@ -106,28 +107,23 @@ def time_jax(config: ModelConfig, batch: dict, steps: int, chunk: int) -> dict:
         mesh,
         training.dpo_loss_fn(train_config),
         shardings,
-        total_steps=steps + 1,
+        total_steps=1000,
     )
     device_batch = parallel.make_global_batch(batch, mesh)
     t = time.perf_counter()
     compiled = step.lower(state, device_batch).compile()
-    compile_s = time.perf_counter() - t
+    info = {"compile_s": time.perf_counter() - t}
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    state, m = step(state, device_batch)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = step(state, device_batch)
-        jax.block_until_ready((state, m))
-        times.append(time.perf_counter() - t)
-    return {
-        "step_s": statistics.median(times),
-        "compile_s": compile_s,
-        "xla_flops": float(cost.get("flops", float("nan"))),
-        "loss": float(m["train/loss"]),
-    }
+    info["xla_flops"] = float(cost.get("flops", float("nan")))
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], device_batch)
+        jax.block_until_ready((holder["state"], metrics))
+        info["loss"] = float(metrics["train/loss"])
+
+    return run, info
 
 
 def _torch_model(config: ModelConfig):
@@ -140,14 +136,15 @@ def _torch_model(config: ModelConfig):
     return transformers.LlamaForCausalLM(hf).float()
 
 
-def time_trl(config: ModelConfig, batch: dict, steps: int) -> dict:
-    """TRL's DPOTrainer on pre-tokenised pairs; per-step times from a trainer callback."""
+def trl_stepper(config: ModelConfig, batch: dict):
+    """TRL's DPOTrainer step on the batch: ``trainer.training_step`` (TRL's loss, forward and
+    backward) then the Trainer loop's gradient clipping and AdamW step. Reference log-probs
+    are precomputed by TRL itself (``precompute_ref_log_probs=True``)."""
     import datasets
     import torch
     import transformers
     from trl import DPOConfig, DPOTrainer
 
-    torch.set_num_threads(os.cpu_count() or 1)
     prompt_len = int(batch["chosen_ids"].shape[1] * PROMPT_FRACTION)
     words = lambda ids: " ".join(f"w{i}" for i in ids)
     # One word per id; TRL appends EOS to each response, so responses drop their last id.
@@ -159,47 +156,43 @@ def time_trl(config: ModelConfig, batch: dict, steps: int) -> dict:
         }
         for i in range(len(batch["weight"]))
     ]
-    dataset = datasets.Dataset.from_list(rows * (steps + 2))
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=_word_tokenizer(config.vocab_size), pad_token="<pad>", eos_token="</s>"
     )
-    stamps: list[float] = []
+    out = tempfile.mkdtemp()
+    args = DPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=len(rows),
+        learning_rate=5e-7,
+        beta=0.1,
+        max_length=None,
+        precompute_ref_log_probs=True,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = DPOTrainer(
+        model=_torch_model(config),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    trainer.create_optimizer()
+    inputs = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop
 
-    class Stamp(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
+    def run():
+        trainer.training_step(model, inputs)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
 
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
-
-    with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=len(rows),
-            max_steps=steps + 2,
-            learning_rate=5e-7,
-            beta=0.1,
-            max_length=None,
-            precompute_ref_log_probs=True,
-            report_to=[],
-            logging_steps=10**6,
-            save_strategy="no",
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            dataloader_num_workers=0,
-            seed=0,
-        )
-        trainer = DPOTrainer(
-            model=_torch_model(config),
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[Stamp()],
-        )
-        trainer.train()
-    durations = [stamps[i + 1] - stamps[i] for i in range(0, len(stamps) - 1, 2)]
-    return {"step_s": statistics.median(durations[2:]), "peer": "trl.DPOTrainer"}
+    return run, {"peer": "trl.DPOTrainer (training_step + clip + AdamW)"}
 
 
 def _word_tokenizer(vocab: int):
@@ -212,13 +205,12 @@ def _word_tokenizer(vocab: int):
     return tok
 
 
-def time_torch_dpo(config: ModelConfig, batch: dict, steps: int) -> dict:
+def torch_stepper(config: ModelConfig, batch: dict):
     """A hand-written torch DPO step as TRL runs it: chosen+rejected concatenated in one forward,
     precomputed reference log-probs, sigmoid loss, backward, grad clipping, AdamW."""
     import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(os.cpu_count() or 1)
     model = _torch_model(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-7, weight_decay=0.0)
     ids = torch.from_numpy(np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])).long()
@@ -237,9 +229,8 @@ def time_torch_dpo(config: ModelConfig, batch: dict, steps: int) -> dict:
 
     with torch.no_grad():
         ref = logps()
-    times = []
-    for i in range(steps + 1):
-        t = time.perf_counter()
+
+    def run():
         lp = logps()
         delta = (lp[:b] - ref[:b]) - (lp[b:] - ref[b:])
         loss = -F.logsigmoid(0.1 * delta).mean()
@@ -247,9 +238,21 @@ def time_torch_dpo(config: ModelConfig, batch: dict, steps: int) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if i:
-            times.append(time.perf_counter() - t)
-    return {"step_s": statistics.median(times), "peer": "hand-written torch DPO step"}
+
+    return run, {"peer": "hand-written torch DPO step"}
+
+
+def interleaved_times(steppers: dict, steps: int) -> dict[str, float]:
+    """Median seconds per step of each stepper, run in turns (round 0 is warm-up), so that
+    load from other processes on the machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    for round_index in range(steps + 1):
+        for name, run in steppers.items():
+            t = time.perf_counter()
+            run()
+            if round_index:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main() -> int:
@@ -258,26 +261,27 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=64, help="log-prob chunk size (positions)")
-    parser.add_argument("--peer", choices=("trl", "torch"), default="trl")
     args = parser.parse_args()
 
     config = ModelConfig(tie_embeddings=True)  # SmolLM2-135M's shape
     batch = synthetic_pairs(args.pairs, args.length, config.vocab_size)
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
     peak = matmul_peak()
-    ours = time_jax(config, batch, args.steps, args.chunk)
+    steppers, infos = {}, {}
+    steppers["jaxalign"], infos["jaxalign"] = jax_stepper(config, batch, args.chunk)
     peer_note = None
-    if args.peer == "trl":
-        try:
-            peer = time_trl(config, batch, args.steps)
-        except Exception as e:  # noqa: BLE001 - any TRL failure falls back to the torch step
-            peer_note = f"TRL failed ({type(e).__name__}: {e}); timed a hand-written torch step"
-            peer = time_torch_dpo(config, batch, args.steps)
-    else:
-        peer = time_torch_dpo(config, batch, args.steps)
-    # The plain torch step too, so TRL's own overhead is visible next to the model's cost.
-    torch_step = (
-        peer if peer["peer"] != "trl.DPOTrainer" else time_torch_dpo(config, batch, args.steps)
-    )
+    try:
+        steppers["trl"], infos["trl"] = trl_stepper(config, batch)
+    except Exception as e:  # noqa: BLE001 - any TRL failure falls back to the torch step
+        peer_note = f"TRL failed ({type(e).__name__}: {e}); the peer is the hand-written torch step"
+    steppers["torch"], infos["torch"] = torch_stepper(config, batch)
+    times = interleaved_times(steppers, args.steps)
+    ours = {"step_s": times["jaxalign"], **infos["jaxalign"]}
+    peer_key = "trl" if "trl" in times else "torch"
+    peer = {"step_s": times[peer_key], "peer": infos[peer_key]["peer"]}
+    torch_step = {"step_s": times["torch"]}
     flops = model_flops(config, 2 * args.pairs, args.length)
     result = {
         "benchmark": "dpo_train_step",
