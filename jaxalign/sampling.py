@@ -95,10 +95,12 @@ class SamplingConfig:
             fail("min_p", "in [0, 1] (0 disables min-p)")
         if not isinstance(self.n, int) or self.n < 1:
             fail("n", "a positive integer")
+        if isinstance(self.eos_token_ids, list):  # as YAML and JSON give it
+            object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if not isinstance(self.eos_token_ids, tuple) or not all(
             isinstance(t, int) and t >= 0 for t in self.eos_token_ids
         ):
-            fail("eos_token_ids", "a tuple of non-negative token ids")
+            fail("eos_token_ids", "a list of non-negative token ids")
         if self.cache_dtype is not None:
             dtype_from_name(self.cache_dtype)
 

@@ -351,7 +351,8 @@ def test_sharded_batch_must_divide():
         ("min_p", -0.1, "min_p"),
         ("top_k", -1, "top_k"),
         ("n", 0, "SamplingConfig.n"),
-        ("eos_token_ids", [2], "eos_token_ids"),
+        ("eos_token_ids", [-2], "eos_token_ids"),
+        ("eos_token_ids", "2", "eos_token_ids"),
         ("cache_dtype", "int4", "dtype"),
     ],
 )
@@ -362,6 +363,11 @@ def test_config_rejects_bad_values(field, value, message):
 
 def test_greedy_allows_zero_temperature():
     assert SamplingConfig(greedy=True, temperature=0.0).greedy
+
+
+def test_eos_list_becomes_a_hashable_tuple():
+    config = SamplingConfig(eos_token_ids=[2, 3])
+    assert config.eos_token_ids == (2, 3) and hash(config)
 
 
 def test_context_overflow_is_reported(model):
