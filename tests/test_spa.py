@@ -1,0 +1,148 @@
+"""SPA end to end on a tiny random model: artifacts, summary, and resume after a crash."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from jaxalign.algorithms import spa
+from jaxalign.config import load_config
+from jaxalign.data.records import DEMO_FILES
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, tiny_model_dir):
+    """The tiny model, and small slices of the demo data."""
+    root = tmp_path_factory.mktemp("spa")
+    (root / "model").symlink_to(tiny_model_dir)
+    seeds = DEMO_FILES["pairs"].read_text().splitlines()[:8]
+    (root / "seed.jsonl").write_text("\n".join(seeds) + "\n")
+    prompts = DEMO_FILES["prompts"].read_text().splitlines()[:8]
+    (root / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    evals = DEMO_FILES["eval"].read_text().splitlines()[:4]
+    (root / "eval.jsonl").write_text("\n".join(evals) + "\n")
+    return root
+
+
+def _config(root: pathlib.Path, out: pathlib.Path, *extra):
+    return load_config(
+        None,
+        [
+            f"model.name={root / 'model'}",
+            f"data.seed_pairs={root / 'seed.jsonl'}",
+            f"data.prompts={root / 'prompts.jsonl'}",
+            f"data.eval_prompts={root / 'eval.jsonl'}",
+            "data.max_prompt_tokens=48",
+            "data.max_response_tokens=16",
+            "sampling.max_new_tokens=16",
+            "train.batch_size=4",
+            "train.learning_rate=1e-3",
+            "train.logp_chunk_size=32",
+            "spa.rounds=1",
+            "spa.prompts_per_round=[8]",
+            "spa.seed_epochs=1",
+            "spa.margin_buffer_batches=2",
+            "eval.max_prompts=4",
+            "eval.max_new_tokens=16",
+            "run.generate_batch_size=4",
+            "run.progress=false",
+            "run.mesh.data=2",  # 8 fake devices: the whole loop runs sharded
+            "run.mesh.fsdp=2",
+            "run.mesh.tensor=2",
+            f"run.output_dir={out}",
+            *extra,
+        ],
+    )
+
+
+def _outputs(out: pathlib.Path):
+    pairs = (out / "round_1" / "pairs.jsonl").read_text()
+    evals = (out / "round_1" / "eval.jsonl").read_text()
+    summary = json.loads((out / "summary.json").read_text())["rounds"]
+    return pairs, evals, summary
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "spa"
+    spa.run(_config(tiny_setup, out), log=lambda m: None)
+    return out
+
+
+def test_run_writes_every_artifact_and_a_summary(uninterrupted):
+    out = uninterrupted
+    for name in ("config.yaml", "state.json", "metrics.jsonl", "summary.md", "baseline_eval.jsonl"):
+        assert (out / name).is_file(), name
+    for rel in ("round_0/model", "round_1/model", "round_1/candidates.jsonl"):
+        assert (out / rel).exists(), rel
+    candidates = [
+        json.loads(x) for x in (out / "round_1/candidates.jsonl").read_text().splitlines()
+    ]
+    assert len(candidates) == 8 and all(len(c["responses"]) == 2 for c in candidates)
+    pairs, _, summary = _outputs(out)
+    state = json.loads((out / "state.json").read_text())
+    judge = state["stages"]["round_1/judge"]["result"]
+    records = [json.loads(x) for x in pairs.splitlines()]
+    assert (
+        judge["count/considered"]
+        == 8
+        == judge["count/kept"]
+        + sum(judge[f"count/{k}"] for k in ("identical", "empty", "truncated", "tied"))
+    )
+    assert len(records) == judge["count/kept"]
+    for r in records:
+        assert r["margin"] > 0 and r["reward_chosen"] > r["reward_rejected"]
+        np.testing.assert_allclose(r["p"], 1 / (1 + np.exp(-r["margin"])), rtol=1e-9)
+    assert [row["round"] for row in summary] == ["SFT", 0, 1]
+    assert "win rate vs SFT" in (out / "summary.md").read_text()
+    tags = {json.loads(x)["tag"] for x in (out / "metrics.jsonl").read_text().splitlines()}
+    assert tags == {"round_0/train", "round_1/train"}
+    train1 = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("spa/flagged_fraction" in m for m in train1 if m["tag"] == "round_1/train")
+
+
+def test_rerun_of_a_finished_run_redoes_nothing(tiny_setup, uninterrupted):
+    before = json.loads((uninterrupted / "state.json").read_text())
+    spa.run(_config(tiny_setup, uninterrupted), log=lambda m: None)
+    after = json.loads((uninterrupted / "state.json").read_text())
+    assert after["stages"] == before["stages"]
+
+
+def test_resume_refuses_a_changed_config(tiny_setup, uninterrupted):
+    with pytest.raises(ValueError, match="spa.smoothing_alpha"):
+        spa.run(_config(tiny_setup, uninterrupted, "spa.smoothing_alpha=0.3"), log=print)
+
+
+def _crash_after(monkeypatch, stage_fn_name):
+    original = getattr(spa, stage_fn_name)
+
+    def crashing(*args, **kwargs):
+        original(*args, **kwargs)  # the work is done and written; the process dies before
+        raise KeyboardInterrupt("simulated kill")  # the stage is recorded as finished
+
+    monkeypatch.setattr(spa, stage_fn_name, crashing)
+
+
+STAGES = ["_train_stage", "_sample_stage", "_judge_stage", "_eval_stage"]
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [pytest.param(s, marks=[] if s == "_judge_stage" else pytest.mark.slow) for s in STAGES],
+)
+def test_resume_after_a_crash_matches_an_uninterrupted_run(
+    tiny_setup, uninterrupted, tmp_path, monkeypatch, stage
+):
+    out = tmp_path / "spa"
+    with monkeypatch.context() as m:
+        _crash_after(m, stage)
+        with pytest.raises(KeyboardInterrupt):
+            spa.run(_config(tiny_setup, out), log=lambda msg: None)
+    before = json.loads((out / "state.json").read_text())["stages"]
+    spa.run(_config(tiny_setup, out), log=lambda msg: None)
+    after = json.loads((out / "state.json").read_text())["stages"]
+    for key, entry in before.items():  # finished stages were not redone
+        assert after[key] == entry
+    assert len(after) > len(before)
+    assert _outputs(out)[:2] == _outputs(uninterrupted)[:2]
