@@ -65,6 +65,8 @@ class JudgedPair:
     reward_rejected: float
     margin: float
     p: float
+    chosen_eos: bool = True  # the response ended by itself (EOS or a stop string)
+    rejected_eos: bool = True
 
     def to_record(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,6 +127,8 @@ def label_pair(
         reward_rejected=r_r,
         margin=margin,
         p=float(preference_probability(r_c, r_r)),
+        chosen_eos=chosen.finished,
+        rejected_eos=rejected.finished,
     )
 
 

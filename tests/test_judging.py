@@ -43,6 +43,7 @@ def test_make_pairs_counts_every_candidate_pair():
     rewards = [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.5, 0.5]]
     pairs, counts = judging.make_pairs(ids, prompts, cands, rewards)
     assert [p.id for p in pairs] == ["a", "d"]
+    assert (pairs[1].chosen, pairs[1].chosen_eos, pairs[1].rejected_eos) == ("y", True, False)
     assert (counts.identical, counts.empty, counts.tied, counts.truncated) == (1, 1, 1, 0)
     assert counts.considered == counts.kept + counts.skipped == 5
     pairs, counts = judging.make_pairs(ids, prompts, cands, rewards, skip_truncated=True)

@@ -225,20 +225,11 @@ def _judge_stage(s: Session, round_index: int, candidates_path: str, out: pathli
         rewards.tolist(),
         skip_truncated=cfg.spa.truncated_policy == "skip",
     )
-    by_id = {r["id"]: r for r in records}
-    out_records = []
-    for pair in pairs:
-        rec = pair.to_record()
-        src = by_id[pair.id]
-        if "answer" in src:
-            rec["answer"] = src["answer"]
-        rec["chosen_eos"] = any(
-            x["finished"] for x in src["responses"][:2] if x["text"] == pair.chosen
-        )
-        rec["rejected_eos"] = any(
-            x["finished"] for x in src["responses"][:2] if x["text"] == pair.rejected
-        )
-        out_records.append(rec)
+    answers = {r["id"]: r["answer"] for r in records if "answer" in r}
+    out_records = [
+        pair.to_record() | ({"answer": answers[pair.id]} if pair.id in answers else {})
+        for pair in pairs
+    ]
     path = out / "pairs.jsonl"
     atomic_write_jsonl(path, out_records)
     result = {
