@@ -141,7 +141,9 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
     )
     s.policy_params = result.params
     model_dir = out / "model"
+    saved = time.perf_counter()
     checkpoint.save_params(model_dir, result.params)
+    checkpoint_seconds = time.perf_counter() - saved
     summary = {
         "model": str(model_dir),
         "pairs": build_report.kept,
@@ -150,6 +152,7 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
         "truncated_prompts": build_report.truncated_prompts,
         "truncated_responses": build_report.truncated_responses,
         "flag_after_step": flag_after,
+        "checkpoint_seconds": round(checkpoint_seconds, 3),
     }
     summary.update({f"final/{k}": v for k, v in result.last_metrics.items()})
     summary.update({f"mean/{k}": v for k, v in result.mean_metrics.items()})
