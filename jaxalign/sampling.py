@@ -23,7 +23,8 @@ weights (~540 MB) bounds it near 20 ms; the per-layer buffers save a full cache
 copy per step, and the two-level :func:`categorical` and :func:`argmax` replace a
 Gumbel-max draw (V random numbers per row) and XLA's wide-row argmax, which each
 cost several milliseconds per step on CPU. ``cache_dtype="bfloat16"`` halves the
-cache traffic at a small cost in accuracy.
+cache's memory and traffic at a small cost in accuracy; it is meant for TPU/GPU
+(on this CPU backend the conversions made a step about twice slower).
 
 The logit filters (temperature, top-k, top-p, min-p) are pure functions on
 ``[B, V]`` logits, applied in that order (the order of Hugging Face's warpers).
@@ -72,7 +73,7 @@ class SamplingConfig:
     eos_token_ids: tuple[int, ...] = ()  # a row finishes after emitting any of these
     return_logprobs: bool = False  # log_softmax of the raw logits at each sampled token
     pad_token_id: int = 0  # written after a row has finished
-    cache_dtype: str | None = None  # None: the model's activation dtype; "bfloat16" halves it
+    cache_dtype: str | None = None  # None: the model's activation dtype; "bfloat16" (TPU/GPU)
 
     def __post_init__(self):
         def fail(field: str, expected: str):
