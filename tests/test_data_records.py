@@ -29,7 +29,7 @@ GOOD = json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n"
         ('{"prompt": 3, "chosen": "a", "rejected": "b"}\n', "prompt"),
         ('{"prompt": "  ", "chosen": "a", "rejected": "b"}\n', "prompt"),
         ('{"prompt": "q", "chosen": "a", "rejected": "a"}\n', "rejected"),
-        ('{"prompt": "q", "chosen": ["x"], "rejected": "b"}\n', "chosen"),
+        ('{"prompt": "q", "chosen": ["x"], "rejected": "b"}\n', "chosen[0]"),
         ("[1, 2]\n", "<line>"),
     ],
 )

@@ -15,6 +15,7 @@ COMMANDS = {
     "run": ("jaxalign.cli.run", "run an alignment job from a config (default: the SPA demo)"),
     "dpo": ("jaxalign.cli.dpo", "DPO on a preference file"),
     "generate": ("jaxalign.cli.generate", "sample responses for a prompt file"),
+    "data": ("jaxalign.cli.data", "inspect and convert datasets"),
 }
 
 

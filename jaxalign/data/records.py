@@ -1,10 +1,11 @@
-"""Reading preference and prompt records from JSONL, loudly.
+"""Reading preference and prompt records from JSONL or Parquet, loudly.
 
-Every record is validated. A bad one (malformed JSON, non-UTF-8 bytes, a missing
-or wrongly typed field, empty text, identical chosen and rejected) either stops
-the read with an error naming the file, line and field (``on_bad_record="error"``,
-the default) or is skipped and counted (``"skip"``). ``ReadReport`` accounts for
-every line: ``read = kept + skipped``.
+Every record goes through its layout's parser (``layouts.py``) and the checks common to
+all layouts. A bad one (malformed JSON, non-UTF-8 bytes, a missing or wrongly typed
+field, empty text, identical chosen and rejected, a text longer than ``max_chars``)
+either stops the read with an error naming the file, line and field
+(``on_bad_record="error"``, the default) or is skipped and counted under its reason
+(``"skip"``). ``ReadReport`` accounts for every record: ``read = kept + skipped``.
 
 A prompt is a string or a list of chat messages ``[{"role", "content"}, ...]``;
 a response is a string, or a message list whose last message is the assistant's.
@@ -17,6 +18,9 @@ import collections
 import dataclasses
 import json
 import pathlib
+from collections.abc import Iterator
+
+from jaxalign.data.layouts import PAIR_LAYOUTS, RecordError, get_layout
 
 DEMO_DIR = pathlib.Path(__file__).resolve().parent / "demo"
 DEMO_FILES = {
@@ -24,14 +28,17 @@ DEMO_FILES = {
     "prompts": DEMO_DIR / "prompts.jsonl",
     "eval": DEMO_DIR / "eval_prompts.jsonl",
 }
+ON_BAD_RECORD = ("error", "skip")
 
 
 class DataError(ValueError):
-    """A record that cannot be used; the message names file, line and field."""
+    """A record or file that cannot be used; the message names file, line and field."""
 
 
 @dataclasses.dataclass
 class ReadReport:
+    """Accounting of one read: ``read = kept + skipped``, skips counted per reason."""
+
     path: str
     read: int = 0
     kept: int = 0
@@ -42,10 +49,23 @@ class ReadReport:
         why = ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())) or "none"
         return f"{self.path}: read {self.read} = kept {self.kept} + skipped {self.skipped} ({why})"
 
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "read": self.read,
+            "kept": self.kept,
+            "skipped": self.skipped,
+            "reasons": dict(self.reasons),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ReadReport:
+        return cls(d["path"], d["read"], d["kept"], d["skipped"], collections.Counter(d["reasons"]))
+
 
 def resolve_path(path: str, kind: str) -> pathlib.Path:
     """``"demo"`` → the packaged demo file of ``kind`` (pairs, prompts, eval); else the path."""
-    if path == "demo":
+    if str(path) == "demo":
         return DEMO_FILES[kind]
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
@@ -53,112 +73,154 @@ def resolve_path(path: str, kind: str) -> pathlib.Path:
     return p
 
 
-def _check_messages(value, field: str) -> None:
-    if not value or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value
-    ):
-        raise _FieldError(field, "a list of {role, content} messages with string values")
+# -- raw records ----------------------------------------------------------------------------
 
 
-class _FieldError(Exception):
-    def __init__(self, field: str, expected: str, reason: str = "bad_field"):
-        super().__init__(field, expected)
-        self.field, self.expected, self.reason = field, expected, reason
-
-
-def _prompt(record: dict, field: str = "prompt"):
-    if field not in record:
-        raise _FieldError(field, "a prompt string or message list", "missing_field")
-    value = record[field]
-    if isinstance(value, str):
-        if not value.strip():
-            raise _FieldError(field, "non-empty text", "empty_text")
-        return value
-    if isinstance(value, list):
-        _check_messages(value, field)
-        return value
-    raise _FieldError(field, f"a string or a message list, got {type(value).__name__}")
-
-
-def _response(record: dict, field: str) -> str:
-    if field not in record:
-        raise _FieldError(field, "a response string", "missing_field")
-    value = record[field]
-    if isinstance(value, list):
-        _check_messages(value, field)
-        if value[-1]["role"] != "assistant":
-            raise _FieldError(field, "a message list ending with the assistant's message")
-        value = value[-1]["content"]
-    if not isinstance(value, str):
-        raise _FieldError(field, f"a string, got {type(value).__name__}")
-    if not value.strip():
-        raise _FieldError(field, "non-empty text", "empty_text")
-    return value
-
-
-def _read(path: pathlib.Path, parse, on_bad_record: str) -> tuple[list[dict], ReadReport]:
-    if on_bad_record not in ("error", "skip"):
-        raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
-    report = ReadReport(str(path))
-    records = []
+def _jsonl_records(path: pathlib.Path) -> Iterator[tuple[int, str, dict | RecordError]]:
+    """``(line, location, raw dict or the RecordError of the line)`` per non-blank line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            report.read += 1
+            where = f"{path}:{lineno}"
             try:
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise _FieldError("<line>", f"UTF-8 text ({e.reason})", "not_utf8") from None
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise _FieldError("<line>", f"a JSON object ({e.msg})", "bad_json") from None
-                if not isinstance(record, dict):
-                    raise _FieldError("<line>", "a JSON object", "bad_json")
-                record = parse(record)
-                record.setdefault("id", f"{path.stem}-{lineno}")
-            except _FieldError as e:
-                if on_bad_record == "error":
-                    raise DataError(
-                        f"{path}:{lineno}: field {e.field!r}: expected {e.expected}. "
-                        "Fix the record, or set data.on_bad_record=skip to skip and count it."
-                    ) from None
-                report.skipped += 1
-                report.reasons[e.reason] += 1
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, where, RecordError("<line>", f"UTF-8 text ({e.reason})", "not_utf8")
                 continue
-            report.kept += 1
-            records.append(record)
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield lineno, where, RecordError("<line>", f"a JSON object ({e.msg})", "bad_json")
+                continue
+            if not isinstance(record, dict):
+                yield lineno, where, RecordError("<line>", "a JSON object", "bad_json")
+                continue
+            yield lineno, where, record
+
+
+def _parquet_records(path: pathlib.Path) -> Iterator[tuple[int, str, dict]]:
+    """``(row, location, row dict)`` per Parquet row (message lists come back as lists of dicts)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"{path}: reading Parquet needs pyarrow; install it with `pip install pyarrow`"
+        ) from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    row = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, f"{path}: row {row}", record
+
+
+def raw_records(path: pathlib.Path) -> Iterator[tuple[int, str, dict | RecordError]]:
+    """Raw records of a ``.jsonl``/``.json`` (one object a line) or ``.parquet`` file."""
+    if path.suffix == ".parquet":
+        return _parquet_records(path)
+    return _jsonl_records(path)
+
+
+# -- checks common to every layout ----------------------------------------------------------
+
+
+def _prompt_chars(prompt) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+
+
+def check_common(record: dict, max_chars: int | None) -> None:
+    """Identical chosen/rejected and the ``max_chars`` limit on each text field."""
+    if "chosen" in record and record["chosen"].strip() == record["rejected"].strip():
+        raise RecordError("rejected", "a response different from 'chosen'", "identical_pair")
+    if max_chars is None:
+        return
+    sizes = {"prompt": _prompt_chars(record["prompt"])}
+    for field in ("chosen", "rejected"):
+        if field in record:
+            sizes[field] = len(record[field])
+    for field, size in sizes.items():
+        if size > max_chars:
+            raise RecordError(field, f"at most {max_chars} characters, got {size}", "too_long")
+
+
+def iter_records(
+    path: str | pathlib.Path,
+    layout: str = "pairs",
+    on_bad_record: str = "error",
+    max_chars: int | None = None,
+    report: ReadReport | None = None,
+) -> Iterator[dict]:
+    """Canonical records of one file under ``layout``, updating ``report`` as it goes.
+
+    Records without an ``id`` get ``"<file stem>-<line or row>"``.
+    """
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    parse = get_layout(layout)
+    path = pathlib.Path(path)
+    report = ReadReport(str(path)) if report is None else report
+    for number, where, raw in raw_records(path):
+        report.read += 1
+        try:
+            if isinstance(raw, RecordError):
+                raise raw
+            record = parse(raw)
+            check_common(record, max_chars)
+        except RecordError as e:
+            if on_bad_record == "error":
+                raise DataError(
+                    f"{where}: field {e.field!r}: expected {e.expected}. "
+                    "Fix the record, or set data.on_bad_record=skip to skip and count it."
+                ) from None
+            report.skipped += 1
+            report.reasons[e.reason] += 1
+            continue
+        record.setdefault("id", f"{path.stem}-{number}")
+        report.kept += 1
+        yield record
+
+
+def read_records(
+    path: str | pathlib.Path,
+    layout: str = "pairs",
+    on_bad_record: str = "error",
+    max_chars: int | None = None,
+) -> tuple[list[dict], ReadReport]:
+    """All canonical records of ``path`` (``"demo"``: the demo pairs or prompts) and the report."""
+    kind = "pairs" if layout in PAIR_LAYOUTS else "prompts"
+    path = resolve_path(str(path), kind)
+    report = ReadReport(str(path))
+    records = list(iter_records(path, layout, on_bad_record, max_chars, report))
     return records, report
 
 
 def read_preference_records(
-    path: str, on_bad_record: str = "error"
+    path: str, on_bad_record: str = "error", layout: str = "pairs", max_chars: int | None = None
 ) -> tuple[list[dict], ReadReport]:
     """Reads ``{prompt, chosen, rejected}`` records (other fields are kept as they are)."""
-
-    def parse(record: dict) -> dict:
-        out = dict(record)
-        out["prompt"] = _prompt(record)
-        out["chosen"] = _response(record, "chosen")
-        out["rejected"] = _response(record, "rejected")
-        if out["chosen"].strip() == out["rejected"].strip():
-            raise _FieldError("rejected", "a response different from 'chosen'", "identical_pair")
-        return out
-
-    return _read(resolve_path(path, "pairs"), parse, on_bad_record)
+    if layout not in PAIR_LAYOUTS:
+        raise ValueError(f"layout {layout!r} has no preference pairs; use one of {PAIR_LAYOUTS}")
+    return read_records(resolve_path(path, "pairs"), layout, on_bad_record, max_chars)
 
 
 def read_prompt_records(
-    path: str, on_bad_record: str = "error", kind: str = "prompts"
+    path: str, on_bad_record: str = "error", kind: str = "prompts", max_chars: int | None = None
 ) -> tuple[list[dict], ReadReport]:
     """Reads ``{prompt}`` records (e.g. with ``id`` and ``answer``, kept as they are)."""
+    return read_records(resolve_path(path, kind), "prompts", on_bad_record, max_chars)
 
-    def parse(record: dict) -> dict:
-        out = dict(record)
-        out["prompt"] = _prompt(record)
-        return out
 
-    return _read(resolve_path(path, kind), parse, on_bad_record)
+def write_jsonl(path: str | pathlib.Path, records: list[dict]) -> pathlib.Path:
+    """Writes ``records`` one JSON object a line, atomically (temp file + rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
