@@ -309,7 +309,7 @@ def detect_layout(record: dict) -> str:
         and "prompt" not in record
     ):
         return "hh"
-    if isinstance(chosen, list) and "prompt" not in record:
+    if isinstance(chosen, list) and isinstance(record.get("rejected"), list):
         return "ultrafeedback"
     if "post" in record and "prompt" not in record:
         return "tldr"
