@@ -168,8 +168,9 @@ def split(args: argparse.Namespace, out=sys.stdout) -> int:
 
 
 def build(args: argparse.Namespace, out=sys.stdout) -> int:
-    from jaxalign.data.builders import build_dataset, load_split
+    from jaxalign.data.builders import build_dataset, load_split, quiet_tfds
 
+    quiet_tfds()
     files = {"train": args.train}
     for item in args.split:
         name, sep, file = item.partition("=")

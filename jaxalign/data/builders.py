@@ -142,6 +142,14 @@ def _make_builder_class():
     return LocalPreferenceData
 
 
+def quiet_tfds() -> None:
+    """Hides TFDS's progress bars and its per-build info logging (for command-line use)."""
+    import logging
+
+    _tfds().disable_progress_bar()
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
 _BUILDER_CLASS = None
 
 
