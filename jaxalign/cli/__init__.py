@@ -16,6 +16,8 @@ COMMANDS = {
     "dpo": ("jaxalign.cli.dpo", "DPO on a preference file"),
     "generate": ("jaxalign.cli.generate", "sample responses for a prompt file"),
     "data": ("jaxalign.cli.data", "inspect and convert datasets"),
+    "eval": ("jaxalign.cli.eval", "win rate, lengths and KL of a model against a baseline"),
+    "report": ("jaxalign.cli.report", "HTML/Markdown report with plots of a run directory"),
 }
 
 
