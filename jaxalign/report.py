@@ -378,8 +378,26 @@ def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+# Round-summary keys in reading order: data, judging, training, evaluation.
+SUMMARY_ORDER = (
+    "round",
+    "pairs",
+    "skipped",
+    "gold_agreement",
+    "flagged_fraction",
+    "margin_mean",
+    "train_reward_margin",
+    "win_rate",
+    "win_ci",
+    "gold_score",
+    "mean_words",
+)
+
+
 def _summary_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    present = set(k for r in rows for k in r)
+    keys = [k for k in SUMMARY_ORDER if k in present]
+    keys += [k for k in dict.fromkeys(k for r in rows for k in r) if k not in keys]
     return [(k, k.replace("_", " ")) for k in keys]
 
 
