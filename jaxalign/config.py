@@ -106,6 +106,78 @@ class SPAConfig:
         return lams[min(round_index, len(lams)) - 1]
 
 
+DEFAULT_PRINCIPLES = (
+    "Please give a response that is helpful, honest and harmless: answer the request "
+    "correctly and concisely, say so when you do not know, and refuse to help with "
+    "anything dangerous or unethical."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PLEConfig:
+    """PLE (Liu, Xu, Geng, arXiv 2408.02599, ICML 2025); defaults are the paper's where stated.
+
+    Choices the paper leaves open are named fields; :mod:`jaxalign.algorithms.ple`
+    argues each default.
+    """
+
+    iterations: int = 3  # the paper's I is task-dependent; 3 rounds like SPA's
+    prompts_per_iteration: int = 0  # 0: every query in every iteration (paper: D_query each time)
+    tau0: float = 0.2  # paper §6.1: initial threshold τ0 = 0.2
+    decay: float = 0.9  # paper §6.1: decay factor α = 0.9, τ_t = τ0·α^t
+    principles: str = DEFAULT_PRINCIPLES  # paper: human-written principles p (HH: helpful/harmless)
+    principle_placement: str = (
+        "prefix"  # x ⊕ p: "prefix" (before the user turn) | "suffix" | "system"
+    )
+    reward: str = "demo-checker"  # a rule judge name or a local HF sequence-classification folder
+    reward_normalisation: str = "minmax"  # minmax | sigmoid | none (rewards before the gap test)
+    reward_range: tuple[float, ...] = ()  # minmax bounds [lo, hi]; empty: the iteration's range
+    ranking_direction: str = "better"  # better: rank the higher reward first | principle: y_p only
+    sft_weighting: str = (
+        "reward"  # reward (normalised reward) | softmax (within the pair) | uniform
+    )
+    sft_coefficient: float = 1.0  # L = L_rank + c·L_sft (paper: plain sum)
+    epochs: int = 1  # passes over each iteration's generated data
+    lora_rank: int = 8  # paper §6.1: LoRA r = 8
+    lora_alpha: float = 16.0  # paper §6.1: LoRA scaling factor α = 16 (scale α/r = 2)
+    lora_targets: tuple[str, ...] = (  # paper §6.1: all linear modules
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    reward_batch_size: int = 16  # responses scored together by a reward model
+    export_hf: bool = True  # write the merged final model as a HF folder (run_dir/model_hf)
+
+    def __post_init__(self):
+        choices = {
+            "principle_placement": ("prefix", "suffix", "system"),
+            "reward_normalisation": ("minmax", "sigmoid", "none"),
+            "ranking_direction": ("better", "principle"),
+            "sft_weighting": ("reward", "softmax", "uniform"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"ple.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.tau0 < 0 or not 0 < self.decay <= 1:
+            raise ConfigError(
+                f"ple.tau0 must be >= 0 and ple.decay in (0, 1], got {self.tau0}, {self.decay}"
+            )
+        if self.reward_range and (
+            len(self.reward_range) != 2 or self.reward_range[0] >= self.reward_range[1]
+        ):
+            raise ConfigError(
+                f"ple.reward_range must be [lo, hi] with lo < hi, got {self.reward_range}"
+            )
+        if self.lora_rank < 1 or self.iterations < 1 or self.epochs < 1:
+            raise ConfigError("ple.lora_rank, ple.iterations and ple.epochs must be positive")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """End-of-round evaluation against the starting model."""
@@ -144,6 +216,7 @@ class Config:
     sampling: SamplingConfig = SamplingConfig()
     train: TrainConfig = TrainConfig()
     spa: SPAConfig = SPAConfig()
+    ple: PLEConfig = PLEConfig()
     eval: EvalConfig = EvalConfig()
 
 
