@@ -109,7 +109,7 @@ def _read_answers(path: str, records: list[dict]):
     return ours, base
 
 
-def _answer(model, tokenizer, records, config, args, desc_seed):
+def _answer(model, tokenizer, records, config, args, seed):
     from jaxalign.generation import sample_texts
 
     return sample_texts(
@@ -117,7 +117,7 @@ def _answer(model, tokenizer, records, config, args, desc_seed):
         tokenizer,
         [r["prompt"] for r in records],
         config,
-        seed=desc_seed,
+        seed=seed,
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )
