@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import judging, training
+from jaxalign.data.buckets import bucket_length
 from jaxalign.judging import Candidate
 
 # ----------------------------------------------------------------------------- win rate
@@ -291,9 +292,6 @@ def kl_estimate(logp_model, logp_reference, num_tokens=None) -> KLEstimate:
     return KLEstimate(float(diff.mean()), stderr, n, per_token)
 
 
-MIN_BUCKET = 16
-
-
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk_size",))
 def _sequence_logps(graphdef, params, ids, attention_mask, loss_mask, chunk_size):
     model = nnx.merge(graphdef, params)
@@ -335,7 +333,7 @@ def response_logprobs(
 
     Prompts are encoded as the sampler encodes them (chat template applied);
     ``response_ids[i]`` are the generated ids, EOS included when one was produced.
-    Rows are grouped by power-of-two length buckets and batches filled with empty
+    Rows are grouped by length buckets (``jaxalign.data.buckets``) and batches filled with empty
     rows to ``batch_size``, so a run compiles one program per bucket.
     """
     graphdef, params = nnx.split(model)
@@ -350,10 +348,7 @@ def response_logprobs(
             )
     by_bucket: dict[int, list[int]] = {}
     for i, length in enumerate(lengths):
-        width = MIN_BUCKET
-        while width < length:
-            width *= 2
-        by_bucket.setdefault(min(width, context), []).append(i)
+        by_bucket.setdefault(bucket_length(length, context), []).append(i)
     out = np.zeros(len(prompts), np.float64)
     pad_id = int(tokenizer.pad_token_id)
     for width in sorted(by_bucket):

@@ -1,7 +1,7 @@
 """Text in, text out: the shell around :mod:`jaxalign.sampling`.
 
 ``sample_texts`` tokenises prompts (chat template applied), groups them by length
-bucket (powers of two, at least 16 tokens) so a whole run compiles one decode
+bucket (``jaxalign.data.buckets``, at least 16 tokens) so a whole run compiles one decode
 program per bucket, pads the last batch of a bucket with dummy rows (discarded),
 decodes, applies stop strings and shows a progress bar in samples/s.
 
@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxalign import sampling
+from jaxalign.data.buckets import bucket_length
 from jaxalign.data.records import DataError, read_prompt_records
 from jaxalign.models.llama import Transformer
 from jaxalign.sampling import SamplingConfig
@@ -33,8 +34,6 @@ from jaxalign.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[dict]
-
-MIN_BUCKET = 16
 
 
 @dataclasses.dataclass
@@ -60,14 +59,6 @@ class GenerationStats:
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.seconds if self.seconds else 0.0
-
-
-def bucket_length(length: int, minimum: int = MIN_BUCKET) -> int:
-    """The smallest power of two ``>= length`` and ``>= minimum``."""
-    bucket = minimum
-    while bucket < length:
-        bucket *= 2
-    return bucket
 
 
 def encode_prompts(

@@ -379,26 +379,28 @@ def _html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, 
 
 
 # Round-summary keys in reading order: data, judging, training, evaluation.
-SUMMARY_ORDER = (
-    "round",
-    "pairs",
-    "skipped",
-    "gold_agreement",
-    "flagged_fraction",
-    "margin_mean",
-    "train_reward_margin",
-    "win_rate",
-    "win_ci",
-    "gold_score",
-    "mean_words",
+# The round-summary columns (key, header), in order; SPA's table and the report share it.
+SUMMARY_COLUMNS = (
+    ("round", "round"),
+    ("pairs", "pairs"),
+    ("skipped", "skipped"),
+    ("gold_agreement", "self-label agreement w/ gold"),
+    ("flagged_fraction", "flagged"),
+    ("margin_mean", "judged margin"),
+    ("train_reward_margin", "train reward margin"),
+    ("win_rate", "win rate vs SFT"),
+    ("win_ci", "95% CI"),
+    ("gold_score", "gold score"),
+    ("mean_words", "words/response"),
 )
 
 
 def _summary_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     present = set(k for r in rows for k in r)
-    keys = [k for k in SUMMARY_ORDER if k in present]
-    keys += [k for k in dict.fromkeys(k for r in rows for k in r) if k not in keys]
-    return [(k, k.replace("_", " ")) for k in keys]
+    known = [(k, h) for k, h in SUMMARY_COLUMNS if k in present]
+    names = {k for k, _ in known}
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in names]
+    return known + [(k, k.replace("_", " ")) for k in extra]
 
 
 def _prompt_text(prompt: Any) -> str:

@@ -63,8 +63,8 @@ def test_buckets_group_by_length():
     batches, report = build_pair_batches(
         records, CharTokenizer(), batch_size=2, max_prompt_tokens=64, max_response_tokens=8
     )
-    assert report.buckets == {16: 3, 32: 1, 64: 1}
-    assert [b["chosen_ids"].shape for b in batches] == [(2, 16), (2, 16), (2, 32), (2, 64)]
+    assert report.buckets == {16: 3, 24: 1, 48: 1}
+    assert [b["chosen_ids"].shape for b in batches] == [(2, 16), (2, 16), (2, 24), (2, 48)]
     assert [list(b["index"]) for b in batches] == [[0, 2], [4, -1], [1, -1], [3, -1]]
 
 
@@ -84,6 +84,8 @@ def test_empty_response_is_skipped_and_counted():
     assert report.reasons["empty_response"] == 1
 
 
-@pytest.mark.parametrize("n, want", [(1, 16), (16, 16), (17, 32), (100, 128), (700, 600)])
+@pytest.mark.parametrize(
+    "n, want", [(1, 16), (16, 16), (17, 24), (25, 32), (33, 48), (100, 128), (129, 192), (700, 600)]
+)
 def test_bucket_length(n, want):
     assert bucket_length(n, 600) == want

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from jaxalign import sampling
+from jaxalign.data.buckets import bucket_length
 from jaxalign.data.records import DataError
 from jaxalign.generation import (
     GenerationStats,
-    bucket_length,
     generate_file,
     read_done_ids,
     sample_texts,
@@ -81,7 +81,7 @@ PROMPTS = ["hello there", "a", "what is 2 + 2?", "tell me a story", "xyz"]
 
 
 def test_bucket_length():
-    assert [bucket_length(n) for n in (1, 16, 17, 32, 33, 100)] == [16, 16, 32, 32, 64, 128]
+    assert [bucket_length(n) for n in (1, 16, 17, 32, 33, 100)] == [16, 16, 24, 32, 48, 128]
 
 
 def test_greedy_matches_reference_and_compiles_once_per_bucket(model, tokenizer):

@@ -135,7 +135,7 @@ def test_report_of_a_finished_run_has_every_plot(finished_run):
         assert text in page, text
     markdown = (out / "report.md").read_text(encoding="utf-8")
     assert all(f"]({name})" in markdown for name in names)
-    assert "| round | win rate |" in markdown
+    assert "| round | win rate vs SFT |" in markdown
 
 
 def test_report_of_a_partial_run_plots_what_exists(tmp_path):

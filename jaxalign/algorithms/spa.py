@@ -45,21 +45,7 @@ from jaxalign.config import Config, to_dict
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.evaluation import win_rate
 from jaxalign.generation import sample_texts
-from jaxalign.report import MetricsWriter, format_table
-
-SUMMARY_COLUMNS = [
-    ("round", "round"),
-    ("pairs", "pairs"),
-    ("skipped", "skipped"),
-    ("gold_agreement", "self-label agreement w/ gold"),
-    ("flagged_fraction", "flagged"),
-    ("margin_mean", "judged margin"),
-    ("train_reward_margin", "train reward margin"),
-    ("win_rate", "win rate vs SFT"),
-    ("win_ci", "95% CI"),
-    ("gold_score", "gold score"),
-    ("mean_words", "words/response"),
-]
+from jaxalign.report import SUMMARY_COLUMNS, MetricsWriter, format_table, write_report
 
 
 @dataclasses.dataclass
@@ -456,6 +442,8 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
     atomic_write_text(runner.run_dir / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(runner.run_dir / "summary.md", "# SPA run summary\n\n" + table + "\n")
     s.metrics.close()
+    report_path = write_report(runner.run_dir)
     log("\n" + table)
-    log(f"\nrun directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
+    log(f"\nreport: {report_path}")
+    log(f"run directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
     return summary

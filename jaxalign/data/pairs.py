@@ -5,7 +5,7 @@ right-padded from column 0. Prompts longer than ``max_prompt_tokens`` lose
 their *beginning* (the end of a prompt is what the response answers);
 responses longer than ``max_response_tokens`` lose their end (and so their
 EOS). Both truncations are counted. Rows are grouped into length buckets
-(powers of two, so a run compiles a handful of shapes), and the last batch of
+(``jaxalign.data.buckets``, so a run compiles a handful of shapes), and the last batch of
 a bucket is filled with weight-0 padding pairs.
 
 Optional record fields: ``weight`` (default 1), ``smoothing`` (default 0),
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MIN_BUCKET = 16  # the shortest padded length; shorter buckets only add compiles
+from jaxalign.data.buckets import MIN_BUCKET, bucket_length
 
 
 @dataclasses.dataclass
@@ -46,14 +46,6 @@ class PairReport:
             f"truncated prompts {self.truncated_prompts}, responses {self.truncated_responses}; "
             f"buckets {{{buckets}}}; padding pairs {self.padding_pairs}"
         )
-
-
-def bucket_length(length: int, max_length: int, min_bucket: int = MIN_BUCKET) -> int:
-    """The smallest power of two ≥ ``length`` (≥ ``min_bucket``), capped at ``max_length``."""
-    bucket = min_bucket
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, max_length)
 
 
 def _tokenise(record, tokenizer, max_prompt_tokens, max_response_tokens, use_chat_template):
