@@ -1,5 +1,6 @@
 """PLE: threshold schedule, routing by reward gap, batches, the combined loss, and the loop."""
 
+import json
 
 import jax
 import jax.numpy as jnp
@@ -212,3 +213,130 @@ def test_ple_loss_ignores_weight_zero_rows(tiny_model):
         jb2[k] = jb[k].at[1, 2:5].set(1)
     moved, _ = loss_fn(tiny_model, jb2, {}, 0, None)
     np.testing.assert_allclose(float(moved), float(base), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_principled_prompt_placements():
+    assert ple.principled_prompt("Q?", "Be good.") == "Be good.\n\nQ?"
+    assert ple.principled_prompt("Q?", "Be good.", "suffix") == "Q?\n\nBe good."
+    assert ple.principled_prompt("Q?", "Be good.", "system") == [
+        {"role": "system", "content": "Be good."},
+        {"role": "user", "content": "Q?"},
+    ]
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    chat.append({"role": "user", "content": "c"})
+    out = ple.principled_prompt(chat, "P")
+    assert out[0]["content"] == "a" and out[2]["content"] == "P\n\nc" and chat[2]["content"] == "c"
+
+
+@pytest.fixture(scope="module")
+def ple_run(tmp_path_factory, tiny_model_dir):
+    from jaxalign.config import load_config
+    from jaxalign.data.records import DEMO_FILES
+
+    root = tmp_path_factory.mktemp("ple")
+    prompts = DEMO_FILES["prompts"].read_text().splitlines()[:8]
+    (root / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+    evals = DEMO_FILES["eval"].read_text().splitlines()[:4]
+    (root / "eval.jsonl").write_text("\n".join(evals) + "\n")
+    out = root / "run"
+
+    def config(*extra):
+        return load_config(
+            None,
+            [
+                "run.algorithm=ple",
+                f"model.name={tiny_model_dir}",
+                f"data.prompts={root / 'prompts.jsonl'}",
+                f"data.eval_prompts={root / 'eval.jsonl'}",
+                "data.max_prompt_tokens=96",
+                "data.max_response_tokens=16",
+                "sampling.max_new_tokens=16",
+                "train.batch_size=4",
+                "train.learning_rate=1e-3",
+                "train.logp_chunk_size=32",
+                "ple.iterations=2",
+                "ple.reward=demo-checker",
+                "ple.reward_range=[0, 2]",
+                "ple.sft_weighting=softmax",  # a random model scores 0: "reward" weights are 0
+                "ple.lora_rank=2",
+                "eval.max_prompts=4",
+                "eval.max_new_tokens=16",
+                "run.generate_batch_size=4",
+                "run.progress=false",
+                "run.mesh.data=2",  # 8 fake devices: the whole loop runs sharded
+                "run.mesh.fsdp=2",
+                "run.mesh.tensor=2",
+                f"run.output_dir={out}",
+                *extra,
+            ],
+        )
+
+    summary = ple.run(config(), log=lambda m: None)
+    return out, summary, config
+
+
+def test_run_writes_artifacts_and_report(ple_run):
+    out, summary, _ = ple_run
+    for name in ("config.yaml", "state.json", "metrics.jsonl", "summary.md", "summary.json"):
+        assert (out / name).is_file(), name
+    assert (out / "model_hf" / "config.json").is_file()
+    state = json.loads((out / "state.json").read_text())["stages"]
+    for t in (0, 1):
+        cands = [
+            json.loads(x) for x in (out / f"round_{t}/candidates.jsonl").read_text().splitlines()
+        ]
+        assert len(cands) == 8 and all("principle_response" in c for c in cands)
+        sc = state[f"round_{t}/score"]["result"]
+        assert sc["tau"] == pytest.approx(0.2 * 0.9**t)
+        assert (
+            sc["count/considered"]
+            == 8
+            == (sc["count/ranking"] + sc["count/sft"] + sc["count/skipped_empty"])
+        )
+        assert sc["ranking_fraction"] + sc["sft_fraction"] <= 1.0
+        scored = [json.loads(x) for x in (out / f"round_{t}/scored.jsonl").read_text().splitlines()]
+        for r in scored:  # demo-checker scores 0..2, normalised by the fixed range [0, 2]
+            assert r["normalised"] == pytest.approx(r["reward"] / 2)
+            big = abs(r["gap"]) > sc["tau"]
+            assert r["route"] == (
+                "skipped" if r["route"] == "skipped" else ("ranking" if big else "sft")
+            )
+        train = state[f"round_{t}/train"]["result"]
+        assert train["steps"] == train["batches"] >= 1  # softmax weights are never 0
+        assert (out / f"round_{t}/lora").exists()
+    rows = summary["iterations"]
+    assert [r["iteration"] for r in rows] == ["start", 0, 1]
+    md = (out / "summary.md").read_text()
+    assert "→ ranking" in md and "τ_t" in md
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {m["tag"] for m in metrics} == {"round_0/train", "round_1/train"}
+
+
+def test_exported_model_is_base_plus_adapters(ple_run, tiny_model_dir):
+    """The exported folder loads as an ordinary model and equals base ⊕ final adapters."""
+    from jaxalign.checkpoint import load_params
+    from jaxalign.models import load as load_model
+    from jaxalign.models import lora
+
+    out, _, _ = ple_run
+    base, _ = load_model(str(tiny_model_dir))
+    exported, _ = load_model(str(out / "model_hf"))
+    adapters = lora.LoraAdapters(base, rank=2, rngs=nnx.Rngs(0))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(adapters))
+    nnx.update(adapters, load_params(out / "round_1" / "lora", abstract))
+    merged = lora.merged_model(base, adapters, lora.lora_scaling(2, 16))
+    ids = jnp.asarray([[1, 20, 300, 4000, 5]], jnp.int32)
+    np.testing.assert_allclose(np.asarray(exported(ids)[0]), np.asarray(merged(ids)[0]), atol=1e-5)
+    assert np.abs(np.asarray(exported(ids)[0]) - np.asarray(base(ids)[0])).max() > 0
+
+
+def test_rerun_of_a_finished_run_redoes_nothing(ple_run):
+    out, _, config = ple_run
+    before = json.loads((out / "state.json").read_text())["stages"]
+    ple.run(config(), log=lambda m: None)
+    assert json.loads((out / "state.json").read_text())["stages"] == before
+    with pytest.raises(ValueError, match="ple.tau0"):
+        ple.run(config("ple.tau0=0.5"), log=lambda m: None)

@@ -55,13 +55,34 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
+import json
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
-from jaxalign import training
+from jaxalign import checkpoint, training
+from jaxalign.algorithms import spa
+from jaxalign.algorithms.rounds import (
+    RoundRunner,
+    atomic_directory,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_jsonl,
+)
+from jaxalign.config import to_dict
 from jaxalign.data.pairs import MIN_BUCKET, bucket_length, build_pair_batches
+from jaxalign.data.records import read_prompt_records
+from jaxalign.generation import sample_texts
+from jaxalign.models import lora, reward
+from jaxalign.parallel import make_global_batch, model_shardings
+from jaxalign.report import MetricsWriter, format_table
 
 # ----------------------------------------------------------------------------- pure numerics
 
@@ -394,3 +415,419 @@ def ple_loss_fn(config: training.TrainConfig, sft_coefficient: float = 1.0) -> t
         return total, (aux, algo_state)
 
     return loss_fn
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def principled_prompt(prompt, principles: str, placement: str = "prefix"):
+    """``x ⊕ p``: the query with the principles added (``placement``: prefix | suffix | system).
+
+    ``prompt`` is a string (one user turn) or chat messages; for messages the
+    principles join the last user turn, or become (or lead) the system message.
+    """
+    if placement not in ("prefix", "suffix", "system"):
+        raise ValueError(f"principle placement must be prefix, suffix or system, got {placement!r}")
+
+    def join(text: str) -> str:
+        return f"{principles}\n\n{text}" if placement == "prefix" else f"{text}\n\n{principles}"
+
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if placement == "system":
+        if messages and messages[0].get("role") == "system":
+            first = {**messages[0], "content": f"{principles}\n\n{messages[0]['content']}"}
+            return [first, *messages[1:]]
+        return [{"role": "system", "content": principles}, *messages]
+    if isinstance(prompt, str):
+        return join(prompt)
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last_user is None:
+        raise ValueError("a chat prompt needs a user message to add the principles to")
+    messages[last_user] = {**messages[last_user], "content": join(messages[last_user]["content"])}
+    return messages
+
+
+SUMMARY_COLUMNS = [
+    ("iteration", "iteration"),
+    ("tau", "τ_t"),
+    ("pairs", "pairs"),
+    ("ranking_fraction", "→ ranking"),
+    ("sft_fraction", "→ weighted SFT"),
+    ("principle_better", "y_p better (ranked)"),
+    ("reward_plain", "reward y"),
+    ("reward_principle", "reward y_p"),
+    ("train_loss", "train loss"),
+    ("win_rate", "win rate vs start"),
+    ("win_ci", "95% CI"),
+    ("gold_score", "gold score"),
+    ("mean_words", "words/response"),
+]
+
+
+@dataclasses.dataclass
+class Session:
+    """What PLE's stages share; attribute names match SPA's, so its eval stage works here."""
+
+    config: Any
+    runner: RoundRunner
+    graphdef: nnx.GraphDef  # the base Transformer's
+    init_params: nnx.State  # the frozen base (the starting model and the reference)
+    tokenizer: Any
+    mesh: Any
+    metrics: MetricsWriter
+    log: Callable[[str], None]
+    adapters_graphdef: nnx.GraphDef
+    adapters_init: nnx.State
+    adapters: nnx.State | None = None  # after the last finished iteration
+    policy_params: nnx.State | None = None  # base merged with ``adapters``
+    judge: Any = None
+
+    @property
+    def scaling(self) -> float:
+        return lora.lora_scaling(self.config.ple.lora_rank, self.config.ple.lora_alpha)
+
+    def model(self, params: nnx.State):
+        return nnx.merge(self.graphdef, params)
+
+    def set_adapters(self, adapters: nnx.State) -> None:
+        self.adapters = adapters
+        self.policy_params = jax.device_get(
+            jax.jit(lora.apply_lora, static_argnums=2)(self.init_params, adapters, self.scaling)
+        )
+
+    def load_adapters(self, iteration: int) -> nnx.State:
+        path = self.runner.result(iteration, "train")["lora"]
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.adapters_init
+        )
+        return checkpoint.load_params(path, abstract)
+
+
+def _sample_stage(s: Session, t: int, prompts: list[dict], out: pathlib.Path) -> dict:
+    cfg = s.config
+    sampling = spa._sampling_config(cfg, s.tokenizer, n=1)
+    plain = [r["prompt"] for r in prompts]
+    guided = [principled_prompt(x, cfg.ple.principles, cfg.ple.principle_placement) for x in plain]
+    completions = sample_texts(
+        s.model(s.policy_params),
+        s.tokenizer,
+        plain + guided,
+        sampling,
+        seed=cfg.run.seed * 1000 + t,
+        batch_size=cfg.run.generate_batch_size,
+        mesh=s.mesh,
+        progress=cfg.run.progress,
+    )
+    n = len(prompts)
+    records = []
+    for rec, (y,), (yp,) in zip(prompts, completions[:n], completions[n:], strict=True):
+        records.append(
+            {
+                **rec,
+                "response": y.text,
+                "response_eos": y.finished,
+                "principle_response": yp.text,
+                "principle_response_eos": yp.finished,
+            }
+        )
+    path = out / "candidates.jsonl"
+    atomic_write_jsonl(path, records)
+    return {
+        "candidates": str(path),
+        "prompts": n,
+        "unfinished_plain": sum(not r["response_eos"] for r in records),
+        "unfinished_principle": sum(not r["principle_response_eos"] for r in records),
+    }
+
+
+def _reward_judge(s: Session):
+    if s.judge is None:
+        cfg = s.config
+        s.judge = reward.load_reward_judge(
+            cfg.ple.reward,
+            tokenizer=s.tokenizer,
+            batch_size=cfg.ple.reward_batch_size,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_response_tokens=cfg.data.max_response_tokens,
+            use_chat_template=cfg.data.use_chat_template,
+        )
+    return s.judge
+
+
+def _score_stage(s: Session, t: int, candidates_path: str, out: pathlib.Path) -> dict:
+    p = s.config.ple
+    records = read_jsonl(candidates_path)
+    judge = _reward_judge(s)
+    prompts = [r["prompt"] for r in records]  # rewards are for answers to the plain x
+    raw = np.stack(
+        [
+            judge(
+                prompts,
+                [r[key] for r in records],
+                records,
+                finished=[r[f"{key}_eos"] for r in records],
+            )
+            for key in ("response", "principle_response")
+        ],
+        axis=1,
+    ).astype(np.float64)
+    norm = normalise_rewards(raw, p.reward_normalisation, p.reward_range)
+    tau = threshold(t, p.tau0, p.decay)
+    ranking, sft, counts = route_pairs(
+        records, norm, tau, direction=p.ranking_direction, weighting=p.sft_weighting
+    )
+    routed = {r["id"]: "ranking" for r in ranking} | {r["id"]: "sft" for r in sft}
+    scored = [
+        {
+            "id": r["id"],
+            "reward": raw[i, 0],
+            "principle_reward": raw[i, 1],
+            "normalised": norm[i, 0],
+            "principle_normalised": norm[i, 1],
+            "gap": norm[i, 1] - norm[i, 0],
+            "route": routed.get(r["id"], "skipped"),
+        }
+        for i, r in enumerate(records)
+    ]
+    atomic_write_jsonl(out / "scored.jsonl", scored)
+    atomic_write_jsonl(out / "ranking.jsonl", ranking)
+    atomic_write_jsonl(out / "sft.jsonl", sft)
+    considered = max(counts.considered, 1)
+    return {
+        "ranking": str(out / "ranking.jsonl"),
+        "sft": str(out / "sft.jsonl"),
+        "tau": tau,
+        **{f"count/{k}": v for k, v in dataclasses.asdict(counts).items()},
+        "ranking_fraction": counts.ranking / considered,
+        "sft_fraction": counts.sft / considered,
+        "reward_mean_plain": float(raw[:, 0].mean()) if len(raw) else None,
+        "reward_mean_principle": float(raw[:, 1].mean()) if len(raw) else None,
+        "reward_std": float(raw.std()) if len(raw) else None,
+        "gap_mean": float((norm[:, 1] - norm[:, 0]).mean()) if len(raw) else None,
+        "gap_abs_mean": float(np.abs(norm[:, 1] - norm[:, 0]).mean()) if len(raw) else None,
+    }
+
+
+def _device_batch(batch: dict, mesh) -> dict:
+    fields = training.PAIR_FIELDS + training.SFT_FIELDS
+    return make_global_batch({k: np.asarray(batch[k]) for k in fields if k in batch}, mesh)
+
+
+def train_adapters(
+    s: Session, batches: list[dict], *, epochs: int, tag: str, desc: str
+) -> tuple[nnx.State, dict]:
+    """Trains the LoRA adapters (from ``s.adapters``) on PLE batches; the base stays frozen.
+
+    Returns the new adapter parameters and ``{steps, skipped_steps, last/..., mean/...}``.
+    """
+    cfg = s.config
+    # The adapters are the trained "model"; compute dtype and remat apply to the base.
+    state_cfg = dataclasses.replace(cfg.train, compute_dtype=None, remat=None)
+    base_model = training.configure_model(s.model(s.init_params), cfg.train)
+    base_graphdef, base_params = nnx.split(base_model)
+    loss_fn = lora.lora_loss_fn(
+        base_graphdef, ple_loss_fn(cfg.train, cfg.ple.sft_coefficient), s.scaling
+    )
+    adapters = nnx.merge(s.adapters_graphdef, s.adapters)
+    total_steps = epochs * len(batches)
+    graphdef, state, shardings = training.create_train_state(
+        adapters, state_cfg, total_steps, s.mesh
+    )
+    frozen_shardings = model_shardings(base_params, s.mesh)
+    frozen = jax.device_put(base_params, frozen_shardings)
+    step_fn = training.make_train_step(
+        graphdef,
+        state_cfg,
+        s.mesh,
+        loss_fn,
+        shardings,
+        total_steps=total_steps,
+        frozen_shardings=frozen_shardings,
+    )
+    rng = np.random.default_rng(cfg.train.seed)
+    sums: dict[str, float] = collections.defaultdict(float)
+    seen: dict[str, int] = collections.defaultdict(int)
+    last: dict[str, float] = {}
+    step = 0
+    bar = tqdm(total=total_steps, desc=desc, disable=not cfg.run.progress, unit="step")
+    for _ in range(epochs):
+        for b in rng.permutation(len(batches)):
+            state, m = step_fn(state, _device_batch(batches[b], s.mesh), frozen)
+            last = {k: float(v) for k, v in jax.device_get(m).items()}
+            for k, v in last.items():
+                sums[k] += v
+                seen[k] += 1
+            step += 1
+            s.metrics.write(tag, step, last)
+            bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+            bar.update(1)
+    bar.close()
+    report = {"steps": step, "skipped_steps": int(state.skipped_steps)}
+    report.update({f"final/{k}": v for k, v in last.items()})
+    report.update({f"mean/{k}": sums[k] / seen[k] for k in sums})
+    return jax.device_get(state.params), report
+
+
+def _train_stage(s: Session, t: int, scored: dict, out: pathlib.Path) -> dict:
+    cfg = s.config
+    ranking, sft = read_jsonl(scored["ranking"]), read_jsonl(scored["sft"])
+    batches, build = build_ple_batches(
+        ranking,
+        sft,
+        s.tokenizer,
+        batch_size=cfg.train.batch_size,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
+        use_chat_template=cfg.data.use_chat_template,
+    )
+    if batches:
+        adapters, report = train_adapters(
+            s, batches, epochs=cfg.ple.epochs, tag=f"round_{t}/train", desc=f"iteration {t} train"
+        )
+    else:
+        # Every pair was skipped or weighted 0 (e.g. all rewards at the bottom of the range
+        # with sft_weighting=reward): the adapters carry over unchanged.
+        s.log(
+            f"iteration {t}: nothing to train on ({scored.get('count/considered')} pairs, "
+            "all skipped or with weight 0); the model carries over unchanged"
+        )
+        adapters, report = s.adapters, {"steps": 0, "skipped_steps": 0}
+    path = out / "lora"
+    checkpoint.save_params(path, adapters)
+    s.set_adapters(adapters)
+    return {"lora": str(path), **build, **report}
+
+
+def _export_stage(s: Session, out_dir: pathlib.Path) -> dict:
+    base = s.model(s.init_params)
+    adapters = nnx.merge(s.adapters_graphdef, s.adapters)
+    with atomic_directory(out_dir) as tmp:
+        lora.export_merged_hf(base, adapters, s.scaling, tmp, s.tokenizer)
+    return {"model_hf": str(out_dir)}
+
+
+def _iteration_row(runner: RoundRunner, t: int) -> dict:
+    row: dict[str, Any] = {"iteration": t}
+    if runner.done(t, "score"):
+        sc = runner.result(t, "score")
+        ranked = sc.get("count/ranking") or 0
+        row.update(
+            tau=sc["tau"],
+            pairs=sc.get("count/considered"),
+            ranking_fraction=sc["ranking_fraction"],
+            sft_fraction=sc["sft_fraction"],
+            principle_better=(sc.get("count/principle_better", 0) / ranked) if ranked else None,
+            reward_plain=sc["reward_mean_plain"],
+            reward_principle=sc["reward_mean_principle"],
+        )
+    if runner.done(t, "train"):
+        row["train_loss"] = runner.result(t, "train").get("mean/train/loss")
+    if runner.done(t, "eval"):
+        e = runner.result(t, "eval")
+        row.update(
+            win_rate=e["win_rate"],
+            win_ci=f"{e['win_ci'][0]:.2f}-{e['win_ci'][1]:.2f}",
+            gold_score=e["gold_score"],
+            mean_words=e["mean_words"],
+        )
+    return row
+
+
+def _run_iteration(s: Session, t: int, prompts: list[dict], eval_prompts: list[dict]) -> None:
+    """Iteration ``t``: sample → score → train → eval, each stage at most once."""
+    runner = s.runner
+    if runner.done(t, "train"):
+        s.set_adapters(s.load_adapters(t))
+    else:
+        if s.adapters is None:
+            s.set_adapters(s.load_adapters(t - 1) if t > 0 else s.adapters_init)
+        sampled = runner.stage(t, "sample", lambda d: _sample_stage(s, t, prompts, d))
+        scored = runner.stage(t, "score", lambda d: _score_stage(s, t, sampled["candidates"], d))
+        runner.stage(t, "train", lambda d: _train_stage(s, t, scored, d))
+    if s.config.eval.enabled:
+        runner.stage(t, "eval", lambda d: spa._eval_stage(s, t, eval_prompts, d))
+
+
+def run(config, *, log: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) PLE as configured; returns the iteration summary."""
+    from jaxalign.models import load
+    from jaxalign.parallel import make_mesh
+
+    start = time.perf_counter()
+    cfg = config
+    p = cfg.ple
+    runner = RoundRunner(cfg.run.output_dir, to_dict(cfg), log=log)
+    mesh = make_mesh(cfg.run.mesh.data, cfg.run.mesh.fsdp, cfg.run.mesh.tensor)
+    log(f"loading {cfg.model.name}")
+    model, tokenizer = load(
+        cfg.model.name,
+        param_dtype=cfg.model.param_dtype,
+        dtype=cfg.model.dtype,
+        cache_dir=cfg.model.cache_dir,
+    )
+    graphdef, init_params = nnx.split(model)
+    adapters = lora.LoraAdapters(
+        model, rank=p.lora_rank, targets=p.lora_targets, rngs=nnx.Rngs(cfg.run.seed)
+    )
+    adapters_graphdef, adapters_init = nnx.split(adapters)
+    s = Session(
+        config=cfg,
+        runner=runner,
+        graphdef=graphdef,
+        init_params=init_params,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        metrics=MetricsWriter(runner.run_dir / "metrics.jsonl"),
+        log=log,
+        adapters_graphdef=adapters_graphdef,
+        adapters_init=adapters_init,
+    )
+    prompts, prompt_report = read_prompt_records(cfg.data.prompts, cfg.data.on_bad_record)
+    log(prompt_report.summary())
+    eval_prompts: list[dict] = []
+    if cfg.eval.enabled:
+        eval_prompts, eval_report = read_prompt_records(
+            cfg.data.eval_prompts, cfg.data.on_bad_record, kind="eval"
+        )
+        eval_prompts = eval_prompts[: cfg.eval.max_prompts]
+        log(eval_report.summary())
+    if not prompts:
+        raise ValueError(f"{cfg.data.prompts}: no prompts to generate from")
+
+    for t in range(p.iterations):
+        n = p.prompts_per_iteration or len(prompts)
+        first = (t * n) % len(prompts)
+        chosen = [prompts[(first + k) % len(prompts)] for k in range(min(n, len(prompts)))]
+        _run_iteration(s, t, chosen, eval_prompts)
+    last = p.iterations - 1
+    if p.export_hf and not runner.done(last, "export"):
+        if s.adapters is None:
+            s.set_adapters(s.load_adapters(last))
+        runner.stage(last, "export", lambda d: _export_stage(s, runner.run_dir / "model_hf"))
+
+    rows = [_iteration_row(runner, t) for t in range(p.iterations) if runner.done(t, "train")]
+    if cfg.eval.enabled and runner.done(0, "eval"):
+        base = runner.result(0, "eval")
+        rows.insert(
+            0,
+            {
+                "iteration": "start",
+                "gold_score": base["baseline_gold_score"],
+                "mean_words": base["baseline_mean_words"],
+                "win_rate": 0.5,
+            },
+        )
+    table = format_table(rows, SUMMARY_COLUMNS)
+    seconds = time.perf_counter() - start
+    stage_seconds = {k: v["seconds"] for k, v in runner.state["stages"].items()}
+    summary = {
+        "iterations": rows,
+        "seconds_this_invocation": seconds,
+        "stage_seconds": stage_seconds,
+    }
+    atomic_write_text(runner.run_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(runner.run_dir / "summary.md", "# PLE run summary\n\n" + table + "\n")
+    s.metrics.close()
+    log("\n" + table)
+    log(f"\nrun directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
+    return summary

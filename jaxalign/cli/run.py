@@ -37,8 +37,13 @@ def main(args: argparse.Namespace) -> int:
 
         spa.run(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
         return 0
+    if config.run.algorithm == "ple":
+        from jaxalign.algorithms import ple
+
+        ple.run(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        return 0
     print(
-        f"jaxalign run: run.algorithm={config.run.algorithm!r} is not available; choose spa",
+        f"jaxalign run: run.algorithm={config.run.algorithm!r} is not available; choose spa or ple",
         file=sys.stderr,
     )
     return 2
