@@ -205,6 +205,9 @@ class RunConfig:
     seed: int = 0
     progress: bool = True  # progress bars on stderr
     generate_batch_size: int = 16  # prompts decoded together (rows = this × samples per prompt)
+    # Train-state checkpoints inside a train stage every N steps, so a killed stage resumes
+    # mid-way; 0 saves none (a killed train stage restarts, finished stages never rerun).
+    checkpoint_every: int = 0
     mesh: MeshConfig = MeshConfig()
 
 

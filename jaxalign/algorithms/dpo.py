@@ -8,6 +8,7 @@ shuffle, a progress bar, metrics to the run's writer, final parameters out.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,10 +17,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxalign import training
+from jaxalign import checkpoint, training
 from jaxalign.data import pairs as pair_data
 from jaxalign.models.llama import Transformer
-from jaxalign.parallel import make_global_batch
+from jaxalign.parallel import make_global_batch, model_shardings
 
 
 @dataclasses.dataclass
@@ -84,6 +85,12 @@ def response_logps(
     return out
 
 
+def epoch_order(seed: int, epoch: int, num_batches: int) -> np.ndarray:
+    """The batch order of ``epoch``: a permutation that depends only on ``(seed, epoch)``,
+    so a resumed run visits the same batches as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch]).permutation(num_batches)
+
+
 def _device_batch(batch: dict, mesh) -> dict:
     fields = training.PAIR_FIELDS + training.REFERENCE_FIELDS + ("p",)
     return make_global_batch({k: np.asarray(batch[k]) for k in fields if k in batch}, mesh)
@@ -91,7 +98,7 @@ def _device_batch(batch: dict, mesh) -> dict:
 
 def train(
     model: Transformer,
-    batches: list[dict],
+    batches: Sequence[dict],
     config: training.TrainConfig,
     mesh,
     *,
@@ -104,16 +111,24 @@ def train(
     progress: bool = True,
     desc: str = "train",
     seed: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_every: int = 0,
+    log=print,
 ) -> TrainResult:
-    """Trains ``model`` for ``epochs`` passes over ``batches`` (order reshuffled each epoch)."""
-    total_steps = epochs * len(batches)
+    """Trains ``model`` for ``epochs`` passes over ``batches`` (order: :func:`epoch_order`).
+
+    With ``checkpoint_dir``, the full train state is saved every ``save_every``
+    steps (0: only after the last step) and a rerun resumes from the newest
+    checkpoint, reaching bit-identical parameters. ``frozen`` (e.g. an on-the-fly
+    reference's parameters) is passed to every step, not trained.
+    """
+    total = epochs * len(batches)
+    seed = config.seed if seed is None else seed
     graphdef, state, shardings = training.create_train_state(
-        model, config, total_steps, mesh, algo_state=algo_state
+        model, config, total, mesh, algo_state=algo_state
     )
     frozen_shardings = None
     if frozen is not None:
-        from jaxalign.parallel import model_shardings
-
         frozen_shardings = model_shardings(frozen, mesh)
         frozen = jax.device_put(frozen, frozen_shardings)
     step_fn = training.make_train_step(
@@ -122,38 +137,46 @@ def train(
         mesh,
         loss_fn,
         shardings,
-        total_steps=total_steps,
+        total_steps=total,
         frozen_shardings=frozen_shardings,
     )
-    rng = np.random.default_rng(config.seed if seed is None else seed)
+    ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir)
+    start = 0
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state, extra = ckpt.restore(target_state=state, shardings=shardings)
+        start = int(extra.get("step", ckpt.latest_step()))
+        log(f"resuming from step {start} of {total} ({checkpoint_dir})")
     sums: dict[str, float] = {}
     last: dict[str, float] = {}
-    step = 0
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, unit="step")
-    for _ in range(epochs):
-        for b in rng.permutation(len(batches)):
-            batch = _device_batch(batches[b], mesh)
-            if frozen is None:
-                state, m = step_fn(state, batch)
-            else:
-                state, m = step_fn(state, batch, frozen)
-            last = {k: float(v) for k, v in jax.device_get(m).items()}
-            for k, v in last.items():
-                sums[k] = sums.get(k, 0.0) + v
-            step += 1
-            if metrics is not None:
-                metrics.write(tag, step, last)
-            bar.set_postfix(
-                loss=f"{last['train/loss']:.4f}",
-                acc=f"{last.get('rewards/accuracy', float('nan')):.2f}",
-            )
-            bar.update(1)
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step")
+    for step in range(start, total):
+        epoch, position = divmod(step, len(batches))
+        batch = _device_batch(batches[epoch_order(seed, epoch, len(batches))[position]], mesh)
+        extra_args = () if frozen is None else (frozen,)
+        state, m = step_fn(state, batch, *extra_args)
+        last = {k: float(v) for k, v in jax.device_get(m).items()}
+        for k, v in last.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if metrics is not None:
+            metrics.write(tag, step + 1, {"epoch": epoch, **last})
+        bar.set_postfix(
+            loss=f"{last['train/loss']:.4f}",
+            acc=f"{last.get('rewards/accuracy', float('nan')):.2f}",
+        )
+        bar.update(1)
+        if ckpt is not None and (
+            step + 1 == total or (save_every and (step + 1) % save_every == 0)
+        ):
+            ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch})
     bar.close()
-    params = jax.device_get(state.params)
+    if ckpt is not None:
+        ckpt.wait()
+        ckpt.close()
+    done = total - start
     return TrainResult(
-        params=params,
-        steps=step,
+        params=jax.device_get(state.params),
+        steps=total,
         skipped_steps=int(state.skipped_steps),
         last_metrics=last,
-        mean_metrics={k: v / max(step, 1) for k, v in sums.items()},
+        mean_metrics={k: v / max(done, 1) for k, v in sums.items()},
     )

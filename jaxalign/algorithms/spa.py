@@ -124,6 +124,10 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
         tag=f"round_{round_index}/train",
         progress=cfg.run.progress,
         desc=f"round {round_index} train",
+        seed=cfg.train.seed + round_index,
+        checkpoint_dir=(out / "checkpoints") if cfg.run.checkpoint_every else None,
+        save_every=cfg.run.checkpoint_every,
+        log=s.log,
     )
     s.policy_params = result.params
     model_dir = out / "model"

@@ -28,6 +28,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxalign import checkpoint, parallel, training
+from jaxalign.algorithms.dpo import train
 from jaxalign.data.pairs import build_pair_batches
 from jaxalign.models.llama import Transformer
 
@@ -49,11 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="key=value",
         help="config overrides, e.g. train.beta=0.05 train.epochs=1",
     )
-
-
-def epoch_order(seed: int, epoch: int, num_batches: int) -> np.ndarray:
-    """The batch order of ``epoch``: a permutation that depends only on ``(seed, epoch)``."""
-    return np.random.default_rng([seed, epoch]).permutation(num_batches)
 
 
 def _save_npz_atomically(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
@@ -100,11 +96,6 @@ def reference_logps(
     return out
 
 
-def _device_batch(batch: dict, mesh) -> dict:
-    fields = training.PAIR_FIELDS + training.REFERENCE_FIELDS
-    return parallel.make_global_batch({k: np.asarray(batch[k]) for k in fields}, mesh)
-
-
 def train_dpo(
     model: Transformer,
     batches: Sequence[dict],
@@ -126,50 +117,38 @@ def train_dpo(
 
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    total = config.epochs * len(batches)
-    graphdef, state, shardings = training.create_train_state(model, config, total, mesh)
+    graphdef, params = nnx.split(model)
     batches = reference_logps(
         graphdef,
-        state.params,
+        params,
         batches,
         out / "reference_logps.npz",
         config.logp_chunk_size,
         progress,
     )
-    step_fn = training.make_train_step(
-        graphdef, config, mesh, training.dpo_loss_fn(config), shardings, total_steps=total
-    )
-    ckpt = checkpoint.Checkpointer(out / "checkpoints")
-    start = 0
-    if ckpt.latest_step() is not None:
-        state, extra = ckpt.restore(target_state=state, shardings=shardings)
-        start = int(extra.get("step", ckpt.latest_step()))
-        log(f"resuming from step {start} of {total} ({out / 'checkpoints'})")
-        if start >= total:
-            log("training had already finished; rewriting the final model only")
     has_tb = importlib.util.find_spec("tensorboardX") is not None
-    if not has_tb and start == 0:
+    if not has_tb:
         log("tensorboardX is not installed: metrics go to metrics.jsonl only")
     writer = MetricsWriter(out / "metrics.jsonl", str(out / "tensorboard") if has_tb else None)
-    last: dict = {}
-    bar = tqdm(total=total, initial=start, desc="dpo", unit="step", disable=not progress)
-    for step in range(start, total):
-        epoch, position = divmod(step, len(batches))
-        batch = batches[epoch_order(seed, epoch, len(batches))[position]]
-        state, metrics = step_fn(state, _device_batch(batch, mesh))
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        writer.write("dpo", step + 1, {"epoch": epoch, **last})
-        bar.set_postfix(loss=f"{last['train/loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
-        bar.update(1)
-        if (step + 1) % save_every == 0 or step + 1 == total:
-            ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch})
-    bar.close()
+    result = train(
+        model,
+        batches,
+        config,
+        mesh,
+        loss_fn=training.dpo_loss_fn(config),
+        epochs=config.epochs,
+        metrics=writer,
+        tag="dpo",
+        progress=progress,
+        desc="dpo",
+        seed=seed,
+        checkpoint_dir=out / "checkpoints",
+        save_every=save_every,
+        log=log,
+    )
     writer.close()
-    ckpt.wait()
-    ckpt.close()
-    params = jax.device_get(state.params)
-    checkpoint.save_params(out / "model", params)
-    return params, last
+    checkpoint.save_params(out / "model", result.params)
+    return result.params, result.last_metrics
 
 
 def main(args: argparse.Namespace) -> int:
