@@ -79,6 +79,9 @@ class SPAConfig:
     # skipped (and counted); this says what to do with responses cut at
     # max_new_tokens without EOS: "keep" them (paper) or "skip" the pair.
     truncated_policy: str = "keep"
+    # Beyond the paper (off): divide the judge's log-ratio by the response length, which
+    # removes the summed reward's preference for longer self-samples.
+    judge_length_normalize: bool = False
 
     def __post_init__(self):
         if self.label_mode not in ("smooth", "drop", "soft", "confidence"):
@@ -284,7 +287,7 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key {where}{key!r}{hint}")
+            raise ConfigError(f"unknown key '{where}{key}'{hint}")
         kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
     try:
         return cls(**kwargs)

@@ -25,9 +25,17 @@ from typing import Protocol
 import numpy as np
 
 
-def implicit_reward(policy_logps, reference_logps, beta: float):
-    """``r(x, y) = β · (log π(y|x) − log π_ref(y|x))``; log-probs are per-response sums ``[N]``."""
-    return beta * (policy_logps - reference_logps)
+def implicit_reward(policy_logps, reference_logps, beta: float, num_tokens=None):
+    """``r(x, y) = β · (log π(y|x) − log π_ref(y|x))``; log-probs are per-response sums ``[N]``.
+
+    With ``num_tokens`` (an option beyond SPA, which sums) the log-ratio is divided
+    by the response length: on the policy's own samples every token adds about the
+    per-token KL to the sum, so summed rewards favour longer responses.
+    """
+    reward = beta * (policy_logps - reference_logps)
+    if num_tokens is not None:
+        reward = reward / np.maximum(np.asarray(num_tokens), 1)
+    return reward
 
 
 def preference_probability(reward_a, reward_b):

@@ -81,3 +81,8 @@ def test_gold_agreement():
 def test_unknown_rule_judge():
     with pytest.raises(ValueError, match="demo-checker"):
         judging.get_rule_judge("gpt-judge")
+
+
+def test_length_normalised_implicit_reward_by_hand():
+    r = judging.implicit_reward(np.array([-10.0, -12.0]), np.array([-14.0, -11.0]), 0.5, [4, 2])
+    np.testing.assert_allclose(r, [0.5 * 4 / 4, 0.5 * -1 / 2])

@@ -85,6 +85,19 @@ def response_logps(
     return out
 
 
+def response_token_counts(records: Sequence[dict], tokenizer, config) -> np.ndarray:
+    """``[N, 2]`` tokens scored per (``chosen``, ``rejected``) response, as :func:`response_logps`
+    scores them (after truncation, EOS included when the response had one)."""
+    batches, _ = pair_batches(records, tokenizer, config)
+    out = np.zeros((len(records), 2), np.int64)
+    for batch in batches:
+        rows = np.asarray(batch["index"])
+        valid = rows >= 0
+        out[rows[valid], 0] = np.asarray(batch["chosen_loss_mask"]).sum(1)[valid]
+        out[rows[valid], 1] = np.asarray(batch["rejected_loss_mask"]).sum(1)[valid]
+    return out
+
+
 def epoch_order(seed: int, epoch: int, num_batches: int) -> np.ndarray:
     """The batch order of ``epoch``: a permutation that depends only on ``(seed, epoch)``,
     so a resumed run visits the same batches as an uninterrupted one."""

@@ -206,7 +206,10 @@ def _judge_stage(s: Session, round_index: int, candidates_path: str, out: pathli
     ]
     logp_policy = dpo.response_logps(s.graphdef, s.policy_params, pair_records, s.tokenizer, cfg)
     logp_init = dpo.response_logps(s.graphdef, s.init_params, pair_records, s.tokenizer, cfg)
-    rewards = judging.implicit_reward(logp_policy, logp_init, cfg.train.beta)  # [N, 2]
+    counts = None
+    if cfg.spa.judge_length_normalize:
+        counts = dpo.response_token_counts(pair_records, s.tokenizer, cfg)
+    rewards = judging.implicit_reward(logp_policy, logp_init, cfg.train.beta, counts)  # [N, 2]
     candidates = [
         [judging.Candidate(x["text"], x["finished"], x["num_tokens"]) for x in r["responses"][:2]]
         for r in records
