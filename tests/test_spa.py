@@ -124,7 +124,7 @@ def _crash_after(monkeypatch, stage_fn_name):
     monkeypatch.setattr(spa, stage_fn_name, crashing)
 
 
-STAGES = ["_train_stage", "_sample_stage", "_judge_stage", "_eval_stage"]
+STAGES = ["_train_stage", "_sample_stage", "_judge_stage", "eval_stage"]
 
 
 @pytest.mark.parametrize(

@@ -505,7 +505,7 @@ class Session:
 
 def _sample_stage(s: Session, t: int, prompts: list[dict], out: pathlib.Path) -> dict:
     cfg = s.config
-    sampling = spa._sampling_config(cfg, s.tokenizer, n=1)
+    sampling = spa.sampling_config_for(cfg, s.tokenizer, n=1)
     plain = [r["prompt"] for r in prompts]
     guided = [principled_prompt(x, cfg.ple.principles, cfg.ple.principle_placement) for x in plain]
     completions = sample_texts(
@@ -745,7 +745,7 @@ def _run_iteration(s: Session, t: int, prompts: list[dict], eval_prompts: list[d
         scored = runner.stage(t, "score", lambda d: _score_stage(s, t, sampled["candidates"], d))
         runner.stage(t, "train", lambda d: _train_stage(s, t, scored, d))
     if s.config.eval.enabled:
-        runner.stage(t, "eval", lambda d: spa._eval_stage(s, t, eval_prompts, d))
+        runner.stage(t, "eval", lambda d: spa.eval_stage(s, t, eval_prompts, d))
 
 
 def run(config, *, log: Callable[[str], None] = print) -> dict:

@@ -71,7 +71,7 @@ class Session:
         return checkpoint.load_params(path, abstract)
 
 
-def _sampling_config(config: Config, tokenizer, **changes):
+def sampling_config_for(config: Config, tokenizer, **changes):
     return config.sampling.replace(
         eos_token_ids=tuple(tokenizer.eos_token_ids),
         pad_token_id=tokenizer.pad_token_id,
@@ -151,7 +151,7 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
 
 def _sample_stage(s: Session, round_index: int, prompts: list[dict], out: pathlib.Path) -> dict:
     cfg = s.config
-    sampling = _sampling_config(cfg, s.tokenizer, n=cfg.spa.samples_per_prompt)
+    sampling = sampling_config_for(cfg, s.tokenizer, n=cfg.spa.samples_per_prompt)
     completions = sample_texts(
         s.model(s.policy_params),
         s.tokenizer,
@@ -256,7 +256,7 @@ def _judge_stage(s: Session, round_index: int, candidates_path: str, out: pathli
 
 def _greedy_answers(s: Session, params, prompts: list[dict]) -> list[judging.Candidate]:
     cfg = s.config
-    sampling = _sampling_config(
+    sampling = sampling_config_for(
         cfg, s.tokenizer, n=1, greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens
     )
     comps = sample_texts(
@@ -272,7 +272,7 @@ def _greedy_answers(s: Session, params, prompts: list[dict]) -> list[judging.Can
     return [judging.Candidate(c[0].text, c[0].finished, len(c[0].token_ids)) for c in comps]
 
 
-def _eval_stage(s: Session, round_index: int, prompts: list[dict], out: pathlib.Path) -> dict:
+def eval_stage(s: Session, round_index: int, prompts: list[dict], out: pathlib.Path) -> dict:
     cfg = s.config
     judge = judging.get_rule_judge(cfg.eval.judge)
     baseline_path = s.runner.run_dir / "baseline_eval.jsonl"
@@ -341,7 +341,7 @@ def _run_round(s: Session, i: int, prompts: list[dict], eval_prompts: list[dict]
         pairs = read_jsonl(judged["pairs"])
         runner.stage(i, "train", lambda d: _train_stage(s, i, pairs, d))
     if s.config.eval.enabled:
-        runner.stage(i, "eval", lambda d: _eval_stage(s, i, eval_prompts, d))
+        runner.stage(i, "eval", lambda d: eval_stage(s, i, eval_prompts, d))
 
 
 def _round_row(runner: RoundRunner, i: int) -> dict:
@@ -416,7 +416,7 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
     if s.policy_params is None:
         s.policy_params = s.load_round_params(0)
     if cfg.eval.enabled:
-        runner.stage(0, "eval", lambda d: _eval_stage(s, 0, eval_prompts, d))
+        runner.stage(0, "eval", lambda d: eval_stage(s, 0, eval_prompts, d))
 
     cursor = 0
     for i in range(1, cfg.spa.rounds + 1):
