@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -73,7 +72,7 @@ from jaxalign.algorithms.rounds import (
     RoundRunner,
     atomic_directory,
     atomic_write_jsonl,
-    atomic_write_text,
+    finish_run,
     read_jsonl,
 )
 from jaxalign.config import to_dict
@@ -819,15 +818,9 @@ def run(config, *, log: Callable[[str], None] = print) -> dict:
         )
     table = format_table(rows, SUMMARY_COLUMNS)
     seconds = time.perf_counter() - start
-    stage_seconds = {k: v["seconds"] for k, v in runner.state["stages"].items()}
-    summary = {
-        "iterations": rows,
-        "seconds_this_invocation": seconds,
-        "stage_seconds": stage_seconds,
-    }
-    atomic_write_text(runner.run_dir / "summary.json", json.dumps(summary, indent=1))
-    atomic_write_text(runner.run_dir / "summary.md", "# PLE run summary\n\n" + table + "\n")
+    summary = finish_run(
+        runner, rows, table, title="PLE run summary", rows_key="iterations", seconds=seconds
+    )
     s.metrics.close()
-    log("\n" + table)
     log(f"\nrun directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
     return summary

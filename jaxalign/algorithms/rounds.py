@@ -168,3 +168,25 @@ class RoundRunner:
     def seconds(self, round_index: int, name: str) -> float | None:
         entry = self.state["stages"].get(self.key(round_index, name))
         return None if entry is None else entry["seconds"]
+
+
+def finish_run(
+    runner: RoundRunner,
+    rows: list[dict],
+    table: str,
+    *,
+    title: str,
+    rows_key: str,
+    seconds: float,
+) -> dict:
+    """Writes ``summary.json`` and ``summary.md`` for a run and returns the summary dict.
+
+    ``rows`` are the per-round (or per-iteration) summary rows under ``rows_key``;
+    ``table`` is their Markdown rendering.
+    """
+    stage_seconds = {k: v["seconds"] for k, v in runner.state["stages"].items()}
+    summary = {rows_key: rows, "seconds_this_invocation": seconds, "stage_seconds": stage_seconds}
+    atomic_write_text(runner.run_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(runner.run_dir / "summary.md", f"# {title}\n\n{table}\n")
+    runner.log("\n" + table)
+    return summary

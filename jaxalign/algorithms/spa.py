@@ -23,7 +23,6 @@ killed run resumes at the stage it was in. Artifacts per round:
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from collections.abc import Callable
@@ -35,12 +34,7 @@ from flax import nnx
 
 from jaxalign import checkpoint, judging, refinement, training
 from jaxalign.algorithms import dpo
-from jaxalign.algorithms.rounds import (
-    RoundRunner,
-    atomic_write_jsonl,
-    atomic_write_text,
-    read_jsonl,
-)
+from jaxalign.algorithms.rounds import RoundRunner, atomic_write_jsonl, finish_run, read_jsonl
 from jaxalign.config import Config, to_dict
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.evaluation import win_rate
@@ -444,13 +438,10 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
         )
     table = format_table(rows, SUMMARY_COLUMNS)
     seconds = time.perf_counter() - start
-    stage_seconds = {k: v["seconds"] for k, v in runner.state["stages"].items()}
-    summary = {"rounds": rows, "seconds_this_invocation": seconds, "stage_seconds": stage_seconds}
-    atomic_write_text(runner.run_dir / "summary.json", json.dumps(summary, indent=1))
-    atomic_write_text(runner.run_dir / "summary.md", "# SPA run summary\n\n" + table + "\n")
+    summary = finish_run(
+        runner, rows, table, title="SPA run summary", rows_key="rounds", seconds=seconds
+    )
     s.metrics.close()
-    report_path = write_report(runner.run_dir)
-    log("\n" + table)
-    log(f"\nreport: {report_path}")
+    log(f"\nreport: {write_report(runner.run_dir)}")
     log(f"run directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
     return summary
