@@ -97,15 +97,8 @@ def dpo_sigmoid_loss(
     per_pair = -(1.0 - smoothing) * jax.nn.log_sigmoid(logits) - smoothing * jax.nn.log_sigmoid(
         -logits
     )
-    aux = preference_metrics(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        weight,
-        beta,
-    )
-    return weighted_mean(per_pair, weight), aux
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return weighted_mean(per_pair, weight), preference_metrics(*logps, weight, beta)
 
 
 def ipo_loss(
@@ -130,15 +123,8 @@ def ipo_loss(
     )
     target = 1.0 / (2.0 * beta)
     per_pair = (1.0 - smoothing) * (delta - target) ** 2 + smoothing * (delta + target) ** 2
-    aux = preference_metrics(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        weight,
-        beta,
-    )
-    return weighted_mean(per_pair, weight), aux
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return weighted_mean(per_pair, weight), preference_metrics(*logps, weight, beta)
 
 
 def hinge_loss(
@@ -159,15 +145,8 @@ def hinge_loss(
     )
     logits = beta * delta
     per_pair = (1.0 - smoothing) * jax.nn.relu(1.0 - logits) + smoothing * jax.nn.relu(1.0 + logits)
-    aux = preference_metrics(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        weight,
-        beta,
-    )
-    return weighted_mean(per_pair, weight), aux
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return weighted_mean(per_pair, weight), preference_metrics(*logps, weight, beta)
 
 
 def robust_dpo_loss(
@@ -193,15 +172,8 @@ def robust_dpo_loss(
     per_pair = (
         -(1.0 - smoothing) * jax.nn.log_sigmoid(logits) + smoothing * jax.nn.log_sigmoid(-logits)
     ) / (1.0 - 2.0 * smoothing)
-    aux = preference_metrics(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
-        weight,
-        beta,
-    )
-    return weighted_mean(per_pair, weight), aux
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return weighted_mean(per_pair, weight), preference_metrics(*logps, weight, beta)
 
 
 def ranking_loss(

@@ -50,11 +50,15 @@ def pair_batches(records: Sequence[dict], tokenizer, config) -> tuple[list[dict]
 
 
 def with_reference_logps(
-    graphdef: nnx.GraphDef, params: nnx.State, batches: list[dict], config: training.TrainConfig
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batches: Sequence[dict],
+    config: training.TrainConfig,
+    progress: bool = False,
 ) -> list[dict]:
     """Each batch with ``ref_chosen_logps``/``ref_rejected_logps`` under ``params`` added."""
     out = []
-    for batch in batches:
+    for batch in tqdm(batches, desc="reference log-probs", disable=not progress):
         ref = training.compute_reference_logps(graphdef, params, batch, config.logp_chunk_size)
         out.append({**batch, **{k: np.asarray(v) for k, v in ref.items()}})
     return out

@@ -22,13 +22,11 @@ import pathlib
 import sys
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from jaxalign import checkpoint, parallel, training
-from jaxalign.algorithms.dpo import train
+from jaxalign.algorithms.dpo import train, with_reference_logps
 from jaxalign.data.pairs import build_pair_batches
 from jaxalign.models.llama import Transformer
 
@@ -63,7 +61,7 @@ def reference_logps(
     params: nnx.State,
     batches: Sequence[dict],
     cache: pathlib.Path,
-    chunk_size: int,
+    config: training.TrainConfig,
     progress: bool = True,
 ) -> list[dict]:
     """``batches`` with ``ref_chosen_logps``/``ref_rejected_logps``, computed once and cached.
@@ -84,14 +82,11 @@ def reference_logps(
                 }
                 for i, b in enumerate(batches)
             ]
-    out, arrays = [], {}
-    for i, batch in enumerate(tqdm(batches, desc="reference log-probs", disable=not progress)):
-        ref = jax.device_get(
-            training.compute_reference_logps(graphdef, params, batch, chunk_size=chunk_size)
-        )
-        arrays[f"chosen_{i}"] = np.asarray(ref["ref_chosen_logps"])
-        arrays[f"rejected_{i}"] = np.asarray(ref["ref_rejected_logps"])
-        out.append({**batch, **ref})
+    out = with_reference_logps(graphdef, params, batches, config, progress)
+    arrays = {}
+    for i, batch in enumerate(out):
+        arrays[f"chosen_{i}"] = batch["ref_chosen_logps"]
+        arrays[f"rejected_{i}"] = batch["ref_rejected_logps"]
     _save_npz_atomically(cache, arrays)
     return out
 
@@ -123,7 +118,7 @@ def train_dpo(
         params,
         batches,
         out / "reference_logps.npz",
-        config.logp_chunk_size,
+        config,
         progress,
     )
     has_tb = importlib.util.find_spec("tensorboardX") is not None
