@@ -16,7 +16,7 @@ The work is split so that nothing is done twice:
    token or ``max_new_tokens`` are reached. The cache is part of the loop carry,
    one buffer per layer (:class:`DecodeCache`), so each step's
    ``dynamic_update_slice`` of one slot happens in place instead of rewriting a
-   stacked ``[L, B, S, K, Dh]`` cache.
+   stacked ``[L, B, K, S, Dh]`` cache.
 
 Where a CPU decode step's time goes (SmolLM2-135M, batch 16): reading the float32
 weights (~540 MB) bounds it near 20 ms; the per-layer buffers save a full cache
@@ -54,6 +54,7 @@ from jaxalign.models.llama import (
     dtype_from_name,
     init_cache,
     rope_frequencies,
+    rope_tables,
 )
 
 
@@ -294,8 +295,8 @@ class DecodeCache:
     ``dynamic_update_slice`` of the new slot happens in place.
     """
 
-    k: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
-    v: tuple[jax.Array, ...]  # L x [B, S, K, Dh]
+    k: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
+    v: tuple[jax.Array, ...]  # L x [B, K, S, Dh]
     mask: jax.Array  # [B, S] bool: slot holds a real token
     index: jax.Array  # [] int32: the next slot to write
 
@@ -310,8 +311,22 @@ class DecodeCache:
         )
 
 
+def layer_weights(model: Transformer) -> tuple[nnx.State, ...]:
+    """Each layer's parameters as its own arrays, sliced once from the stacked state.
+
+    Inside the decode loop a slice of the stacked parameters is a copy of that
+    layer's weights on every step; sliced before the loop, the copies are made once."""
+    _, stacked = nnx.split(model.layers)
+    layers = range(model.config.num_layers)
+    return tuple(jax.tree.map(lambda p, i=i: p[i], stacked) for i in layers)
+
+
 def decode_step(
-    model: Transformer, cache: DecodeCache, tokens: jax.Array, positions: jax.Array
+    model: Transformer,
+    cache: DecodeCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    layers: tuple[nnx.State, ...] | None = None,
 ) -> tuple[jax.Array, DecodeCache]:
     """Feeds one token per row, ``tokens [B]`` at ``positions [B]``, written at slot
     ``cache.index``. Returns the next-token logits ``[B, V]`` float32 and the cache.
@@ -319,6 +334,7 @@ def decode_step(
     The same computation as ``model(tokens[:, None], positions[:, None], ones, cache)``
     (the model's own layers are called), with the layers unrolled over the per-layer
     buffers of :class:`DecodeCache` instead of scanned over a stacked cache.
+    ``layers``: :func:`layer_weights` of the model, computed once outside a loop.
     """
     config = model.config
     index = cache.index
@@ -327,15 +343,15 @@ def decode_step(
     )
     visible = jnp.arange(mask.shape[1]) <= index
     key_mask = (mask & visible)[:, None, :]  # [B, 1, S]
-    inv_freq = rope_frequencies(config)
+    rope = rope_tables(positions[:, None], rope_frequencies(config))
     x = jnp.take(model.embed_tokens[...], tokens[:, None], axis=0)
     x = x.astype(dtype_from_name(config.dtype))
-    graphdef, stacked = nnx.split(model.layers)
+    graphdef = nnx.graphdef(model.layers)
+    layers = layer_weights(model) if layers is None else layers
     new_k, new_v = [], []
-    for i in range(config.num_layers):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], stacked))
-        kv = (cache.k[i], cache.v[i])
-        x, (k, v) = layer(x, positions[:, None], key_mask, inv_freq, kv, index)
+    for i, params in enumerate(layers):
+        layer = nnx.merge(graphdef, params)
+        x, (k, v) = layer(x, rope, key_mask, (cache.k[i], cache.v[i]), index)
         new_k.append(k)
         new_v.append(v)
     logits = model.logits(model.norm(x[:, 0]))
@@ -363,6 +379,7 @@ def _decode(
     logits = jnp.repeat(logits, n, axis=0)
     next_position = jnp.repeat(lengths_in, n)  # position of generated token 0
     eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
+    layers = layer_weights(model)
 
     def pick(logits, step, finished):
         token = sample_tokens(logits, jax.random.fold_in(key, step), config)
@@ -387,7 +404,7 @@ def _decode(
     def body(carry):
         step, cache, token, tokens, logprobs, finished, lengths = carry
         # Feed the token sampled at step-1, at position prompt length + step-1.
-        logits, cache = decode_step(model, cache, token, next_position + step - 1)
+        logits, cache = decode_step(model, cache, token, next_position + step - 1, layers)
         token, logprob = pick(logits, step, finished)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
         if config.return_logprobs:

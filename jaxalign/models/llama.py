@@ -205,23 +205,25 @@ class KVCache:
     """Pre-allocated keys and values for incremental decoding.
 
     Rows are left-padded: slot ``s`` of every row is written at the same step, and
-    ``mask[b, s]`` says whether that slot holds a real token of row ``b``.
+    ``mask[b, s]`` says whether that slot holds a real token of row ``b``. Slots
+    come after the head axis so that each (row, head) pair's keys are one
+    contiguous ``[S, Dh]`` matrix, which attention multiplies without a transpose.
     """
 
-    k: jax.Array  # [L, B, S, K, Dh]
-    v: jax.Array  # [L, B, S, K, Dh]
+    k: jax.Array  # [L, B, K, S, Dh]
+    v: jax.Array  # [L, B, K, S, Dh]
     mask: jax.Array  # [B, S] bool
     index: jax.Array  # [] int32: the next slot to write
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """An empty cache of ``max_length`` slots for ``batch_size`` rows."""
     dtype = dtype or dtype_from_name(config.dtype)
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.dim_per_head)
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.dim_per_head)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -263,11 +265,21 @@ def rope_frequencies(config: ModelConfig) -> jax.Array:
     return jnp.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotary embedding in HF's half-split layout. ``x [B,T,N,Dh]``, ``positions [B,T]``."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B,T,Dh/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)``, each ``[B, T, Dh/2]`` float32, for ``positions [B, T]``.
+
+    Computed once per forward pass and shared by every layer."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotary embedding in HF's half-split layout.
+
+    ``x [B, T, ..., Dh]`` (any number of head axes after ``T``); ``rope`` from
+    :func:`rope_tables`."""
+    expand = (slice(None), slice(None)) + (None,) * (x.ndim - 3)
+    cos, sin = rope[0][expand], rope[1][expand]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -309,41 +321,65 @@ class Attention(nnx.Module):
             self.k_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), config, zeros)
             self.v_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), config, zeros)
 
-    def __call__(self, x, positions, key_mask, inv_freq, cache_kv=None, cache_index=None):
-        """``x [B,T,D]``; ``key_mask [B,T,S]`` says which keys each query may see.
+    def qkv_weight(self, dtype) -> jax.Array:
+        """Query, key and value projections as one ``[D, K, G + 2, Dh]`` matrix.
+
+        Query head ``j * G + i`` serves key/value head ``j`` (``G`` = query heads per
+        key/value head, the grouping of HF's ``repeat_kv``), so grouping by ``K`` keeps
+        each projection's head sharding and one matmul replaces three."""
+        cfg = self.config
+        d, kv, dh = cfg.hidden_size, cfg.num_kv_heads, cfg.dim_per_head
+        q = self.q_proj[...].reshape(d, kv, -1, dh)
+        k, v = self.k_proj[...][:, :, None], self.v_proj[...][:, :, None]
+        return jnp.concatenate([q, k, v], axis=2).astype(dtype)
+
+    def qkv_bias(self, dtype) -> jax.Array:
+        """The biases in :meth:`qkv_weight`'s layout, ``[K, G + 2, Dh]``."""
+        kv, dh = self.config.num_kv_heads, self.config.dim_per_head
+        q = self.q_bias[...].reshape(kv, -1, dh)
+        k, v = self.k_bias[...][:, None], self.v_bias[...][:, None]
+        return jnp.concatenate([q, k, v], axis=1).astype(dtype)
+
+    def __call__(self, x, rope, key_mask, cache_kv=None, cache_index=None):
+        """``x [B,T,D]``; ``rope`` from :func:`rope_tables`; ``key_mask [B,T,S]`` says
+        which keys each query may see.
 
         Without a cache the keys are this call's tokens (``S == T``). With
-        ``cache_kv = (k [B,S,K,Dh], v [B,S,K,Dh])`` the new keys and values are
-        written at ``cache_index`` and attention runs over all ``S`` slots.
+        ``cache_kv = (k [B,K,S,Dh], v [B,K,S,Dh])`` the new keys and values are
+        written at slot ``cache_index`` and attention runs over all ``S`` slots.
+        Scores are computed per key/value head over all its ``G·T`` queries at once,
+        ``[B,K,G·T,Dh] x [B,K,S,Dh]``: the batched matmuls XLA runs fastest.
         """
         cfg = self.config
         dtype = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dtype))
+        b, t, _ = x.shape
+        kv, dh = cfg.num_kv_heads, cfg.dim_per_head
+        g = cfg.num_heads // kv
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv_weight(dtype))
         if cfg.attention_bias:
-            q = q + self.q_bias[...].astype(dtype)
-            k = k + self.k_bias[...].astype(dtype)
-            v = v + self.v_bias[...].astype(dtype)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+            qkv = qkv + self.qkv_bias(dtype)
+        q = apply_rope(qkv[:, :, :, :g], rope) * jnp.asarray(1 / math.sqrt(dh), dtype)
+        k = apply_rope(qkv[:, :, :, g], rope).transpose(0, 2, 1, 3)  # [B,K,T,Dh]
+        v = qkv[:, :, :, g + 1].transpose(0, 2, 1, 3)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             new_kv = (k, v)
             k, v = k.astype(dtype), v.astype(dtype)
         else:
             new_kv = None
-        b, t, h, dh = q.shape
-        groups = h // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(dh)
+        s = k.shape[2]
+        q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kv, g, t, s)
         scores = jnp.where(key_mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dtype)), new_kv
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv, g * t, s)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, g, t, dh)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1)  # [B,T,H·Dh], heads in order
+        o_proj = self.o_proj[...].reshape(-1, cfg.hidden_size).astype(dtype)
+        return out @ o_proj, new_kv
 
 
 class MLP(nnx.Module):
@@ -369,9 +405,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, key_mask, inv_freq, cache_kv=None, cache_index=None):
+    def __call__(self, x, rope, key_mask, cache_kv=None, cache_index=None):
         attn, new_kv = self.self_attn(
-            self.input_layernorm(x), positions, key_mask, inv_freq, cache_kv, cache_index
+            self.input_layernorm(x), rope, key_mask, cache_kv, cache_index
         )
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -418,7 +454,7 @@ class Transformer(nnx.Module):
         attention_mask = attention_mask.astype(bool)
         t = tokens.shape[1]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dtype)
-        inv_freq = rope_frequencies(cfg)
+        rope = rope_tables(positions, rope_frequencies(cfg))
         if cache is None:
             causal = jnp.tril(jnp.ones((t, t), bool))
             key_mask = causal[None] & attention_mask[:, None, :]
@@ -435,7 +471,7 @@ class Transformer(nnx.Module):
         def layer_step(x, layer_in):
             params, kv = layer_in
             layer = nnx.merge(graphdef, params)
-            x, new_kv = layer(x, positions, key_mask, inv_freq, kv, index)
+            x, new_kv = layer(x, rope, key_mask, kv, index)
             return x, new_kv
 
         if cfg.remat:
