@@ -15,6 +15,7 @@ split over ``data`` and ``fsdp`` together.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -157,51 +158,201 @@ def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def process_row_blocks(mesh: Mesh, global_rows: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` row ranges of a ``global_rows`` batch that this process feeds.
+
+    They are the distinct row blocks of :func:`batch_sharding` on this process's
+    devices, in global order: exactly the rows :func:`make_global_batch` expects
+    from this process. Processes that replicate each other (a ``tensor`` axis
+    spanning hosts) get the same blocks.
+    """
+    if global_rows % batch_divisor(mesh):
+        raise ValueError(
+            f"a batch of {global_rows} rows does not split over the data x fsdp mesh size "
+            f"{batch_divisor(mesh)}; pad the batch with weight-0 pairs"
+        )
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+    blocks = {
+        (idx[0].start or 0, global_rows if idx[0].stop is None else idx[0].stop)
+        for idx in index_map.values()
+    }
+    return sorted(blocks)
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> np.ndarray:
+    """Indices of the rows of a ``global_rows`` batch that this process feeds (sorted)."""
+    blocks = process_row_blocks(mesh, global_rows)
+    return np.concatenate([np.arange(a, b) for a, b in blocks])
+
+
+def make_global_batch(
+    local_batch: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int | None = None
+) -> dict[str, jax.Array]:
     """Assembles each process's rows into global arrays sharded by :func:`batch_sharding`.
 
-    On one host ``local_batch`` is the whole batch; on ``P`` hosts each passes its
-    own ``B/P`` rows and the global batch has ``B`` rows.
+    On one host ``local_batch`` is the whole batch; on ``P`` hosts each passes only
+    its own rows, ``batch[process_rows(mesh, B)]``, and the global batch has ``B``
+    rows, in the same order as on one host. ``global_rows`` (``B``) is inferred
+    from the local row count when not given.
     """
     sharding = batch_sharding(mesh)
+    shards = batch_divisor(mesh)
+    local_shards = len(process_row_blocks(mesh, shards))  # this process's distinct row blocks
     out = {}
     for name, value in local_batch.items():
         value = np.asarray(value)
-        local_rows = value.shape[0] * jax.process_count()
-        if local_rows % batch_divisor(mesh):
+        rows = value.shape[0]
+        total = rows // local_shards * shards if global_rows is None else global_rows
+        if rows % local_shards or total % shards or rows != total // shards * local_shards:
             raise ValueError(
-                f"batch field {name!r} has {local_rows} rows in all, not a multiple of the "
-                f"data x fsdp mesh size {batch_divisor(mesh)}; pad the batch with weight-0 pairs"
+                f"batch field {name!r} has {rows} rows on this process for a global batch of "
+                f"{total}; the global batch must be a multiple of the data x fsdp mesh size "
+                f"{shards} and this process feeds {local_shards} of its {shards} row blocks "
+                "(batch[process_rows(mesh, global_rows)]); pad the batch with weight-0 pairs"
             )
-        out[name] = jax.make_array_from_process_local_data(sharding, value)
+        out[name] = jax.make_array_from_process_local_data(
+            sharding, value, (total, *value.shape[1:])
+        )
     return out
 
 
+def shard_host_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """A global batch from one every process holds whole (e.g. built from small in-memory data).
+
+    Each process hands over only its own rows (:func:`process_rows`); on one
+    process this is :func:`make_global_batch` of the whole batch.
+    """
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    sizes = {v.shape[0] for v in batch.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"batch fields have different row counts: {sorted(sizes)}")
+    (global_rows,) = sizes
+    rows = process_rows(mesh, global_rows)
+    return make_global_batch({k: v[rows] for k, v in batch.items()}, mesh, global_rows)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A numpy copy of a whole (global) array on every process.
+
+    Arrays that span other processes' devices are gathered over the network
+    (every process must call this together); local ones are just copied.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def tree_to_host(tree):
+    """:func:`to_host` on every array leaf of a pytree (e.g. trained parameters)."""
+    return jax.tree.map(to_host, tree)
+
+
+def is_primary_process() -> bool:
+    """Whether this process writes the run's files (process 0 of a multi-process run)."""
+    return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process has reached the barrier ``name`` (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 _PROCESS_COUNT_VARS = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+_METADATA_TIMEOUT_S = 2.0
+
+
+def local_tpu_chips() -> int:
+    """How many TPU chips this machine has on its PCI bus (0 on anything but a TPU VM).
+
+    Reads ``/sys/bus/pci`` (as JAX's TPU start-up does) or, failing that, counts
+    ``/dev/accel*``: no network, no TPU runtime start.
+    """
+    try:
+        from jax._src import hardware_utils
+
+        return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
+    except (ImportError, AttributeError, OSError):
+        return len(glob.glob("/dev/accel[0-9]*"))
+
+
+def gce_metadata_attribute(name: str, timeout: float = _METADATA_TIMEOUT_S) -> str | None:
+    """One instance attribute from the GCE metadata server, or ``None`` if it cannot be read.
+
+    Uses the server's link-local IP (``GCE_METADATA_IP`` overrides it), so no DNS
+    lookup can hang, and gives up after ``timeout`` seconds.
+    """
+    import urllib.error
+    import urllib.request
+
+    host = os.environ.get("GCE_METADATA_IP", "169.254.169.254")
+    request = urllib.request.Request(
+        f"http://{host}/computeMetadata/v1/instance/attributes/{name}",
+        headers={"Metadata-Flavor": "Google"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if response.status != 200:
+                return None
+            return response.read().decode("utf-8", "replace").strip()
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+
+
+def tpu_vm_worker_count(tpu_chips=local_tpu_chips, metadata=gce_metadata_attribute) -> int:
+    """The number of hosts of the Cloud TPU slice this machine belongs to (1 if not a TPU VM).
+
+    Decides as JAX's own GCE TPU cluster detection does, but cheaply: no TPU
+    chips on the PCI bus (or ``TPU_SKIP_MDS_QUERY`` set) means no metadata query
+    at all; otherwise the ``worker-network-endpoints`` attribute lists the slice's
+    hosts (``host,host,...`` or ``name:id:ip,...``). An unreadable attribute
+    counts as one host. ``tpu_chips`` and ``metadata`` are injectable for tests.
+    """
+    if os.environ.get("TPU_SKIP_MDS_QUERY") or tpu_chips() == 0:
+        return 1
+    endpoints = metadata("worker-network-endpoints")
+    if not endpoints:
+        return 1
+    return max(1, len([w for w in endpoints.split(",") if w.strip()]))
 
 
 def initialize_distributed(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    tpu_worker_count=tpu_vm_worker_count,
 ) -> bool:
     """Starts JAX's multi-process runtime when more than one process takes part.
 
-    Multi-process is detected from the arguments, from ``JAX_COORDINATOR_ADDRESS``
-    / ``JAX_NUM_PROCESSES`` / SLURM / Open MPI variables, or from a multi-host TPU
-    slice (``TPU_WORKER_HOSTNAMES`` lists several hosts), in which case
-    ``jax.distributed.initialize`` finds the rest by itself. Returns whether it
-    initialised; a single process does nothing and returns ``False``.
+    Multi-process is detected, in this order, from the arguments; from
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / SLURM / Open MPI
+    variables; from ``TPU_WORKER_HOSTNAMES`` listing several hosts; and, when no
+    such variable is set, from the Cloud TPU VM metadata
+    (:func:`tpu_vm_worker_count`, a bounded query made only on a machine with TPU
+    chips). ``jax.distributed.initialize`` then finds whatever was not given.
+    Returns whether the runtime is running; a single process does nothing and
+    returns ``False``. Call it before anything else touches JAX's devices.
     """
+    if jax.distributed.is_initialized():
+        return True
     counts = [num_processes] if num_processes is not None else []
     counts += [int(os.environ[v]) for v in _PROCESS_COUNT_VARS if os.environ.get(v, "").isdigit()]
-    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    tpu_hosts_var = os.environ.get("TPU_WORKER_HOSTNAMES")
+    tpu_hosts = [h for h in (tpu_hosts_var or "").split(",") if h]
+    coordinator_var = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
     multi = (
         any(c > 1 for c in counts)
         or len(tpu_hosts) > 1
         or (coordinator is not None and num_processes != 1)
-        or (bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) and not counts)
+        or (coordinator_var and not counts)
     )
+    if not multi and not counts and coordinator is None and tpu_hosts_var is None:
+        multi = tpu_worker_count() > 1
     if not multi:
         return False
     jax.distributed.initialize(

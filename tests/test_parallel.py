@@ -124,3 +124,106 @@ def test_initialize_distributed_starts_runtime_for_many_processes(monkeypatch):
     assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}]
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1,t2,t3,t4")
     assert parallel.initialize_distributed() is True
+
+
+def test_one_process_feeds_every_row_and_global_rows_is_checked():
+    mesh = parallel.make_mesh(2, 2, 2)
+    assert parallel.process_row_blocks(mesh, 8) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    np.testing.assert_array_equal(parallel.process_rows(mesh, 8), np.arange(8))
+    full = {"ids": np.arange(16).reshape(8, 2), "w": np.linspace(0, 1, 8)}
+    batch = parallel.shard_host_batch(full, mesh)
+    np.testing.assert_array_equal(np.asarray(batch["ids"]), full["ids"])
+    with pytest.raises(ValueError, match="global batch of 16"):
+        parallel.make_global_batch({"ids": np.zeros((8, 2))}, mesh, global_rows=16)
+    with pytest.raises(ValueError, match="different row counts"):
+        parallel.shard_host_batch({"a": np.zeros(8), "b": np.zeros(4)}, mesh)
+
+
+def test_to_host_copies_local_arrays():
+    mesh = parallel.make_mesh(2, 2, 2)
+    x = parallel.make_global_batch({"x": np.arange(8.0)}, mesh)["x"]
+    out = parallel.tree_to_host({"x": x})
+    assert isinstance(out["x"], np.ndarray)
+    np.testing.assert_array_equal(out["x"], np.arange(8.0))
+
+
+def _clear_process_vars(monkeypatch):
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_SKIP_MDS_QUERY",
+    ):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_tpu_vm_worker_count_asks_the_metadata_server_only_on_a_tpu_vm(monkeypatch):
+    _clear_process_vars(monkeypatch)
+    asked = []
+
+    def metadata(name):
+        asked.append(name)
+        return {"worker-network-endpoints": "t1:0:10.0.0.2,t2:1:10.0.0.3"}.get(name)
+
+    assert parallel.tpu_vm_worker_count(lambda: 0, metadata) == 1
+    assert asked == []  # no chips: never queried
+    assert parallel.tpu_vm_worker_count(lambda: 4, metadata) == 2
+    assert asked == ["worker-network-endpoints"]
+    assert parallel.tpu_vm_worker_count(lambda: 4, lambda name: "10.0.0.2") == 1
+    assert parallel.tpu_vm_worker_count(lambda: 4, lambda name: None) == 1  # unreadable
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
+    assert parallel.tpu_vm_worker_count(lambda: 4, metadata) == 1
+
+
+def test_initialize_distributed_detects_a_multi_host_tpu_vm_without_env_vars(monkeypatch):
+    _clear_process_vars(monkeypatch)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    assert parallel.initialize_distributed(tpu_worker_count=lambda: 1) is False
+    assert parallel.initialize_distributed(tpu_worker_count=lambda: 4) is True
+    assert calls == [{"coordinator_address": None, "num_processes": None, "process_id": None}]
+    # Explicit variables win: no metadata look-up when they say "one process".
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
+    looked = []
+    assert parallel.initialize_distributed(tpu_worker_count=lambda: looked.append(1) or 4) is False
+    assert looked == []
+
+
+def test_gce_metadata_attribute_sends_the_header_and_gives_up_in_time(monkeypatch):
+    import http.server
+    import socket
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.headers.get("Metadata-Flavor") == "Google" and self.path.endswith(
+                "/instance/attributes/worker-network-endpoints"
+            )
+            body = b"w0,w1,w2,w3" if ok else b"denied"
+            self.send_response(200 if ok else 403)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.server_port}")
+        assert parallel.gce_metadata_attribute("worker-network-endpoints") == "w0,w1,w2,w3"
+        assert parallel.gce_metadata_attribute("accelerator-type") is None  # 403
+    finally:
+        server.shutdown()
+        server.server_close()
+    # A server that accepts but never answers: the query gives up after its timeout.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+        monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{silent.getsockname()[1]}")
+        assert parallel.gce_metadata_attribute("worker-network-endpoints", timeout=0.3) is None
+    finally:
+        silent.close()
