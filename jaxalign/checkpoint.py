@@ -5,15 +5,30 @@ writes asynchronously (training goes on while the arrays are written). Restores
 place every array directly onto the shardings given, so a run saved on one mesh
 shape resumes on another. ``save_params``/``load_params`` hold a model's
 parameters alone, as passed between rounds.
+
+Directories may be local paths or object-store URLs (``gs://bucket/run/ckpt``);
+they reach orbax as ``etils.epath`` paths, never through ``pathlib.Path`` (which
+would collapse ``gs://`` to ``gs:/``). In a multi-process run every process
+calls the same methods: orbax writes each array shard once and finishes the
+checkpoint on process 0, so a multi-host run needs a directory all hosts share.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+def checkpoint_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as orbax wants it: absolute when local, untouched when it is a URL."""
+    if "://" in os.fspath(path):
+        return epath.Path(path)
+    return epath.Path(pathlib.Path(path).absolute())
 
 
 def _abstract(target: Any, shardings: Any = None) -> Any:
@@ -36,8 +51,8 @@ class Checkpointer:
     exiting; :meth:`close` does).
     """
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, async_: bool = True):
+        self.directory = checkpoint_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_, create=True
         )
@@ -109,20 +124,20 @@ class Checkpointer:
         self.close()
 
 
-def save_params(path: str | pathlib.Path, params: Any) -> None:
+def save_params(path: str | os.PathLike, params: Any) -> None:
     """Writes a model's parameter state (a pytree) to ``path``, replacing what was there."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(pathlib.Path(path).absolute(), params, force=True)
+        checkpointer.save(checkpoint_path(path), params, force=True)
         checkpointer.wait_until_finished()
 
 
-def load_params(path: str | pathlib.Path, abstract: Any, shardings: Any = None) -> Any:
+def load_params(path: str | os.PathLike, abstract: Any, shardings: Any = None) -> Any:
     """Reads parameters written by :func:`save_params` into ``abstract``'s structure.
 
     ``abstract``: e.g. ``nnx.state(jaxalign.models.abstract_model(config))``
     (``jax.ShapeDtypeStruct`` leaves, optionally with shardings) or real arrays.
     """
-    path = pathlib.Path(path).absolute()
+    path = checkpoint_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no parameter checkpoint at {path}")
     with ocp.StandardCheckpointer() as checkpointer:

@@ -108,3 +108,40 @@ def test_params_only_round_trip(tmp_path):
     np.testing.assert_array_equal(
         model2(np.ones((1, 3), np.int32))[0], model(np.ones((1, 3), np.int32))[0]
     )
+
+
+def test_bucket_urls_reach_orbax_whole_and_local_paths_absolute(monkeypatch, tmp_path):
+    import os
+
+    import orbax.checkpoint as ocp
+
+    seen = []
+
+    class Manager:
+        def __init__(self, directory, options=None, item_names=None):
+            seen.append(directory)
+
+    class Standard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def save(self, path, params, force=False):
+            seen.append(path)
+
+        def wait_until_finished(self):
+            pass
+
+    monkeypatch.setattr(ocp, "CheckpointManager", Manager)
+    monkeypatch.setattr(ocp, "StandardCheckpointer", Standard)
+    checkpoint.Checkpointer("gs://bucket/run/round_1/checkpoints")
+    checkpoint.save_params("gs://bucket/run/round_1/model", {"w": np.zeros(2)})
+    monkeypatch.chdir(tmp_path)
+    checkpoint.save_params("rel/model", {"w": np.zeros(2)})
+    assert [os.fspath(p) for p in seen] == [
+        "gs://bucket/run/round_1/checkpoints",
+        "gs://bucket/run/round_1/model",
+        str(tmp_path / "rel" / "model"),
+    ]

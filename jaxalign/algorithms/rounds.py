@@ -4,9 +4,19 @@ A run directory holds one folder per round (``round_0``, ``round_1``, ...) and a
 ``state.json`` that records every finished stage with what it produced. A stage
 runs at most once: rerunning the same command after a crash (kill -9 included)
 skips every finished stage and repeats only the one that was cut off. Artifacts
-are written atomically (a temporary file, then ``os.replace``), so a reader sees
-either the whole file or none of it; ``state.json`` is updated only after a
-stage's artifacts are in place.
+are written atomically, so a reader sees either the whole file or none of it;
+``state.json`` is updated only after a stage's artifacts are in place.
+
+Run directories may be local paths or object-store URLs (``gs://bucket/run``,
+through ``etils.epath``). Locally a file is written to a temporary file and moved
+into place with ``os.replace``; an object store publishes an object whole when
+its upload finishes, so there the file is written directly.
+
+In a multi-process run (``jax.process_count() > 1``) every process computes the
+same stages, but only process 0 writes the run's files; after each stage all
+processes wait for each other, so every process can then read what process 0
+wrote. The run directory must therefore be storage that all hosts share (a
+``gs://`` bucket, NFS); :class:`RoundRunner` checks that at start.
 
 The run's config is saved as ``config.yaml``; resuming with a config that
 changes anything but the harmless fields (progress bars, output directory) is
@@ -23,25 +33,46 @@ import pathlib
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import yaml
+from etils import epath
+
+from jaxalign import parallel
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 # Fields that may differ between the first run and a resume.
 _RESUMABLE_CHANGES = ("run.progress", "run.output_dir")
 
+RunPath = pathlib.Path | epath.Path
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path = pathlib.Path(path)
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an object store or remote file system (``scheme://...``)."""
+    return "://" in os.fspath(path)
+
+
+def _through_epath(path: str | os.PathLike) -> bool:
+    return isinstance(path, epath.Path) or is_remote(path)
+
+
+def run_path(path: str | os.PathLike) -> RunPath:
+    """A path object for ``path``: ``pathlib.Path`` locally, ``epath.Path`` for ``gs://`` etc.
+
+    (``pathlib.Path("gs://b/x")`` would collapse the scheme to ``gs:/b/x``.)
+    """
+    return epath.Path(path) if _through_epath(path) else pathlib.Path(path)
+
+
+def _write_local(path: pathlib.Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +80,34 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_object(path: epath.Path, data: bytes) -> None:
+    """Writes ``path`` in one piece through ``etils.epath`` (the non-local write path).
+
+    Object stores make an object visible only when its upload completes, so a
+    direct write is already all-or-nothing there (a rename would be a second
+    copy). The parent "directory" is created for file systems that need one.
+    """
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    Only process 0 of a multi-process run writes; the others (which computed the
+    same text) return at once.
+    """
+    if not parallel.is_primary_process():
+        return
+    data = text.encode("utf-8")
+    if _through_epath(path):
+        write_object(epath.Path(path), data)
+    else:
+        _write_local(pathlib.Path(path), data)
 
 
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -60,21 +119,35 @@ def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Reads a JSONL artifact written by this run; a bad line is an error naming the line."""
+    data = run_path(path).read_bytes()
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, line in enumerate(data.decode("utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     return out
 
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike):
-    """Yields a temporary directory that becomes ``path`` only if the block succeeds."""
+    """Yields a directory that becomes ``path`` only if the block succeeds.
+
+    Locally: a temporary sibling directory, renamed over ``path`` at the end. On
+    an object store, where a directory is only a name prefix and a rename copies
+    every object, the block writes under ``path`` itself after its old contents
+    are removed; a crash there leaves a partial directory, which the stage
+    machinery never trusts because ``state.json`` does not record it.
+    """
+    if _through_epath(path):
+        target = epath.Path(path)
+        if target.exists():
+            target.rmtree()
+        target.mkdir(parents=True, exist_ok=True)
+        yield target
+        return
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -117,10 +190,14 @@ class RoundRunner:
     """
 
     def __init__(self, run_dir: str | os.PathLike, config: dict, *, log: Callable = print):
-        self.run_dir = pathlib.Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_path(run_dir)
+        self.primary = parallel.is_primary_process()
+        if self.primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = log
+        self._check_shared_storage()
         config_path = self.run_dir / CONFIG_FILE
+        state_path = self.run_dir / STATE_FILE
         if config_path.exists():
             old = yaml.safe_load(config_path.read_text()) or {}
             changed = [k for k in config_differences(old, config) if k not in _RESUMABLE_CHANGES]
@@ -130,14 +207,37 @@ class RoundRunner:
                     f"(changed: {', '.join(changed)}). Resume with the original config, "
                     "or choose a new run.output_dir."
                 )
-        else:
-            atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-        state_path = self.run_dir / STATE_FILE
         self.state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+        # Every process has read the same state before process 0 writes anything new.
+        parallel.sync_processes("jaxalign-run-state-read")
+        if not config_path.exists():
+            atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
 
-    def round_dir(self, round_index: int) -> pathlib.Path:
+    def _check_shared_storage(self) -> None:
+        """In a multi-process run, fails unless every process sees process 0's run directory."""
+        import jax
+
+        if jax.process_count() == 1:
+            return
+        token = self.run_dir / ".shared-storage-check"
+        if self.primary:
+            atomic_write_text(token, uuid.uuid4().hex)
+        parallel.sync_processes("jaxalign-shared-check-written")
+        seen = token.exists()
+        parallel.sync_processes("jaxalign-shared-check-read")
+        if self.primary:
+            token.unlink()
+        if not seen:
+            raise RuntimeError(
+                f"process {jax.process_index()} cannot see {self.run_dir} as process 0 "
+                "wrote it; a multi-host run needs run.output_dir on storage every host shares "
+                "(a gs:// bucket or a network file system)"
+            )
+
+    def round_dir(self, round_index: int) -> RunPath:
         path = self.run_dir / f"round_{round_index}"
-        path.mkdir(parents=True, exist_ok=True)
+        if self.primary:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     @staticmethod
@@ -150,7 +250,7 @@ class RoundRunner:
     def result(self, round_index: int, name: str) -> dict:
         return self.state["stages"][self.key(round_index, name)]["result"]
 
-    def stage(self, round_index: int, name: str, fn: Callable[[pathlib.Path], dict]) -> dict:
+    def stage(self, round_index: int, name: str, fn: Callable[[RunPath], dict]) -> dict:
         key = self.key(round_index, name)
         if key in self.state["stages"]:
             self.log(f"[{key}] done earlier, skipping")
@@ -162,6 +262,8 @@ class RoundRunner:
         self.state["stages"][key] = {"result": result, "seconds": round(seconds, 3)}
         self.state["last_stage"] = key
         atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1))
+        # The other processes may read this stage's artifacts from here on.
+        parallel.sync_processes(f"jaxalign-stage-{key}")
         self.log(f"[{key}] finished in {seconds:.1f}s")
         return result
 

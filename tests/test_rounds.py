@@ -1,0 +1,94 @@
+"""Run directories on local disks and object stores (``gs://``) through the stage machinery."""
+
+import json
+import os
+import pathlib
+
+import pytest
+from etils import epath
+from fsspec.implementations.memory import MemoryFileSystem
+
+from jaxalign.algorithms import rounds
+
+
+class FakeGCS(MemoryFileSystem):
+    """An in-memory file system that answers for ``gs://`` URLs, like gcsfs would."""
+
+    protocol = ("gs", "gcs")
+    store: dict = {}
+    pseudo_dirs: list = [""]
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch):
+    """``gs://`` paths of ``etils.epath`` served from memory for the length of one test."""
+    import fsspec
+    from etils.epath import backend, gpath
+
+    FakeGCS.store.clear()
+    FakeGCS.pseudo_dirs[:] = [""]
+    for name in ("gs", "gcs"):
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield FakeGCS.store
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    FakeGCS.store.clear()
+
+
+def test_run_path_keeps_urls_whole_and_local_paths_plain():
+    remote = rounds.run_path("gs://bucket/runs/a")
+    assert isinstance(remote, epath.Path) and os.fspath(remote / "x") == "gs://bucket/runs/a/x"
+    assert str(pathlib.Path("gs://bucket/runs/a")) == "gs:/bucket/runs/a"  # what we avoid
+    assert type(rounds.run_path("runs/a")) is type(pathlib.Path("runs/a"))
+
+
+def test_local_writes_replace_the_file_and_leave_no_temporary(tmp_path):
+    path = tmp_path / "d" / "a.jsonl"
+    assert rounds.atomic_write_jsonl(path, [{"x": 1}, {"x": "é"}]) == 2
+    rounds.atomic_write_jsonl(path, [{"x": 2}])
+    assert rounds.read_jsonl(path) == [{"x": 2}]
+    assert [p.name for p in path.parent.iterdir()] == ["a.jsonl"]
+
+
+def test_the_epath_write_path_on_a_local_directory(tmp_path):
+    path = epath.Path(tmp_path) / "sub" / "a.jsonl"
+    rounds.atomic_write_jsonl(path, [{"x": 1}, {"x": "é"}])
+    assert (tmp_path / "sub" / "a.jsonl").read_text(encoding="utf-8") == '{"x": 1}\n{"x": "é"}\n'
+    assert rounds.read_jsonl(path) == [{"x": 1}, {"x": "é"}]
+    (tmp_path / "bad.jsonl").write_text('{"x": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        rounds.read_jsonl(epath.Path(tmp_path) / "bad.jsonl")
+
+
+def test_a_run_directory_on_gs_resumes_from_its_state(fake_gcs):
+    calls = []
+
+    def sample(out):
+        calls.append(os.fspath(out))
+        path = out / "candidates.jsonl"
+        rounds.atomic_write_jsonl(path, [{"id": 1, "text": "a"}])
+        return {"candidates": os.fspath(path)}
+
+    runner = rounds.RoundRunner("gs://bucket/runs/spa", {"a": 1}, log=lambda m: None)
+    result = runner.stage(1, "sample", sample)
+    assert result == {"candidates": "gs://bucket/runs/spa/round_1/candidates.jsonl"}
+    assert calls == ["gs://bucket/runs/spa/round_1"]
+    assert rounds.read_jsonl(result["candidates"]) == [{"id": 1, "text": "a"}]
+    assert "gs://bucket/runs/spa/config.yaml" in fake_gcs  # the objects sit in the bucket
+    state = json.loads(bytes(fake_gcs["gs://bucket/runs/spa/state.json"].getvalue()))
+    assert "round_1/sample" in state["stages"]
+
+    again = rounds.RoundRunner("gs://bucket/runs/spa", {"a": 1}, log=lambda m: None)
+    assert again.stage(1, "sample", sample) == result and len(calls) == 1
+    with pytest.raises(ValueError, match="changed: a"):
+        rounds.RoundRunner("gs://bucket/runs/spa", {"a": 2}, log=lambda m: None)
+
+
+def test_atomic_directory_on_gs_replaces_old_contents(fake_gcs):
+    with rounds.atomic_directory("gs://bucket/model") as d:
+        rounds.atomic_write_text(d / "old.txt", "old")
+    with rounds.atomic_directory("gs://bucket/model") as d:
+        rounds.atomic_write_text(d / "new.txt", "new")
+    names = sorted(p.name for p in epath.Path("gs://bucket/model").iterdir())
+    assert names == ["new.txt"]
