@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxalign import sampling
+from jaxalign import parallel, sampling
 from jaxalign.data.buckets import bucket_length
 from jaxalign.data.records import DataError, read_prompt_records
 from jaxalign.models.llama import Transformer
@@ -174,7 +174,7 @@ def iter_sample_batches(
             key = jax.random.fold_in(root, number)
             out = sampling.generate(model, ids, mask, key, config, mesh=mesh)
             tokens, lengths, finished = (
-                np.asarray(x) for x in (out.tokens, out.lengths, out.finished)
+                parallel.to_host(x) for x in (out.tokens, out.lengths, out.finished)
             )
             elapsed = time.perf_counter() - start
             stats.seconds += elapsed

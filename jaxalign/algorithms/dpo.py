@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from jaxalign import checkpoint, training
 from jaxalign.data import pairs as pair_data
 from jaxalign.models.llama import Transformer
-from jaxalign.parallel import make_global_batch, model_shardings
+from jaxalign.parallel import model_shardings, shard_host_batch, tree_to_host
 
 
 @dataclasses.dataclass
@@ -109,8 +109,9 @@ def epoch_order(seed: int, epoch: int, num_batches: int) -> np.ndarray:
 
 
 def _device_batch(batch: dict, mesh) -> dict:
+    """The global batch; every process holds ``batch`` whole and feeds only its own rows."""
     fields = training.PAIR_FIELDS + training.REFERENCE_FIELDS + ("p",)
-    return make_global_batch({k: np.asarray(batch[k]) for k in fields if k in batch}, mesh)
+    return shard_host_batch({k: np.asarray(batch[k]) for k in fields if k in batch}, mesh)
 
 
 def train(
@@ -191,7 +192,7 @@ def train(
         ckpt.close()
     done = total - start
     return TrainResult(
-        params=jax.device_get(state.params),
+        params=tree_to_host(state.params),
         steps=total,
         skipped_steps=int(state.skipped_steps),
         last_metrics=last,

@@ -18,6 +18,12 @@ killed run resumes at the stage it was in. Artifacts per round:
 ``candidates.jsonl``, ``pairs.jsonl`` (with margins and ``p``), ``model/``
 (parameters), ``eval.jsonl``; run-wide ``metrics.jsonl``, ``summary.json`` and
 ``summary.md``.
+
+Multi-process runs (a TPU pod slice, several GPU hosts) run the same stages on
+every process: sampling and training use global arrays on the mesh, with each
+process feeding its own rows of every batch; every process holds the same
+prompts, pairs and parameters, so all reach the same judgements; only process
+0 logs and writes files (see :mod:`jaxalign.algorithms.rounds`).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Session:
     metrics: MetricsWriter
     log: Callable[[str], None]
     policy_params: nnx.State | None = None  # π_{i-1}; loaded from disk after a resume
+    progress: bool = True  # progress bars (process 0 of a multi-process run only)
 
     def model(self, params: nnx.State):
         return nnx.merge(self.graphdef, params)
@@ -116,7 +123,7 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
         algo_state=algo_state,
         metrics=s.metrics,
         tag=f"round_{round_index}/train",
-        progress=cfg.run.progress,
+        progress=s.progress,
         desc=f"round {round_index} train",
         seed=cfg.train.seed + round_index,
         checkpoint_dir=(out / "checkpoints") if cfg.run.checkpoint_every else None,
@@ -154,7 +161,7 @@ def _sample_stage(s: Session, round_index: int, prompts: list[dict], out: pathli
         seed=cfg.run.seed * 1000 + round_index,
         batch_size=cfg.run.generate_batch_size,
         mesh=s.mesh,
-        progress=cfg.run.progress,
+        progress=s.progress,
     )
     records = []
     for rec, comps in zip(prompts, completions, strict=True):
@@ -261,7 +268,7 @@ def _greedy_answers(s: Session, params, prompts: list[dict]) -> list[judging.Can
         seed=cfg.run.seed,
         batch_size=cfg.run.generate_batch_size,
         mesh=s.mesh,
-        progress=cfg.run.progress,
+        progress=s.progress,
     )
     return [judging.Candidate(c[0].text, c[0].finished, len(c[0].token_ids)) for c in comps]
 
@@ -368,10 +375,13 @@ def _round_row(runner: RoundRunner, i: int) -> dict:
 def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) SPA as configured; returns the round summary."""
     from jaxalign.models import load
-    from jaxalign.parallel import make_mesh
+    from jaxalign.parallel import is_primary_process, make_mesh
 
     start = time.perf_counter()
     cfg = config
+    primary = is_primary_process()
+    if not primary:
+        log = lambda message: None  # noqa: E731 -- only process 0 logs
     runner = RoundRunner(cfg.run.output_dir, to_dict(cfg), log=log)
     mesh_cfg = cfg.run.mesh
     mesh = make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
@@ -392,6 +402,7 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
         mesh=mesh,
         metrics=MetricsWriter(runner.run_dir / "metrics.jsonl"),
         log=log,
+        progress=cfg.run.progress and primary,
     )
     seed_pairs, seed_report = read_preference_records(cfg.data.seed_pairs, cfg.data.on_bad_record)
     prompts, prompt_report = read_prompt_records(cfg.data.prompts, cfg.data.on_bad_record)

@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from jaxalign import parallel
     from jaxalign.config import ConfigError, load_config
 
+    parallel.initialize_distributed()  # several hosts: join them before JAX sees any device
     path = args.config or DEMO_CONFIG
     try:
         config = load_config(path, args.overrides)

@@ -1,0 +1,303 @@
+"""Two processes x four CPU devices behave as one process with eight devices.
+
+Each test starts two Python processes that join one JAX runtime through
+``jax.distributed`` on 127.0.0.1 (CPU collectives: gloo, JAX's default) and
+compares what they compute with the same computation in this 8-device pytest
+process. Run as a script, this file is the worker those processes execute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = pathlib.Path(__file__).resolve()
+PROCESSES = 2
+LAUNCH_TIMEOUT_S = 420
+
+
+# ----------------------------------------------------------------------------- the computations
+
+
+def _tiny_config():
+    from jaxalign.models.llama import ModelConfig
+
+    return ModelConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_embeddings=True,
+    )
+
+
+def _pair_batch(seed: int, rows: int = 8, width: int = 16) -> dict[str, np.ndarray]:
+    """Right-padded random pairs with precomputed reference log-probs and mixed weights."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids = rng.integers(1, 96, (rows, width)).astype(np.int32)
+        lengths = rng.integers(6, width + 1, rows)
+        prompts = rng.integers(2, 6, rows)
+        cols = np.arange(width)[None]
+        attention = (cols < lengths[:, None]).astype(np.int32)
+        out[f"{side}_ids"] = ids * attention
+        out[f"{side}_attention_mask"] = attention
+        out[f"{side}_loss_mask"] = (attention * (cols >= prompts[:, None])).astype(np.int32)
+        out[f"ref_{side}_logps"] = rng.normal(-40, 3, rows).astype(np.float32)
+    out["weight"] = rng.uniform(0.5, 2.0, rows).astype(np.float32)
+    out["weight"][-1] = 0.0  # a padding pair
+    out["smoothing"] = rng.uniform(0, 0.2, rows).astype(np.float32)
+    return out
+
+
+def train_steps(checkpoint_dir: str | None = None) -> dict[str, np.ndarray]:
+    """Two DPO steps of a tiny model on a (data=2, fsdp=2, tensor=2) mesh.
+
+    Every process feeds only its own rows of each batch. With ``checkpoint_dir``
+    the final state is also saved with orbax, restored, and checked to round-trip.
+    Returns the losses and the trained parameters, gathered to host memory.
+    """
+    import jax
+    from flax import nnx
+
+    from jaxalign import checkpoint, parallel, training
+    from jaxalign.models.llama import Transformer
+
+    mesh = parallel.make_mesh(2, 2, 2)
+    config = training.TrainConfig(
+        learning_rate=1e-2, warmup_ratio=0.0, schedule="constant", batch_size=8
+    )
+    model = Transformer(_tiny_config(), rngs=nnx.Rngs(0))
+    graphdef, state, shardings = training.create_train_state(model, config, 2, mesh)
+    step = training.make_train_step(
+        graphdef, config, mesh, training.dpo_loss_fn(config), shardings, total_steps=2
+    )
+    losses, accuracies = [], []
+    for seed in (1, 2):
+        full = _pair_batch(seed)
+        mine = parallel.process_rows(mesh, 8)
+        batch = parallel.make_global_batch({k: v[mine] for k, v in full.items()}, mesh, 8)
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["train/loss"]))
+        accuracies.append(float(metrics["rewards/accuracy"]))
+    params = parallel.tree_to_host(state.params)
+    if checkpoint_dir is not None:
+        with checkpoint.Checkpointer(checkpoint_dir, async_=True) as ckpt:
+            ckpt.save(2, state, {"step": 2})
+            ckpt.wait()
+            restored, extra = ckpt.restore(target_state=state, shardings=shardings)
+        assert extra == {"step": 2}
+        same = jax.tree.map(
+            lambda a, b: bool(np.array_equal(a, b)),
+            parallel.tree_to_host(restored.params),
+            params,
+        )
+        assert all(jax.tree.leaves(same)), "orbax restore differs from the saved state"
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params))
+    }
+    return {"losses": np.array(losses), "accuracies": np.array(accuracies), **flat}
+
+
+def spa_config(root: pathlib.Path, out: pathlib.Path, *extra: str):
+    """A one-round SPA run on the tiny model over a (2, 2, 2) mesh, without evaluation."""
+    from jaxalign.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"model.name={root / 'model'}",
+            f"data.seed_pairs={root / 'seed.jsonl'}",
+            f"data.prompts={root / 'prompts.jsonl'}",
+            f"data.eval_prompts={root / 'eval.jsonl'}",
+            "data.max_prompt_tokens=48",
+            "data.max_response_tokens=16",
+            "sampling.max_new_tokens=16",
+            "train.batch_size=4",
+            "train.learning_rate=1e-3",
+            "train.logp_chunk_size=32",
+            "spa.rounds=1",
+            "spa.prompts_per_round=[8]",
+            "spa.seed_epochs=1",
+            "spa.margin_buffer_batches=2",
+            "eval.enabled=false",
+            "eval.max_prompts=4",
+            "eval.max_new_tokens=16",
+            "run.generate_batch_size=4",
+            "run.progress=false",
+            "run.mesh.data=2",
+            "run.mesh.fsdp=2",
+            "run.mesh.tensor=2",
+            f"run.output_dir={out}",
+            *extra,
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(task: str, out_dir: pathlib.Path, *args: str) -> None:
+    """Runs ``task`` in ``PROCESSES`` worker processes of 4 CPU devices each; fails on any error."""
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")]),
+    )
+    procs, logs = [], []
+    for pid in range(PROCESSES):
+        log = open(out_dir / f"worker_{pid}.log", "w")  # noqa: SIM115
+        logs.append(log)
+        cmd = [sys.executable, str(HERE), task, str(pid), str(port), str(out_dir), *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=LAUNCH_TIMEOUT_S) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    if codes != [0] * PROCESSES:
+        tails = "\n".join(
+            f"--- worker {pid} ---\n"
+            + "\n".join((out_dir / f"worker_{pid}.log").read_text().splitlines()[-30:])
+            for pid in range(PROCESSES)
+        )
+        pytest.fail(f"workers exited with {codes} (None: timed out)\n{tails}")
+
+
+def _worker(task: str, pid: int, port: int, out_dir: pathlib.Path, args: list[str]) -> None:
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=PROCESSES, process_id=pid
+    )
+    assert jax.process_count() == PROCESSES and jax.device_count() == 8
+    if task == "train":
+        result = train_steps(checkpoint_dir=str(out_dir / "checkpoints"))
+        np.savez(out_dir / f"train_{pid}.npz", **result)
+    elif task == "spa":
+        from jaxalign.algorithms import spa
+
+        spa.run(spa_config(pathlib.Path(args[0]), out_dir / "run", *args[1:]), log=print)
+    else:
+        raise SystemExit(f"unknown task {task!r}")
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_train_step_on_two_processes_matches_one_process(tmp_path):
+    launch("train", tmp_path)
+    expected = train_steps()
+    for pid in range(PROCESSES):
+        got = dict(np.load(tmp_path / f"train_{pid}.npz"))
+        assert sorted(got) == sorted(expected)
+        np.testing.assert_allclose(got["losses"], expected["losses"], rtol=1e-5, atol=1e-6)
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    # The steps did train: the embedding moved away from its initial values.
+    from flax import nnx
+
+    from jaxalign.models.llama import Transformer
+
+    initial = nnx.state(Transformer(_tiny_config(), rngs=nnx.Rngs(0)))
+    start = np.asarray(initial["embed_tokens"][...])
+    moved = np.abs(expected["embed_tokens"] - start)
+    assert moved.max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def spa_inputs(tmp_path_factory, tiny_model_dir):
+    """The tiny model and small slices of the demo data, as files the workers can read."""
+    from jaxalign.data.records import DEMO_FILES
+
+    root = tmp_path_factory.mktemp("spa_inputs")
+    (root / "model").symlink_to(tiny_model_dir)
+    files = {"seed": 8, "seed4": 4, "prompts": 8, "eval": 4}
+    for name, count in files.items():
+        key = {"seed": "pairs", "seed4": "pairs"}.get(name, name)
+        lines = DEMO_FILES[key].read_text().splitlines()[:count]
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _pairs(run_dir: pathlib.Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "round_1" / "pairs.jsonl").read_text().splitlines()]
+
+
+def _same_pairs(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected) > 0
+    for g, e in zip(got, expected, strict=True):
+        assert {k: g[k] for k in ("id", "chosen", "rejected")} == {
+            k: e[k] for k in ("id", "chosen", "rejected")
+        }
+        np.testing.assert_allclose(
+            [g["margin"], g["p"]], [e["margin"], e["p"]], rtol=1e-4, atol=1e-5
+        )
+
+
+def _spa_on_two_processes_matches_one(spa_inputs, tmp_path, *extra):
+    from jaxalign.algorithms import spa
+
+    launch("spa", tmp_path, str(spa_inputs), *extra)
+    run_dir = tmp_path / "run"
+    reference = tmp_path / "reference"
+    spa.run(spa_config(spa_inputs, reference, *extra), log=lambda message: None)
+    _same_pairs(_pairs(run_dir), _pairs(reference))
+    candidates = (run_dir / "round_1" / "candidates.jsonl").read_text()
+    assert candidates == (reference / "round_1" / "candidates.jsonl").read_text()
+    state = json.loads((run_dir / "state.json").read_text())["stages"]
+    assert set(state) == set(json.loads((reference / "state.json").read_text())["stages"])
+    # Only process 0 logged: worker 1's log holds no stage messages.
+    assert "[round_1/judge] finished" in (tmp_path / "worker_0.log").read_text()
+    assert "[round_1/judge]" not in (tmp_path / "worker_1.log").read_text()
+    return run_dir, reference
+
+
+def test_small_spa_round_on_two_processes_gives_the_same_pairs(spa_inputs, tmp_path):
+    """Four seed pairs and four prompts: one batch per stage, so few programs to compile."""
+    _spa_on_two_processes_matches_one(
+        spa_inputs,
+        tmp_path,
+        "spa.prompts_per_round=[4]",
+        f"data.seed_pairs={spa_inputs / 'seed4.jsonl'}",
+        "spa.refine=false",
+    )
+
+
+@pytest.mark.slow
+def test_spa_round_with_refinement_and_eval_on_two_processes(spa_inputs, tmp_path):
+    run_dir, reference = _spa_on_two_processes_matches_one(
+        spa_inputs, tmp_path, "eval.enabled=true"
+    )
+    for name in ("round_1/eval.jsonl", "baseline_eval.jsonl"):
+        assert (run_dir / name).read_text() == (reference / name).read_text(), name
+
+
+if __name__ == "__main__":
+    _task, _pid, _port, _out, *_rest = sys.argv[1:]
+    _worker(_task, int(_pid), int(_port), pathlib.Path(_out), _rest)
