@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 
 def _plain(value: Any) -> Any:
@@ -35,12 +36,20 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends ``{"tag": ..., "step": ..., **scalars}`` lines to a JSONL file."""
+    """Appends ``{"tag": ..., "step": ..., **scalars}`` lines to a JSONL file.
+
+    A ``gs://`` (or other URL) path cannot be appended to; there the whole object
+    is rewritten, through ``etils.epath``, with every line so far.
+    """
 
     def __init__(self, path: str | os.PathLike, tensorboard_dir: str | None = None):
-        self.path = pathlib.Path(path)
+        self.remote = "://" in os.fspath(path)
+        self.path = epath.Path(path) if self.remote else pathlib.Path(path)
         self.enabled = jax.process_index() == 0
         self._tb = None
+        self._lines: list[str] = []
+        if self.enabled and self.remote and self.path.exists():
+            self._lines = self.path.read_text().splitlines(keepends=True)
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard_dir is not None:
@@ -56,8 +65,13 @@ class MetricsWriter:
             return
         record = {"tag": tag, "step": int(step)}
         record.update({k: _plain(v) for k, v in scalars.items()})
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, int | float) and k != "step":

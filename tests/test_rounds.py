@@ -92,3 +92,19 @@ def test_atomic_directory_on_gs_replaces_old_contents(fake_gcs):
         rounds.atomic_write_text(d / "new.txt", "new")
     names = sorted(p.name for p in epath.Path("gs://bucket/model").iterdir())
     assert names == ["new.txt"]
+
+
+def test_metrics_on_gs_keep_every_line(fake_gcs):
+    from jaxalign.report import MetricsWriter
+
+    writer = MetricsWriter("gs://bucket/runs/spa/metrics.jsonl")
+    writer.write("round_0/train", 1, {"loss": 0.5})
+    writer.write("round_0/train", 2, {"loss": 0.25})
+    resumed = MetricsWriter("gs://bucket/runs/spa/metrics.jsonl")  # a rerun appends
+    resumed.write("round_1/train", 1, {"loss": 0.125})
+    lines = rounds.read_jsonl("gs://bucket/runs/spa/metrics.jsonl")
+    assert [(m["tag"], m["step"], m["loss"]) for m in lines] == [
+        ("round_0/train", 1, 0.5),
+        ("round_0/train", 2, 0.25),
+        ("round_1/train", 1, 0.125),
+    ]

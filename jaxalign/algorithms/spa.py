@@ -453,6 +453,9 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
         runner, rows, table, title="SPA run summary", rows_key="rounds", seconds=seconds
     )
     s.metrics.close()
-    log(f"\nreport: {write_report(runner.run_dir)}")
+    if isinstance(runner.run_dir, pathlib.Path):
+        log(f"\nreport: {write_report(runner.run_dir)}")
+    else:  # the HTML report reads local files: `jaxalign report` on a copy of the run
+        log(f"\nreport: copy {runner.run_dir} to a local folder and run `jaxalign report` on it")
     log(f"run directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
     return summary
