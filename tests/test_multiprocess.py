@@ -218,7 +218,9 @@ def test_train_step_on_two_processes_matches_one_process(tmp_path):
         assert sorted(got) == sorted(expected)
         np.testing.assert_allclose(got["losses"], expected["losses"], rtol=1e-5, atol=1e-6)
         for name, value in expected.items():
-            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+            # Cross-process sums add in another order; Adam's m/sqrt(v) magnifies that
+            # rounding for near-zero gradients, hence an absolute 1e-5 on the parameters.
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
     # The steps did train: the embedding moved away from its initial values.
     from flax import nnx
 
