@@ -55,7 +55,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign import losses
-from jaxalign.models.llama import ModelConfig, Transformer, positions_from_mask
+from jaxalign.models.llama import ModelConfig, Transformer, positions_from_mask, remat_policy
 from jaxalign.parallel import (
     BATCH_AXES,
     batch_divisor,
@@ -102,7 +102,11 @@ class TrainConfig:
     # None keeps the model's own dtype; "bfloat16": bfloat16 compute with float32 master
     # weights (the parameters stay in their param_dtype, each matmul casts them).
     compute_dtype: str | None = None
-    remat: bool | None = None  # None keeps the model's setting; True recomputes layers
+    # What the backward pass recomputes (ModelConfig.remat): "dots" keeps the weight
+    # matmuls' outputs and recomputes attention scores, softmax and element-wise ops
+    # (measured faster than storing everything on CPU, and far smaller); true/"full"
+    # recomputes whole layers; false/"none" stores all; null keeps the model's setting.
+    remat: bool | str | None = "dots"
     seed: int = 0
 
     def __post_init__(self):
@@ -124,6 +128,11 @@ class TrainConfig:
                 "train.compute_dtype must be null, float32, bfloat16 or float16, "
                 f"got {self.compute_dtype!r}"
             )
+        if self.remat is not None:
+            try:
+                remat_policy(self.remat)
+            except ValueError as e:
+                raise ValueError(f"train.remat: {e}") from None
         if self.logp_chunk_size < 1:
             raise ValueError(f"train.logp_chunk_size must be positive, got {self.logp_chunk_size}")
 

@@ -126,6 +126,26 @@ def test_chunked_logps_gradients_equal_full_logits(model):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_policies_give_the_stored_activations_gradients(model, remat):
+    ids, attention, loss_mask = _sequences(np.random.default_rng(4))
+    coef = jnp.linspace(0.5, 1.5, B)
+
+    def grads(remat_setting):
+        m = training.configure_model(model, training.TrainConfig(remat=remat_setting))
+        graphdef, params = nnx.split(m)
+
+        def objective(p):
+            s, _ = training.sequence_logps(nnx.merge(graphdef, p), ids, attention, loss_mask, 5)
+            return jnp.sum(coef * s)
+
+        return jax.jit(jax.grad(objective))(params)
+
+    stored, recomputed = grads("none"), grads(remat)
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(recomputed), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_reference_logps_match_naive(model):
     batch = make_batch(3)
     graphdef, params = nnx.split(model)
@@ -195,7 +215,9 @@ def test_micro_batches_equal_one_big_batch(model):
     for a, b in zip(
         jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params), strict=True
     ):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        # Three Adam steps at lr 1e-3: a last-bit difference in a near-zero gradient's
+        # sum order moves that parameter by up to ~1% of one update (1e-5).
+        np.testing.assert_allclose(a, b, atol=2e-5)
 
 
 def test_weight_zero_garbage_pair_changes_nothing(model):
@@ -332,3 +354,5 @@ def test_config_errors_are_actionable():
         training.TrainConfig(loss="dpo++")
     with pytest.raises(ValueError, match="micro_batches"):
         training.TrainConfig(batch_size=10, micro_batches=4)
+    with pytest.raises(ValueError, match="train.remat.*dots"):
+        training.TrainConfig(remat="some")

@@ -41,6 +41,31 @@ def dtype_from_name(name: str) -> Any:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(remat: bool | str) -> tuple[bool, Any]:
+    """``(recompute?, jax.checkpoint policy)`` for a ``ModelConfig.remat`` value.
+
+    ``"dots"`` keeps the outputs of the weight matmuls (no batch dimensions) and
+    recomputes the rest of each layer: the attention scores and probabilities
+    (``[B, H, T, T]`` per layer, the largest activations at moderate lengths), the
+    norms and the SwiGLU product. It costs about one attention forward per layer
+    and saves most of the activation memory and its first-touch cost."""
+    if isinstance(remat, bool):
+        remat = "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(
+            f"ModelConfig.remat must be true, false or one of {sorted(REMAT_POLICIES)}, "
+            f"got {remat!r}"
+        )
+    return remat != "none", REMAT_POLICIES[remat]
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling.
@@ -77,7 +102,11 @@ class ModelConfig:
     architecture: str = "llama"  # llama | mistral | qwen2: the HF class to export as
     param_dtype: str = "float32"  # master weights
     dtype: str = "float32"  # activations and matmuls
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    # What the backward pass recomputes instead of storing (see REMAT_POLICIES):
+    # False/"none" stores every activation, True/"full" recomputes each layer,
+    # "dots" stores only the projections' outputs and recomputes attention scores,
+    # softmax and element-wise ops.
+    remat: bool | str = False
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -96,6 +125,7 @@ class ModelConfig:
             )
         dtype_from_name(self.param_dtype)
         dtype_from_name(self.dtype)
+        remat_policy(self.remat)
 
     @property
     def dim_per_head(self) -> int:
@@ -285,6 +315,16 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def dense(x: jax.Array, w: jax.Array, **kwargs) -> jax.Array:
+    """``x [..., I] @ w [I, O] -> [..., O]`` as one 2-D matmul over the flattened rows.
+
+    The same product as ``x @ w``; written on ``[rows, I]`` so that the weight
+    gradient is ``rowsᵀ @ grad`` over one contracting axis, which XLA computes
+    without transposing the (large) activation gradient first."""
+    out = jnp.matmul(x.reshape(-1, x.shape[-1]), w, **kwargs)
+    return out.reshape(*x.shape[:-1], w.shape[-1])
+
+
 def _param(rngs: nnx.Rngs, shape, axes, config: ModelConfig, init=None) -> nnx.Param:
     dtype = dtype_from_name(config.param_dtype)
     if init is None:
@@ -355,7 +395,8 @@ class Attention(nnx.Module):
         b, t, _ = x.shape
         kv, dh = cfg.num_kv_heads, cfg.dim_per_head
         g = cfg.num_heads // kv
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv_weight(dtype))
+        qkv = dense(x, self.qkv_weight(dtype).reshape(x.shape[-1], -1))
+        qkv = qkv.reshape(b, t, kv, g + 2, dh)
         if cfg.attention_bias:
             qkv = qkv + self.qkv_bias(dtype)
         q = apply_rope(qkv[:, :, :, :g], rope) * jnp.asarray(1 / math.sqrt(dh), dtype)
@@ -378,8 +419,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv, g * t, s)
         out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kv, g, t, dh)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, -1)  # [B,T,H·Dh], heads in order
-        o_proj = self.o_proj[...].reshape(-1, cfg.hidden_size).astype(dtype)
-        return out @ o_proj, new_kv
+        return dense(out, self.o_proj[...].reshape(-1, cfg.hidden_size).astype(dtype)), new_kv
 
 
 class MLP(nnx.Module):
@@ -393,9 +433,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dtype = x.dtype
-        gate = x @ self.gate_proj[...].astype(dtype)
-        up = x @ self.up_proj[...].astype(dtype)
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dtype)
+        gate = dense(x, self.gate_proj[...].astype(dtype))
+        up = dense(x, self.up_proj[...].astype(dtype))
+        return dense(jax.nn.silu(gate) * up, self.down_proj[...].astype(dtype))
 
 
 class DecoderLayer(nnx.Module):
@@ -474,8 +514,9 @@ class Transformer(nnx.Module):
             x, new_kv = layer(x, rope, key_mask, kv, index)
             return x, new_kv
 
-        if cfg.remat:
-            layer_step = jax.checkpoint(layer_step, prevent_cse=False)
+        recompute, policy = remat_policy(cfg.remat)
+        if recompute:
+            layer_step = jax.checkpoint(layer_step, prevent_cse=False, policy=policy)
         kv_in = None if cache is None else (cache.k, cache.v)
         x, kv_out = jax.lax.scan(layer_step, x, (layer_state, kv_in))
         if cache is not None:
@@ -491,7 +532,7 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits ``[..., V]`` from final hidden states ``[..., D]``."""
         w = self.output_embedding().astype(hidden.dtype)
-        return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+        return dense(hidden, w, preferred_element_type=jnp.float32)
 
     def __call__(
         self,
