@@ -369,7 +369,12 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
 
 def configure_model(model: Transformer, config: TrainConfig) -> Transformer:
-    """A copy of ``model`` with ``config``'s compute dtype and remat applied (arrays shared)."""
+    """A copy of ``model`` with ``config``'s compute dtype and remat applied (arrays shared).
+
+    A trained module that is not a decoder (e.g. LoRA adapters, whose base model is
+    configured by the loss function) is returned unchanged."""
+    if not isinstance(getattr(model, "config", None), ModelConfig):
+        return model
     changes = {}
     if config.compute_dtype is not None and config.compute_dtype != model.config.dtype:
         changes["dtype"] = config.compute_dtype
