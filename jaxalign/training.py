@@ -55,7 +55,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign import losses
-from jaxalign.models.llama import ModelConfig, Transformer, positions_from_mask, remat_policy
+from jaxalign.models.llama import (
+    ModelConfig,
+    Transformer,
+    dense,
+    positions_from_mask,
+    remat_policy,
+)
 from jaxalign.parallel import (
     BATCH_AXES,
     batch_divisor,
@@ -155,6 +161,58 @@ LossFn = Callable[..., tuple[jax.Array, tuple[dict, dict]]]
 # ----------------------------------------------------------------------------- log-probs
 
 
+def _logsumexp(logits: jax.Array) -> jax.Array:
+    """``logsumexp`` over the last axis, with the sum of exponentials as a matmul by a
+    ones vector: XLA:CPU fuses ``sum(exp(x))`` into one scalar loop that runs at
+    about half the speed of the vectorised ``exp`` plus a matmul (measured over a
+    ``[16, 64, 49152]`` chunk: 64 ms vs 98 ms)."""
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    total = jnp.exp(logits - peak) @ jnp.ones((logits.shape[-1],), logits.dtype)
+    return jnp.log(total) + peak[..., 0]
+
+
+def _chunk_forward(h, w, targets, mask):
+    logits = dense(h, w.astype(h.dtype), preferred_element_type=jnp.float32)  # [B,c,V]
+    lse = _logsumexp(logits)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((picked - lse) * mask, axis=-1), lse
+
+
+@jax.custom_vjp
+def _chunk_logps(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """``Σ_t mask_t · log softmax(h_t W)[targets_t]`` per row; ``h [B,c,D]``, ``w [D,V]``.
+
+    The backward pass recomputes the ``[B,c,V]`` logits from ``h`` (they are never
+    stored) and reuses the forward's log-normaliser: ``∂/∂logits = g·mask·(onehot −
+    exp(logits − lse))``, then one matmul each for ``∂h`` and ``∂W``."""
+    return _chunk_forward(h, w, targets, mask)[0]
+
+
+def _chunk_logps_fwd(h, w, targets, mask):
+    out, lse = _chunk_forward(h, w, targets, mask)
+    return out, (h, w, targets, mask, lse)
+
+
+def _chunk_logps_bwd(residuals, g):
+    h, w, targets, mask, lse = residuals
+    wc = w.astype(h.dtype)
+    logits = dense(h, wc, preferred_element_type=jnp.float32)
+    coef = (mask * g[:, None])[..., None]  # [B,c,1]
+    vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    onehot = vocab == targets[..., None]
+    dlogits = (jnp.where(onehot, coef, 0.0) - coef * jnp.exp(logits - lse[..., None])).astype(
+        h.dtype
+    )
+    dh = dense(dlogits, wc.T, preferred_element_type=jnp.float32).astype(h.dtype)
+    flat_h = h.reshape(-1, h.shape[-1])
+    flat_d = dlogits.reshape(-1, dlogits.shape[-1])
+    dw = jnp.matmul(flat_h.T, flat_d, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dh, dw, None, None
+
+
+_chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
+
+
 def chunked_token_logps(
     model: Transformer,
     hidden: jax.Array,
@@ -167,8 +225,8 @@ def chunked_token_logps(
     ``hidden [B,T,D]`` (final-norm states), ``ids, loss_mask [B,T]``. Token ``t``
     is scored by the logits at ``t-1``: ``Σ_t m_t · log softmax(W h_{t-1})[ids_t]``.
     The sequence is cut into chunks of ``chunk_size`` positions; each chunk's
-    ``[B,chunk,V]`` float32 logits live only inside a ``jax.checkpoint``-ed map
-    body, so neither the forward nor the backward pass holds ``[B,T,V]``.
+    ``[B,chunk,V]`` float32 logits live only inside one step of a map (recomputed
+    in the backward pass, see :func:`_chunk_logps`), so neither pass holds ``[B,T,V]``.
     Returns ``(sum_logps [B], num_tokens [B])``.
     """
     b, t, d = hidden.shape
@@ -186,12 +244,11 @@ def chunked_token_logps(
     def to_chunks(x):
         return jnp.swapaxes(x.reshape(b, n, size, *x.shape[2:]), 0, 1)
 
-    @jax.checkpoint
+    w = model.output_embedding()
+
     def chunk_logps(chunk):
         h, tgt, m = chunk
-        logits = model.logits(h)  # [B, size, V] float32
-        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        return jnp.sum((picked - jax.nn.logsumexp(logits, axis=-1)) * m, axis=-1)
+        return _chunk_logps(h, w, tgt, m)
 
     per_chunk = jax.lax.map(chunk_logps, (to_chunks(hidden), to_chunks(targets), to_chunks(mask)))
     return jnp.sum(per_chunk, axis=0), jnp.sum(mask, axis=1)
