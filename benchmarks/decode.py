@@ -23,6 +23,8 @@ from jaxalign import sampling
 from jaxalign.models.registry import EMBEDDED, default_cache_dir, load
 from jaxalign.sampling import SamplingConfig, generate
 
+SETTLE_S = 3.0  # pause before each timed run
+
 TOPICS = [
     "the history of the printing press",
     "how vaccines train the immune system",
@@ -122,10 +124,13 @@ def main() -> None:
     if not args.skip_torch:
         runners["torch"] = torch_runner(folder, ids, mask, args.new_tokens)
     first = {name: timed(run, 0) for name, run in runners.items()}  # compile / warm-up
-    # Alternate the two so that load from other processes hits both alike.
+    # Alternate the two so that load from other processes hits both alike, with a short
+    # pause before each run so that one framework's threads and freed memory settle
+    # before the other is timed.
     times = {name: [] for name in runners}
     for seed in range(1, args.repeats + 1):
         for name, run in runners.items():
+            time.sleep(SETTLE_S)
             times[name].append(timed(run, seed))
     best = {name: min(t) for name, t in times.items()}
     result = {

@@ -242,12 +242,21 @@ def torch_stepper(config: ModelConfig, batch: dict):
     return run, {"peer": "hand-written torch DPO step"}
 
 
+SETTLE_S = 3.0  # pause before each timed run (see interleaved_times)
+
+
 def interleaved_times(steppers: dict, steps: int) -> dict[str, float]:
     """Median seconds per step of each stepper, run in turns (round 0 is warm-up), so that
-    load from other processes on the machine falls on all of them alike."""
+    load from other processes on the machine falls on all of them alike.
+
+    Each run starts after a short pause: measured here, a jaxalign step started right
+    after a TRL step took ~15% longer than one started 2 s later (the previous
+    framework's threads and freed memory are still settling), and the same pause
+    protects TRL's steps from jaxalign's."""
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for round_index in range(steps + 1):
         for name, run in steppers.items():
+            time.sleep(SETTLE_S)
             t = time.perf_counter()
             run()
             if round_index:
