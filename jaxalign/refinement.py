@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.models.llama import positions_from_mask
+from jaxalign.training import chunk_logps, logsumexp
 
 
 def extrapolated_logits(policy_logits: jax.Array, ref_logits: jax.Array, lam: float) -> jax.Array:
@@ -140,18 +141,22 @@ def _extrapolated_token_terms(
             x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
         return jnp.swapaxes(x.reshape(b, n, size, *x.shape[2:]), 0, 1)
 
-    @jax.checkpoint
+    w_policy = policy.output_embedding()
+
     def chunk_terms(chunk):
         hp, hr, tgt, m = chunk
-        logits = policy.logits(hp)
+        # log π carries the gradient through chunk_logps' own backward (logits
+        # recomputed there); the other two terms are constants of the step.
+        policy_terms = chunk_logps(hp, w_policy, tgt, m)
+        logits = jax.lax.stop_gradient(policy.logits(hp))
         ref_logits = jax.lax.stop_gradient(reference.logits(hr))
-        mixed = extrapolated_logits(jax.lax.stop_gradient(logits), ref_logits, lam)
+        mixed = extrapolated_logits(logits, ref_logits, lam)
 
         def picked(x):
             chosen = jnp.take_along_axis(x, tgt[..., None], axis=-1)[..., 0]
-            return jnp.sum((chosen - jax.nn.logsumexp(x, axis=-1)) * m, axis=-1)
+            return jnp.sum((chosen - logsumexp(x)) * m, axis=-1)
 
-        return picked(logits), picked(ref_logits), picked(mixed)
+        return policy_terms, picked(ref_logits), picked(mixed)
 
     chunks = (to_chunks(h_policy), to_chunks(h_ref), to_chunks(targets), to_chunks(mask))
     per_chunk = jax.lax.map(chunk_terms, chunks)

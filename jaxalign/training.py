@@ -161,7 +161,7 @@ LossFn = Callable[..., tuple[jax.Array, tuple[dict, dict]]]
 # ----------------------------------------------------------------------------- log-probs
 
 
-def _logsumexp(logits: jax.Array) -> jax.Array:
+def logsumexp(logits: jax.Array) -> jax.Array:
     """``logsumexp`` over the last axis, with the sum of exponentials as a matmul by a
     ones vector: XLA:CPU fuses ``sum(exp(x))`` into one scalar loop that runs at
     about half the speed of the vectorised ``exp`` plus a matmul (measured over a
@@ -173,13 +173,13 @@ def _logsumexp(logits: jax.Array) -> jax.Array:
 
 def _chunk_forward(h, w, targets, mask):
     logits = dense(h, w.astype(h.dtype), preferred_element_type=jnp.float32)  # [B,c,V]
-    lse = _logsumexp(logits)
+    lse = logsumexp(logits)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((picked - lse) * mask, axis=-1), lse
 
 
 @jax.custom_vjp
-def _chunk_logps(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+def chunk_logps(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """``Σ_t mask_t · log softmax(h_t W)[targets_t]`` per row; ``h [B,c,D]``, ``w [D,V]``.
 
     The backward pass recomputes the ``[B,c,V]`` logits from ``h`` (they are never
@@ -210,7 +210,7 @@ def _chunk_logps_bwd(residuals, g):
     return dh, dw, None, None
 
 
-_chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
+chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
 
 
 def chunked_token_logps(
@@ -226,7 +226,7 @@ def chunked_token_logps(
     is scored by the logits at ``t-1``: ``Σ_t m_t · log softmax(W h_{t-1})[ids_t]``.
     The sequence is cut into chunks of ``chunk_size`` positions; each chunk's
     ``[B,chunk,V]`` float32 logits live only inside one step of a map (recomputed
-    in the backward pass, see :func:`_chunk_logps`), so neither pass holds ``[B,T,V]``.
+    in the backward pass, see :func:`chunk_logps`), so neither pass holds ``[B,T,V]``.
     Returns ``(sum_logps [B], num_tokens [B])``.
     """
     b, t, d = hidden.shape
@@ -246,11 +246,11 @@ def chunked_token_logps(
 
     w = model.output_embedding()
 
-    def chunk_logps(chunk):
+    def one_chunk(chunk):
         h, tgt, m = chunk
-        return _chunk_logps(h, w, tgt, m)
+        return chunk_logps(h, w, tgt, m)
 
-    per_chunk = jax.lax.map(chunk_logps, (to_chunks(hidden), to_chunks(targets), to_chunks(mask)))
+    per_chunk = jax.lax.map(one_chunk, (to_chunks(hidden), to_chunks(targets), to_chunks(mask)))
     return jnp.sum(per_chunk, axis=0), jnp.sum(mask, axis=1)
 
 
