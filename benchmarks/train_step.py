@@ -7,6 +7,10 @@ log-probs precomputed (TRL: ``precompute_ref_log_probs=True``), AdamW, and
 gradient clipping. If TRL cannot be imported or run, an equivalent hand-written
 torch DPO step is timed instead and the JSON says so.
 
+Each framework runs in a worker process of its own (built one after the other, then
+timed in turns, one step at a time), so their allocators and thread pools never share
+a process.
+
 MFU: this machine's XLA float32 matmul peak is measured in the same run (a
 jitted 2048³ matmul), the step's model FLOPs are counted as
 ``6·N·tokens + 12·L·T²·D·sequences`` (the attention term counts full, unmasked
@@ -245,22 +249,71 @@ def torch_stepper(config: ModelConfig, batch: dict):
 SETTLE_S = 3.0  # pause before each timed run (see interleaved_times)
 
 
-def interleaved_times(steppers: dict, steps: int) -> dict[str, float]:
-    """Median seconds per step of each stepper, run in turns (round 0 is warm-up), so that
-    load from other processes on the machine falls on all of them alike.
+def _serve(kind: str, config: ModelConfig, batch: dict, chunk: int, conn) -> None:
+    """Worker process: builds one stepper, reports its info, then times one step per request."""
+    try:
+        if kind == "jaxalign":
+            run, info = jax_stepper(config, batch, chunk)
+            info["peak"] = matmul_peak()
+        else:
+            import torch
 
-    Each run starts after a short pause: measured here, a jaxalign step started right
-    after a TRL step took ~15% longer than one started 2 s later (the previous
-    framework's threads and freed memory are still settling), and the same pause
-    protects TRL's steps from jaxalign's."""
+            torch.set_num_threads(os.cpu_count() or 1)
+            run, info = (trl_stepper if kind == "trl" else torch_stepper)(config, batch)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which picks a fallback
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", info))
+    while conn.recv() == "step":
+        t = time.perf_counter()
+        run()
+        conn.send((time.perf_counter() - t, info.get("loss")))
+
+
+class Worker:
+    """One framework's stepper in its own process.
+
+    Each framework runs in a process of its own so that their allocators, thread pools
+    and freed-but-kept memory do not meet: measured in one process, a jaxalign step
+    run after TRL steps took 15-40% longer than before them, and returning freed heap
+    to the OS (``malloc_trim``) removed most of the gap."""
+
+    def __init__(self, kind: str, config: ModelConfig, batch: dict, chunk: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(kind, config, batch, chunk, child))
+        self.process.start()
+        status, self.info = self.conn.recv()
+        if status != "ready":
+            self.close()
+            raise RuntimeError(self.info)
+
+    def __call__(self) -> float:
+        self.conn.send("step")
+        seconds, loss = self.conn.recv()
+        self.info["loss"] = loss
+        return seconds
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send("stop")
+        self.process.join()
+
+
+def interleaved_times(steppers: dict, steps: int) -> dict[str, float]:
+    """Median seconds per step of each stepper (a callable returning its step's seconds),
+    run in turns (round 0 is warm-up), so that load from other processes on the machine
+    falls on all of them alike. Each run starts after a short pause, so that the
+    previous run's teardown is not timed."""
     times: dict[str, list[float]] = {name: [] for name in steppers}
     for round_index in range(steps + 1):
         for name, run in steppers.items():
             time.sleep(SETTLE_S)
-            t = time.perf_counter()
-            run()
+            seconds = run()
             if round_index:
-                times[name].append(time.perf_counter() - t)
+                times[name].append(seconds)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -277,20 +330,22 @@ def main() -> int:
 
     config = ModelConfig(tie_embeddings=True)  # SmolLM2-135M's shape
     batch = synthetic_pairs(args.pairs, args.length, config.vocab_size)
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    peak = matmul_peak()
-    steppers, infos = {}, {}
-    steppers["jaxalign"], infos["jaxalign"] = jax_stepper(config, batch, args.chunk)
+    steppers = {}
+    steppers["jaxalign"] = Worker("jaxalign", config, batch, args.chunk)
     peer_note = None
     try:
-        steppers["trl"], infos["trl"] = trl_stepper(config, batch)
-    except Exception as e:  # noqa: BLE001 - any TRL failure falls back to the torch step
-        peer_note = f"TRL failed ({type(e).__name__}: {e}); the peer is the hand-written torch step"
+        steppers["trl"] = Worker("trl", config, batch, args.chunk)
+    except RuntimeError as e:  # any TRL failure falls back to the torch step
+        peer_note = f"TRL failed ({e}); the peer is the hand-written torch step"
     if peer_note or not args.skip_torch_step:
-        steppers["torch"], infos["torch"] = torch_stepper(config, batch)
-    times = interleaved_times(steppers, args.steps)
+        steppers["torch"] = Worker("torch", config, batch, args.chunk)
+    try:
+        times = interleaved_times(steppers, args.steps)
+    finally:
+        for worker in steppers.values():
+            worker.close()
+    infos = {name: worker.info for name, worker in steppers.items()}
+    peak = infos["jaxalign"]["peak"]
     ours = {"step_s": times["jaxalign"], **infos["jaxalign"]}
     peer_key = "trl" if "trl" in times else "torch"
     peer = {"step_s": times[peer_key], "peer": infos[peer_key]["peer"]}
