@@ -9,7 +9,9 @@ torch DPO step is timed instead and the JSON says so.
 
 Each framework runs in a worker process of its own (built one after the other, then
 timed in turns, one step at a time), so their allocators and thread pools never share
-a process.
+a process. Both workers start with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc
+malloc backs large blocks with transparent huge pages; ``--small-pages`` turns it off),
+since both frameworks allocate gigabytes of fresh activation buffers every step.
 
 MFU: this machine's XLA float32 matmul peak is measured in the same run (a
 jitted 2048³ matmul), the step's model FLOPs are counted as
@@ -246,9 +248,6 @@ def torch_stepper(config: ModelConfig, batch: dict):
     return run, {"peer": "hand-written torch DPO step"}
 
 
-SETTLE_S = 3.0  # pause before each timed run (see interleaved_times)
-
-
 def _serve(kind: str, config: ModelConfig, batch: dict, chunk: int, conn) -> None:
     """Worker process: builds one stepper, reports its info, then times one step per request."""
     try:
@@ -303,17 +302,19 @@ class Worker:
 
 
 def interleaved_times(steppers: dict, steps: int) -> dict[str, float]:
-    """Median seconds per step of each stepper (a callable returning its step's seconds),
-    run in turns (round 0 is warm-up), so that load from other processes on the machine
-    falls on all of them alike. Each run starts after a short pause, so that the
-    previous run's teardown is not timed."""
+    """Median seconds per step of each stepper (a callable returning its step's seconds).
+
+    The steppers take turns, so that load from other processes on the machine falls
+    on all of them alike; in each turn a stepper runs one untimed step, then the timed
+    one. The untimed step is needed on VMs that hand freed guest memory back to the
+    host: measured here, a jaxalign step started after 30 s idle spent 10 s in the
+    kernel re-populating its buffers, against 1.6 s when run right after another step
+    (and training runs its steps back to back)."""
     times: dict[str, list[float]] = {name: [] for name in steppers}
-    for round_index in range(steps + 1):
+    for _ in range(steps):
         for name, run in steppers.items():
-            time.sleep(SETTLE_S)
-            seconds = run()
-            if round_index:
-                times[name].append(seconds)
+            run()
+            times[name].append(run())
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -326,7 +327,16 @@ def main() -> int:
         "--skip-torch-step", action="store_true", help="time TRL only (saves one model's memory)"
     )
     parser.add_argument("--chunk", type=int, default=64, help="log-prob chunk size (positions)")
+    parser.add_argument(
+        "--small-pages",
+        action="store_true",
+        help="do not ask glibc malloc for transparent huge pages in the workers",
+    )
     args = parser.parse_args()
+    if not args.small_pages:
+        # Both workers inherit it. Each step allocates gigabytes of fresh buffers; with
+        # 4 KiB pages a jaxalign step took ~1.75M page faults (~4 s of system time).
+        os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 
     config = ModelConfig(tie_embeddings=True)  # SmolLM2-135M's shape
     batch = synthetic_pairs(args.pairs, args.length, config.vocab_size)
@@ -372,6 +382,7 @@ def main() -> int:
         "model_gflops_per_step": round(flops / 1e9, 1),
         "xla_gflops_per_step": round(ours["xla_flops"] / 1e9, 1),
         "mfu": round(flops / ours["step_s"] / peak, 3),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "goals": {"ratio": 1.5, "mfu": 0.5},
     }
     if peer_note:
