@@ -480,6 +480,7 @@ class Session:
     adapters: nnx.State | None = None  # after the last finished iteration
     policy_params: nnx.State | None = None  # base merged with ``adapters``
     judge: Any = None
+    progress: bool = True  # progress bars (process 0 of a multi-process run only)
 
     @property
     def scaling(self) -> float:
@@ -780,6 +781,7 @@ def run(config, *, log: Callable[[str], None] = print) -> dict:
         log=log,
         adapters_graphdef=adapters_graphdef,
         adapters_init=adapters_init,
+        progress=cfg.run.progress and jax.process_index() == 0,
     )
     prompts, prompt_report = read_prompt_records(cfg.data.prompts, cfg.data.on_bad_record)
     log(prompt_report.summary())
