@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxalign import checkpoint, parallel, training
@@ -78,16 +79,25 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     assert not np.array_equal(a, train_loop.epoch_order(0, 2, 10))
 
 
-def test_reference_cache_is_keyed_by_record_index(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_reference_cache_is_keyed_by_record_index(tmp_path, monkeypatch, request, where):
+    """The cache is reused, or recomputed for other rows; in a local run directory or a
+    ``gs://`` one (the in-memory stand-in for a bucket)."""
     model = Transformer(TINY, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     calls = []
     real = dpo.with_reference_logps
     monkeypatch.setattr(dpo, "with_reference_logps", lambda *a: calls.append(1) or real(*a))
-    cache = tmp_path / dpo.reference_cache_name()
+    if where == "gs":
+        store = request.getfixturevalue("fake_gcs")
+        cache = f"gs://bucket/run/{dpo.reference_cache_name()}"
+    else:
+        cache = tmp_path / dpo.reference_cache_name()
     first = dpo.reference_logps(graphdef, params, _batches(), cache, CONFIG, False)
     again = dpo.reference_logps(graphdef, params, _batches(), cache, CONFIG, False)
     assert len(calls) == 1
+    if where == "gs":
+        assert any(k.endswith("run/reference_logps.npz") for k in store)
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["ref_chosen_logps"], b["ref_chosen_logps"])
     # Same shapes, other records (e.g. another host's rows): recomputed, not misread.

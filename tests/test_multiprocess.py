@@ -214,23 +214,65 @@ def write_pair_file(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def dpo_shard_config():
+DPO_OVERRIDES = [
+    "data.max_prompt_tokens=24",
+    "data.max_response_tokens=8",
+    "data.on_bad_record=skip",
+    "train.batch_size=8",
+    "train.learning_rate=1e-2",
+    "train.warmup_ratio=0.0",
+    "train.schedule=constant",
+    "train.logp_chunk_size=16",
+    "train.epochs=2",
+]
+
+
+def dpo_shard_config(*extra: str):
     from jaxalign.config import load_config
 
-    return load_config(
-        None,
-        [
-            "data.max_prompt_tokens=24",
-            "data.max_response_tokens=8",
-            "data.on_bad_record=skip",
-            "train.batch_size=8",
-            "train.learning_rate=1e-2",
-            "train.warmup_ratio=0.0",
-            "train.schedule=constant",
-            "train.logp_chunk_size=16",
-            "train.epochs=2",
-        ],
-    )
+    return load_config(None, [*DPO_OVERRIDES, *extra])
+
+
+def dpo_cli_overrides(model_dir: str) -> list[str]:
+    """``jaxalign dpo``'s overrides for the tiny model (real tokenizer: chat-templated
+    prompts are longer) on a (2, 2, 2) mesh."""
+    return [
+        f"model.name={model_dir}",
+        "data.max_prompt_tokens=64",
+        "run.mesh.data=2",
+        "run.mesh.fsdp=2",
+        "run.mesh.tensor=2",
+        "run.progress=false",
+    ]
+
+
+def dpo_command_twice(pairs: str, model_dir: str, out_dir: pathlib.Path) -> None:
+    """``jaxalign dpo`` as a user runs it on every host, then once more after the
+    checkpoints past step 2 are deleted (a run killed after step 2): it must resume."""
+    import shutil
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    from jaxalign import cli, parallel
+
+    run = out_dir / "run"
+    argv = ["dpo", "--pairs", pairs, "--output-dir", str(run), "--save-every", "2"]
+    argv += [*DPO_OVERRIDES, *dpo_cli_overrides(model_dir)]
+    assert cli.main(argv) == 0
+    first = (run / "model").exists()
+    multihost_utils.sync_global_devices("first run done")
+    if jax.process_index() == 0:
+        steps = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
+        for step in steps:
+            if step > 2:
+                shutil.rmtree(run / "checkpoints" / str(step))
+        shutil.rmtree(run / "model")
+    multihost_utils.sync_global_devices("checkpoints deleted")
+    assert cli.main(argv) == 0
+    mesh = parallel.make_mesh(2, 2, 2)
+    facts = {"process_rows": parallel.process_rows(mesh, 8).tolist(), "first_model": first}
+    (out_dir / f"cli_{jax.process_index()}.json").write_text(json.dumps(facts))
 
 
 def dpo_on_host_shares(pairs: pathlib.Path, out_dir: pathlib.Path) -> None:
@@ -339,6 +381,8 @@ def _worker(task: str, pid: int, port: int, out_dir: pathlib.Path, args: list[st
         np.savez(out_dir / f"train_{pid}.npz", **result)
     elif task == "dpo_shards":
         dpo_on_host_shares(pathlib.Path(args[0]), out_dir)
+    elif task == "dpo_cli":
+        dpo_command_twice(args[0], args[1], out_dir)
     elif task == "ple":
         from jaxalign.algorithms import ple
 
@@ -376,16 +420,72 @@ def test_train_step_on_two_processes_matches_one_process(tmp_path):
     assert moved.max() > 1e-3
 
 
-def test_dpo_with_host_shares_matches_one_process_on_the_same_batches(tmp_path):
-    """Each host reads and tokenises only its share; training equals one 8-device process
-    on the global batches those shares make (built here from the same plan)."""
+def dpo_on_one_process(pairs, tokenizer, model, config, process_rows):
+    """What two hosts' shares of ``pairs`` make, computed in this one 8-device process from
+    the pure functions: both shares read, one plan, each host's rows packed and placed as
+    ``process_rows[p]`` (the rows worker ``p`` fed) places them, reference log-probs and
+    training on a (2, 2, 2) mesh.
+
+    Returns ``(shares, local, batches, params)``: the two ``(records, positions, report)``
+    shares, each host's packed batches, the global batches with reference log-probs, and
+    the trained parameters by flat name.
+    """
     import jax
     from flax import nnx
 
     from jaxalign import parallel, training
     from jaxalign.algorithms import dpo
     from jaxalign.data import pairs as pair_data
-    from jaxalign.data.records import ReadReport, kept_record_index, read_record_share
+    from jaxalign.data.records import kept_record_index, read_record_share
+
+    mesh = parallel.make_mesh(2, 2, 2)
+    size = config.train.batch_size
+    shares = [read_record_share(pairs, "pairs", "skip", shard=(p, 2)) for p in range(2)]
+    n = sum(r.read for _, _, r in shares)
+    kept = [np.isin(np.arange(p, n, 2), pos) for p, (_, pos, _) in enumerate(shares)]
+    index = kept_record_index(kept, n)
+    limits = {k: getattr(config.data, k) for k in ("max_prompt_tokens", "max_response_tokens")}
+    bucketed = [
+        pair_data.bucket_pairs(recs, tokenizer, indices=index[pos], **limits)
+        for recs, pos, _ in shares
+    ]
+    plan = pair_data.plan_pair_batches([r.buckets for _, r in bucketed], size // PROCESSES)
+    local = [pair_data.pack_pair_batches(b, plan, size // PROCESSES, 0) for b, _ in bucketed]
+    batches = []
+    for k in range(len(plan)):
+        batch = {}
+        for name in local[0][k]:
+            value = np.zeros((size, *local[0][k][name].shape[1:]), local[0][k][name].dtype)
+            for p in range(PROCESSES):
+                value[process_rows[p]] = local[p][k][name]
+            batch[name] = value
+        batches.append(batch)
+    graphdef, params = nnx.split(model)
+    batches = dpo.with_reference_logps(graphdef, params, batches, config.train)
+    result = dpo.train(
+        model,
+        batches,
+        config.train,
+        mesh,
+        loss_fn=training.dpo_loss_fn(config.train),
+        epochs=config.train.epochs,
+        progress=False,
+        seed=config.run.seed,
+    )
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(result.params))
+    }
+    return shares, local, batches, flat
+
+
+def test_dpo_with_host_shares_matches_one_process_on_the_same_batches(tmp_path):
+    """Each host reads and tokenises only its share; training equals one 8-device process
+    on the global batches those shares make (built here from the same plan)."""
+    from flax import nnx
+
+    from jaxalign.data import pairs as pair_data
+    from jaxalign.data.records import ReadReport, read_record_share
     from jaxalign.models.llama import Transformer
 
     pairs = write_pair_file(tmp_path / "pairs.jsonl")
@@ -406,66 +506,70 @@ def test_dpo_with_host_shares_matches_one_process_on_the_same_batches(tmp_path):
     assert {f["cache"] for f in facts} == {f"reference_logps.process{p}-of-2.npz" for p in (0, 1)}
 
     # The same plan, built here from the two shares with the pure functions.
-    config = dpo_shard_config()
-    shares = [read_record_share(pairs, "pairs", "skip", shard=(p, 2)) for p in range(2)]
-    n = whole.read  # 22 records: the blank line is none
-    kept = [np.isin(np.arange(p, n, 2), pos) for p, (_, pos, _) in enumerate(shares)]
-    index = kept_record_index(kept, n)
-    limits = {k: getattr(config.data, k) for k in ("max_prompt_tokens", "max_response_tokens")}
-    bucketed = [
-        pair_data.bucket_pairs(recs, CharTokenizer(), indices=index[pos], **limits)
-        for recs, pos, _ in shares
-    ]
-    plan = pair_data.plan_pair_batches([r.buckets for _, r in bucketed], 4)
-    assert len(set(plan)) == 2 and facts[0]["batches"] == facts[1]["batches"] == len(plan)
-    local = [pair_data.pack_pair_batches(b, plan, 4, 0) for b, _ in bucketed]
-    batches = []
-    for k in range(len(plan)):
-        batch = {}
-        for name in local[0][k]:
-            value = np.zeros((8, *local[0][k][name].shape[1:]), local[0][k][name].dtype)
-            for p in range(PROCESSES):
-                value[facts[p]["process_rows"]] = local[p][k][name]
-                if name == "index":  # the worker fed exactly these rows
-                    np.testing.assert_array_equal(got[p][f"index_{k}"], local[p][k][name])
-            batch[name] = value
-        batches.append(batch)
+    model = Transformer(_tiny_config(), rngs=nnx.Rngs(0))
+    initial = np.asarray(nnx.state(model)["embed_tokens"][...]).copy()
+    rows = [f["process_rows"] for f in facts]
+    _, local, batches, expected = dpo_on_one_process(
+        pairs, CharTokenizer(), model, dpo_shard_config(), rows
+    )
+    assert facts[0]["batches"] == facts[1]["batches"] == len(batches) > 1
     assert sorted(i for b in batches for i in b["index"] if i >= 0) == list(range(19))
     total = pair_data.PairReport.from_dict(facts[0]["pair_report"])
-    assert total.kept == 19 and total.padding_pairs == 8 * len(plan) - 19
-
-    mesh = parallel.make_mesh(2, 2, 2)
-    model = Transformer(_tiny_config(), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    batches = dpo.with_reference_logps(graphdef, params, batches, config.train)
+    assert total.kept == 19 and total.padding_pairs == 8 * len(batches) - 19
     for k, batch in enumerate(batches):
         for p in range(PROCESSES):
+            # The worker fed exactly these rows, with these reference log-probs.
+            np.testing.assert_array_equal(got[p][f"index_{k}"], local[p][k]["index"])
             for side in ("chosen", "rejected"):
                 np.testing.assert_allclose(
                     got[p][f"ref_{side}_logps_{k}"],
-                    batch[f"ref_{side}_logps"][facts[p]["process_rows"]],
+                    batch[f"ref_{side}_logps"][rows[p]],
                     rtol=1e-5,
                     atol=1e-5,
                 )
-    result = dpo.train(
-        model,
-        batches,
-        config.train,
-        mesh,
-        loss_fn=training.dpo_loss_fn(config.train),
-        epochs=config.train.epochs,
-        progress=False,
-        seed=0,
-    )
-    expected = {
-        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-        for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(result.params))
-    }
-    initial = nnx.state(Transformer(_tiny_config(), rngs=nnx.Rngs(0)))
-    assert np.abs(expected["embed_tokens"] - np.asarray(initial["embed_tokens"][...])).max() > 1e-3
+    assert np.abs(expected["embed_tokens"] - initial).max() > 1e-3
     for p in range(PROCESSES):
         for name, value in expected.items():
             np.testing.assert_allclose(got[p][name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_dpo_command_on_two_processes_resumes_and_matches_one_process(tmp_path, tiny_model_dir):
+    """``jaxalign dpo`` end to end on 2 processes (host-local reading, per-process reference
+    caches, sharded checkpoints, a resume after a kill) trains what one 8-device process
+    trains on the same global batches."""
+    import jax
+
+    from jaxalign.checkpoint import load_params
+    from jaxalign.models.registry import load
+
+    pairs = write_pair_file(tmp_path / "pairs.jsonl")
+    launch("dpo_cli", tmp_path, str(pairs), str(tiny_model_dir))
+    run = tmp_path / "run"
+    facts = [json.loads((tmp_path / f"cli_{p}.json").read_text()) for p in range(PROCESSES)]
+    assert all(f["first_model"] for f in facts)
+    caches = sorted(x.name for x in run.glob("reference_logps*.npz"))
+    assert caches == [f"reference_logps.process{p}-of-2.npz" for p in range(PROCESSES)]
+    # The resumed run restarted after step 2 and wrote the metrics on process 0 only.
+    logs = [(tmp_path / f"worker_{p}.log").read_text() for p in range(PROCESSES)]
+    assert "resuming from step 2 of" in logs[0]
+    assert "skipped" in logs[0] and "skipped" not in logs[1]  # the read report: process 0
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    total = max(steps)
+    assert steps == [*range(1, total + 1), *range(3, total + 1)]
+
+    config = dpo_shard_config(*dpo_cli_overrides(str(tiny_model_dir)))
+    model, tokenizer = load(str(tiny_model_dir))
+    rows = [f["process_rows"] for f in facts]
+    _, _, batches, expected = dpo_on_one_process(pairs, tokenizer, model, config, rows)
+    assert total == config.train.epochs * len(batches)
+    saved = load_params(run / "model", None)  # an nnx state: each leaf under a "value" key
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in path).removesuffix("/value"): np.asarray(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(saved)
+    }
+    assert sorted(flat) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(flat[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @pytest.fixture(scope="module")

@@ -95,19 +95,23 @@ def write_object(path: epath.Path, data: bytes) -> None:
         f.write(data)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` all-or-nothing, on this process (whichever it is):
+    a temporary file and a rename locally, one object upload on ``gs://`` and the like."""
+    if _through_epath(path):
+        write_object(epath.Path(path), data)
+    else:
+        _write_local(pathlib.Path(path), data)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to ``path`` so that a crash leaves either the old file or the new one.
 
     Only process 0 of a multi-process run writes; the others (which computed the
     same text) return at once.
     """
-    if not parallel.is_primary_process():
-        return
-    data = text.encode("utf-8")
-    if _through_epath(path):
-        write_object(epath.Path(path), data)
-    else:
-        _write_local(pathlib.Path(path), data)
+    if parallel.is_primary_process():
+        write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import os
-import pathlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -39,6 +39,7 @@ from jaxalign.algorithms.dpo import (
     train,
     with_reference_logps,
 )
+from jaxalign.algorithms.rounds import run_path, write_bytes
 from jaxalign.models.llama import Transformer
 
 
@@ -61,17 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _save_npz_atomically(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def reference_logps(
     graphdef: nnx.GraphDef,
     params: nnx.State,
     batches: Sequence[dict],
-    cache: pathlib.Path,
+    cache: str | os.PathLike,
     config: training.TrainConfig,
     progress: bool = True,
     mesh=None,
@@ -99,8 +94,9 @@ def reference_logps(
                     return False
         return True
 
+    cache = run_path(cache)
     if cache.exists():
-        saved = np.load(cache)
+        saved = np.load(io.BytesIO(cache.read_bytes()))
         if matches(saved):
             return [
                 {
@@ -117,7 +113,9 @@ def reference_logps(
         arrays[f"rejected_{i}"] = batch["ref_rejected_logps"]
         if "index" in batch:
             arrays[f"index_{i}"] = np.asarray(batch["index"])
-    _save_npz_atomically(cache, arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(cache, buffer.getvalue())  # every process its own file: no process gating
     return out
 
 
@@ -149,13 +147,14 @@ def train_dpo(
     """Trains ``model`` on pair ``batches`` with resumable checkpoints in ``output_dir``.
 
     Returns the final parameters and the last step's metrics. A rerun with the
-    same arguments continues from the newest checkpoint. ``host_local``: ``batches``
-    are this process's rows only (``host_pair_batches``); the reference log-probs
-    are then computed and cached per process.
+    same arguments continues from the newest checkpoint. ``output_dir`` may be a
+    local path or a ``gs://`` URL (checkpoints, reference cache, metrics and model).
+    ``host_local``: ``batches`` are this process's rows only (``host_pair_batches``);
+    the reference log-probs are then computed and cached per process.
     """
     from jaxalign.report import MetricsWriter
 
-    out = pathlib.Path(output_dir)
+    out = run_path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     graphdef, params = nnx.split(model)
     batches = reference_logps(
@@ -203,8 +202,13 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"jaxalign dpo: {e}", file=sys.stderr)
         return 2
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
     parallel.initialize_distributed()
+    # Process 0 speaks for every host: the reports are summed over hosts, and every
+    # host runs the same steps (the others would print the same lines again).
+    if parallel.is_primary_process():
+        log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    else:
+        log = lambda msg: None
     m = config.run.mesh
     mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor)
     if config.train.batch_size % parallel.batch_divisor(mesh):
@@ -215,7 +219,6 @@ def main(args: argparse.Namespace) -> int:
         return 2
     # On several hosts each reads and tokenises only its share; process 0 reports the sums.
     host_local = jax.process_count() > 1
-    say = log if parallel.is_primary_process() else (lambda msg: None)
     path = args.pairs or config.data.seed_pairs
     try:
         if host_local:
@@ -225,9 +228,9 @@ def main(args: argparse.Namespace) -> int:
         else:
             records, read_report = read_preference_records(path, config.data.on_bad_record)
     except DataError as e:
-        say(f"jaxalign dpo: {e}")
+        log(f"jaxalign dpo: {e}")
         return 2
-    say(read_report.summary())
+    log(read_report.summary())
     model, tokenizer = load(
         config.model.name,
         param_dtype=config.model.param_dtype,
@@ -238,11 +241,11 @@ def main(args: argparse.Namespace) -> int:
         batches, pair_report = host_pair_batches(records, indices, tokenizer, config, mesh)
     else:
         batches, pair_report = pair_batches(records, tokenizer, config)
-    say(pair_report.summary())
+    log(pair_report.summary())
     if not batches:  # the same on every host: the plan is shared
-        say("jaxalign dpo: no usable preference pairs")
+        log("jaxalign dpo: no usable preference pairs")
         return 2
-    output_dir = pathlib.Path(args.output_dir or config.run.output_dir)
+    output_dir = run_path(args.output_dir or config.run.output_dir)
     _, last = train_dpo(
         model,
         batches,
