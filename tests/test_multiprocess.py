@@ -40,6 +40,20 @@ def _tiny_config():
     )
 
 
+def flat_params(tree) -> dict[str, np.ndarray]:
+    """Parameters by slash-joined name (``layers/attn/q_proj/kernel``) as numpy arrays; an
+    nnx state read back from orbax (each leaf under a ``value`` key) gives the same names."""
+    import jax
+    from flax import nnx
+
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path).removesuffix("/value"): np.asarray(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 def _pair_batch(seed: int, rows: int = 8, width: int = 16) -> dict[str, np.ndarray]:
     """Right-padded random pairs with precomputed reference log-probs and mixed weights."""
     rng = np.random.default_rng(seed)
@@ -103,10 +117,7 @@ def train_steps(checkpoint_dir: str | None = None) -> dict[str, np.ndarray]:
             params,
         )
         assert all(jax.tree.leaves(same)), "orbax restore differs from the saved state"
-    flat = {
-        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-        for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params))
-    }
+    flat = flat_params(params)
     return {"losses": np.array(losses), "accuracies": np.array(accuracies), **flat}
 
 
@@ -306,10 +317,7 @@ def dpo_on_host_shares(pairs: pathlib.Path, out_dir: pathlib.Path) -> None:
         host_local=True,
     )
     pid = jax.process_index()
-    flat = {
-        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-        for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(result.params))
-    }
+    flat = flat_params(result.params)
     fields = ("index", "ref_chosen_logps", "ref_rejected_logps")
     local = {f"{k}_{i}": b[k] for i, b in enumerate(batches) for k in fields}
     np.savez(out_dir / f"dpo_{pid}.npz", **flat, **local)
@@ -430,7 +438,6 @@ def dpo_on_one_process(pairs, tokenizer, model, config, process_rows):
     shares, each host's packed batches, the global batches with reference log-probs, and
     the trained parameters by flat name.
     """
-    import jax
     from flax import nnx
 
     from jaxalign import parallel, training
@@ -472,10 +479,7 @@ def dpo_on_one_process(pairs, tokenizer, model, config, process_rows):
         progress=False,
         seed=config.run.seed,
     )
-    flat = {
-        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-        for path, v in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(result.params))
-    }
+    flat = flat_params(result.params)
     return shares, local, batches, flat
 
 
@@ -537,7 +541,6 @@ def test_dpo_command_on_two_processes_resumes_and_matches_one_process(tmp_path, 
     """``jaxalign dpo`` end to end on 2 processes (host-local reading, per-process reference
     caches, sharded checkpoints, a resume after a kill) trains what one 8-device process
     trains on the same global batches."""
-    import jax
 
     from jaxalign.checkpoint import load_params
     from jaxalign.models.registry import load
@@ -562,11 +565,7 @@ def test_dpo_command_on_two_processes_resumes_and_matches_one_process(tmp_path, 
     rows = [f["process_rows"] for f in facts]
     _, _, batches, expected = dpo_on_one_process(pairs, tokenizer, model, config, rows)
     assert total == config.train.epochs * len(batches)
-    saved = load_params(run / "model", None)  # an nnx state: each leaf under a "value" key
-    flat = {
-        "/".join(str(getattr(k, "key", k)) for k in path).removesuffix("/value"): np.asarray(v)
-        for path, v in jax.tree_util.tree_leaves_with_path(saved)
-    }
+    flat = flat_params(load_params(run / "model", None))
     assert sorted(flat) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(flat[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
