@@ -286,13 +286,30 @@ def dpo_command_twice(pairs: str, model_dir: str, out_dir: pathlib.Path) -> None
     (out_dir / f"cli_{jax.process_index()}.json").write_text(json.dumps(facts))
 
 
+def train_dpo(model, batches, config, mesh, **kwargs):
+    """`dpo.train` with the DPO loss and the config's epochs, quietly."""
+    from jaxalign import training
+    from jaxalign.algorithms import dpo
+
+    return dpo.train(
+        model,
+        batches,
+        config.train,
+        mesh,
+        loss_fn=training.dpo_loss_fn(config.train),
+        epochs=config.train.epochs,
+        progress=False,
+        **kwargs,
+    )
+
+
 def dpo_on_host_shares(pairs: pathlib.Path, out_dir: pathlib.Path) -> None:
     """``jaxalign dpo``'s data path on each host: read and tokenise only this host's share,
     agree on the plan, cache its reference log-probs, train on host-local batches."""
     import jax
     from flax import nnx
 
-    from jaxalign import parallel, training
+    from jaxalign import parallel
     from jaxalign.algorithms import dpo
     from jaxalign.cli import dpo as dpo_cli
     from jaxalign.models.llama import Transformer
@@ -305,17 +322,7 @@ def dpo_on_host_shares(pairs: pathlib.Path, out_dir: pathlib.Path) -> None:
     graphdef, params = nnx.split(model)
     cache = out_dir / dpo_cli.reference_cache_name(host_local=True)
     batches = dpo_cli.reference_logps(graphdef, params, batches, cache, config.train, False)
-    result = dpo.train(
-        model,
-        batches,
-        config.train,
-        mesh,
-        loss_fn=training.dpo_loss_fn(config.train),
-        epochs=config.train.epochs,
-        progress=False,
-        seed=0,
-        host_local=True,
-    )
+    result = train_dpo(model, batches, config, mesh, seed=0, host_local=True)
     pid = jax.process_index()
     flat = flat_params(result.params)
     fields = ("index", "ref_chosen_logps", "ref_rejected_logps")
@@ -440,7 +447,7 @@ def dpo_on_one_process(pairs, tokenizer, model, config, process_rows):
     """
     from flax import nnx
 
-    from jaxalign import parallel, training
+    from jaxalign import parallel
     from jaxalign.algorithms import dpo
     from jaxalign.data import pairs as pair_data
     from jaxalign.data.records import kept_record_index, read_record_share
@@ -469,16 +476,7 @@ def dpo_on_one_process(pairs, tokenizer, model, config, process_rows):
         batches.append(batch)
     graphdef, params = nnx.split(model)
     batches = dpo.with_reference_logps(graphdef, params, batches, config.train)
-    result = dpo.train(
-        model,
-        batches,
-        config.train,
-        mesh,
-        loss_fn=training.dpo_loss_fn(config.train),
-        epochs=config.train.epochs,
-        progress=False,
-        seed=config.run.seed,
-    )
+    result = train_dpo(model, batches, config, mesh, seed=config.run.seed)
     flat = flat_params(result.params)
     return shares, local, batches, flat
 
