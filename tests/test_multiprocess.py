@@ -312,10 +312,16 @@ def dpo_on_host_shares(pairs: pathlib.Path, out_dir: pathlib.Path) -> None:
     from jaxalign import parallel
     from jaxalign.algorithms import dpo
     from jaxalign.cli import dpo as dpo_cli
+    from jaxalign.data.records import DataError
     from jaxalign.models.llama import Transformer
 
     config = dpo_shard_config()
     mesh = parallel.make_mesh(2, 2, 2)
+    try:  # each host finds another first bad record; all must report the file's first
+        dpo.read_host_pairs(str(pairs), mesh, 8, "error")
+        error = None
+    except DataError as e:
+        error = {"message": str(e), "position": e.position}
     records, indices, read_report = dpo.read_host_pairs(str(pairs), mesh, 8, "skip")
     batches, pair_report = dpo.host_pair_batches(records, indices, CharTokenizer(), config, mesh)
     model = Transformer(_tiny_config(), rngs=nnx.Rngs(0))
@@ -336,6 +342,7 @@ def dpo_on_host_shares(pairs: pathlib.Path, out_dir: pathlib.Path) -> None:
         "process_rows": parallel.process_rows(mesh, 8).tolist(),
         "batches": len(batches),
         "cache": cache.name,
+        "error": error,
     }
     (out_dir / f"dpo_{pid}.json").write_text(json.dumps(facts))
 
@@ -487,7 +494,7 @@ def test_dpo_with_host_shares_matches_one_process_on_the_same_batches(tmp_path):
     from flax import nnx
 
     from jaxalign.data import pairs as pair_data
-    from jaxalign.data.records import ReadReport, read_record_share
+    from jaxalign.data.records import DataError, ReadReport, read_record_share
     from jaxalign.models.llama import Transformer
 
     pairs = write_pair_file(tmp_path / "pairs.jsonl")
@@ -502,6 +509,15 @@ def test_dpo_with_host_shares_matches_one_process_on_the_same_batches(tmp_path):
     assert sorted(ids) == sorted(r["id"] for r in records) and len(set(ids)) == len(ids)
     reports = [ReadReport.from_dict(f["read_report"]) for f in facts]
     assert reports[0].to_dict() == reports[1].to_dict() == whole.to_dict()  # summed on each
+    # With on_bad_record=error every host stops with one host's message: the first bad
+    # record of the file, though each share's own first bad record is another one.
+    firsts = []
+    for share in [None, (0, 2), (1, 2)]:
+        with pytest.raises(DataError) as e:
+            read_record_share(pairs, "pairs", "error", shard=share)
+        firsts.append((str(e.value), e.value.position))
+    assert firsts[1] != firsts[2] and firsts[0] in firsts[1:]
+    assert [tuple(f["error"].values()) for f in facts] == [firsts[0]] * PROCESSES
     # Global indices name a record as one host would: its place among the kept records.
     for f in facts:
         assert [records[i]["id"] for i in f["indices"]] == f["ids"]

@@ -66,8 +66,9 @@ def read_host_pairs(
     Host share ``q`` of ``Q`` (:func:`jaxalign.parallel.data_shard`) keeps records
     ``q, q + Q, ...``; processes that feed the same rows read the same share. The index
     of a record is its place among the whole file's kept records, as one host reading
-    everything would number it. A bad record found by any host stops every host with that
-    host's message. All processes must call this together.
+    everything would number it. A bad record found by any host stops every host with the
+    message one host reading everything would give: that of the earliest bad record.
+    All processes must call this together.
     """
     share, shares = parallel.data_shard(mesh, batch_size)
     error = None
@@ -76,7 +77,8 @@ def read_host_pairs(
             path, layout, on_bad_record, shard=(share, shares)
         )
     except DataError as e:  # the other hosts must hear of it, not wait for this one
-        error, records, positions, report = str(e), [], np.zeros(0, np.int64), ReadReport(path)
+        error = {"message": str(e), "position": -1 if e.position is None else e.position}
+        records, positions, report = [], np.zeros(0, np.int64), ReadReport(path)
     hosts = parallel.allgather_json(
         {
             "share": share,
@@ -87,7 +89,8 @@ def read_host_pairs(
     )
     errors = [h["error"] for h in hosts if h["error"]]
     if errors:
-        raise DataError(errors[0])
+        first = min(errors, key=lambda e: e["position"])  # -1: the file itself is at fault
+        raise DataError(first["message"], first["position"] if first["position"] >= 0 else None)
     one_per_share = {h["share"]: h for h in hosts}
     total = ReadReport.combine(
         [ReadReport.from_dict(one_per_share[q]["report"]) for q in sorted(one_per_share)]

@@ -42,7 +42,15 @@ Shard = tuple[int, int]  # (this host's share p, number of shares P)
 
 
 class DataError(ValueError):
-    """A record or file that cannot be used; the message names file, line and field."""
+    """A record or file that cannot be used; the message names file, line and field.
+
+    ``position``: the bad record's 0-based number in the file, when one record is to
+    blame (hosts reading shares of a file report the earliest, as one host would).
+    """
+
+    def __init__(self, message: str, position: int | None = None):
+        super().__init__(message)
+        self.position = position
 
 
 @dataclasses.dataclass
@@ -247,7 +255,8 @@ def _positioned_records(
             if on_bad_record == "error":
                 raise DataError(
                     f"{where}: field {e.field!r}: expected {e.expected}. "
-                    "Fix the record, or set data.on_bad_record=skip to skip and count it."
+                    "Fix the record, or set data.on_bad_record=skip to skip and count it.",
+                    position,
                 ) from None
             report.skipped += 1
             report.reasons[e.reason] += 1
