@@ -344,6 +344,51 @@ def test_rerun_of_a_finished_run_redoes_nothing(ple_run):
         ple.run(config("ple.tau0=0.5"), log=lambda m: None)
 
 
+def _iteration_outputs(out):
+    files = ("candidates.jsonl", "scored.jsonl", "eval.jsonl")
+    return {f"{t}/{f}": (out / f"round_{t}" / f).read_text() for t in (0, 1) for f in files}
+
+
+# (stage function, which of its calls dies): within iteration 0, in iteration 1 after a
+# finished iteration 0 (whose adapters must then be loaded back), and in the final export.
+CRASHES = [("_train_stage", 1), ("_sample_stage", 2), ("_score_stage", 2), ("_export_stage", 1)]
+
+
+@pytest.mark.parametrize("stage,call", CRASHES)
+def test_resume_after_a_crash_matches_an_uninterrupted_run(
+    ple_run, tmp_path, monkeypatch, stage, call
+):
+    """A run killed right after a stage wrote its files, but before it was recorded as
+    finished, resumes: finished stages are not redone and every artifact, the exported
+    model included, equals the uninterrupted run's."""
+    done, _, config = ple_run
+    out = tmp_path / "run"
+    original = getattr(ple, stage)
+    calls = []
+
+    def crashing(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(stage)
+        if len(calls) == call:
+            raise KeyboardInterrupt("simulated kill")
+        return result
+
+    with monkeypatch.context() as m:
+        m.setattr(ple, stage, crashing)
+        with pytest.raises(KeyboardInterrupt):
+            ple.run(config(f"run.output_dir={out}"), log=lambda msg: None)
+    state_path = out / "state.json"
+    before = json.loads(state_path.read_text())["stages"] if state_path.exists() else {}
+    ple.run(config(f"run.output_dir={out}"), log=lambda msg: None)
+    after = json.loads(state_path.read_text())["stages"]
+    for key, entry in before.items():
+        assert after[key] == entry
+    assert after.keys() == json.loads((done / "state.json").read_text())["stages"].keys()
+    assert _iteration_outputs(out) == _iteration_outputs(done)
+    for name in ("model.safetensors", "config.json"):
+        assert (out / "model_hf" / name).read_bytes() == (done / "model_hf" / name).read_bytes()
+
+
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory, tiny_model_dir):
     """A random LlamaForSequenceClassification over SmolLM2's vocabulary (no tokenizer files:
