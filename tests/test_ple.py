@@ -378,7 +378,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
         with pytest.raises(KeyboardInterrupt):
             ple.run(config(f"run.output_dir={out}"), log=lambda msg: None)
     state_path = out / "state.json"
-    before = json.loads(state_path.read_text())["stages"] if state_path.exists() else {}
+    before = json.loads(state_path.read_text())["stages"]  # every crash point follows a stage
     ple.run(config(f"run.output_dir={out}"), log=lambda msg: None)
     after = json.loads(state_path.read_text())["stages"]
     for key, entry in before.items():
