@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.models.llama import positions_from_mask
-from jaxalign.training import chunk_logps, logsumexp
+from jaxalign.training import chunk_logps, logsumexp, map_sequence_chunks, next_token_targets
 
 
 def extrapolated_logits(policy_logits: jax.Array, ref_logits: jax.Array, lam: float) -> jax.Array:
@@ -125,26 +125,14 @@ def _extrapolated_token_terms(
 ):
     """Per-row sums of ``log π(y_t)``, ``log π_ref(y_t)`` and ``log p̃(y_t)`` over masked tokens.
 
-    Chunked over the sequence like :func:`jaxalign.training.chunked_token_logps`,
-    so no ``[B,T,V]`` logits are held; only ``log π`` carries a gradient.
+    Chunked over the sequence by :func:`jaxalign.training.map_sequence_chunks`, as
+    :func:`jaxalign.training.chunked_token_logps` is, so no ``[B,T,V]`` logits are held;
+    only ``log π`` carries a gradient.
     """
-    b, t, _ = h_policy.shape
-    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
-    mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
-    mask = mask.astype(jnp.float32)
-    size = min(chunk_size, t)
-    n = -(-t // size)
-    pad = n * size - t
-
-    def to_chunks(x):
-        if pad:
-            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-        return jnp.swapaxes(x.reshape(b, n, size, *x.shape[2:]), 0, 1)
-
+    targets, mask = next_token_targets(ids, loss_mask)
     w_policy = policy.output_embedding()
 
-    def chunk_terms(chunk):
-        hp, hr, tgt, m = chunk
+    def chunk_terms(hp, hr, tgt, m):
         # log π carries the gradient through chunk_logps' own backward (logits
         # recomputed there); the other two terms are constants of the step.
         policy_terms = chunk_logps(hp, w_policy, tgt, m)
@@ -158,8 +146,7 @@ def _extrapolated_token_terms(
 
         return policy_terms, picked(ref_logits), picked(mixed)
 
-    chunks = (to_chunks(h_policy), to_chunks(h_ref), to_chunks(targets), to_chunks(mask))
-    per_chunk = jax.lax.map(chunk_terms, chunks)
+    per_chunk = map_sequence_chunks(chunk_terms, (h_policy, h_ref, targets, mask), chunk_size)
     return tuple(jnp.sum(x, axis=0) for x in per_chunk)
 
 

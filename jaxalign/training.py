@@ -213,6 +213,37 @@ def _chunk_logps_bwd(residuals, g):
 chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
 
 
+def next_token_targets(ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(targets, mask)`` ``[B,T]`` aligned with the logits: position ``t`` predicts token
+    ``t+1``, so ``targets[:, t] = ids[:, t+1]`` and ``mask[:, t] = loss_mask[:, t+1]``
+    (float32; the last position predicts nothing)."""
+    b = ids.shape[0]
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
+    return targets, mask.astype(jnp.float32)
+
+
+def map_sequence_chunks(fn: Callable, arrays: tuple[jax.Array, ...], chunk_size: int):
+    """``fn`` applied to the sequence in chunks of ``chunk_size`` positions, one at a time.
+
+    ``arrays``: ``[B,T,...]`` each, cut along ``T`` (zero-padded to a multiple of the
+    chunk); ``fn(*chunk)`` gets each one's ``[B,c,...]`` piece. A ``lax.map`` runs the
+    chunks in sequence, so whatever ``fn`` builds (e.g. ``[B,c,V]`` logits) exists for
+    one chunk at a time. Returns ``fn``'s outputs stacked over chunks, ``[n, ...]``.
+    """
+    b, t = arrays[0].shape[:2]
+    size = min(chunk_size, t)
+    n = -(-t // size)
+    pad = n * size - t
+
+    def to_chunks(x):
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(b, n, size, *x.shape[2:]), 0, 1)
+
+    return jax.lax.map(lambda chunk: fn(*chunk), tuple(to_chunks(x) for x in arrays))
+
+
 def chunked_token_logps(
     model: Transformer,
     hidden: jax.Array,
@@ -224,33 +255,17 @@ def chunked_token_logps(
 
     ``hidden [B,T,D]`` (final-norm states), ``ids, loss_mask [B,T]``. Token ``t``
     is scored by the logits at ``t-1``: ``Σ_t m_t · log softmax(W h_{t-1})[ids_t]``.
-    The sequence is cut into chunks of ``chunk_size`` positions; each chunk's
-    ``[B,chunk,V]`` float32 logits live only inside one step of a map (recomputed
-    in the backward pass, see :func:`chunk_logps`), so neither pass holds ``[B,T,V]``.
+    The sequence is cut into chunks of ``chunk_size`` positions
+    (:func:`map_sequence_chunks`); each chunk's ``[B,chunk,V]`` float32 logits live
+    only inside one step of the map (recomputed in the backward pass, see
+    :func:`chunk_logps`), so neither pass holds ``[B,T,V]``.
     Returns ``(sum_logps [B], num_tokens [B])``.
     """
-    b, t, d = hidden.shape
-    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
-    mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
-    mask = mask.astype(jnp.float32)
-    size = min(chunk_size, t)
-    n = -(-t // size)
-    pad = n * size - t
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-
-    def to_chunks(x):
-        return jnp.swapaxes(x.reshape(b, n, size, *x.shape[2:]), 0, 1)
-
+    targets, mask = next_token_targets(ids, loss_mask)
     w = model.output_embedding()
-
-    def one_chunk(chunk):
-        h, tgt, m = chunk
-        return chunk_logps(h, w, tgt, m)
-
-    per_chunk = jax.lax.map(one_chunk, (to_chunks(hidden), to_chunks(targets), to_chunks(mask)))
+    per_chunk = map_sequence_chunks(
+        lambda h, tgt, m: chunk_logps(h, w, tgt, m), (hidden, targets, mask), chunk_size
+    )
     return jnp.sum(per_chunk, axis=0), jnp.sum(mask, axis=1)
 
 

@@ -105,6 +105,28 @@ def test_chunked_logps_equal_full_logits(model, chunk):
     np.testing.assert_array_equal(n, want_n)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_map_sequence_chunks_covers_every_position_once(chunk):
+    """Chunks (the last zero-padded) put every position through ``fn`` exactly once."""
+    x = np.arange(2 * 7 * 3, dtype=np.float32).reshape(2, 7, 3)
+    m = np.ones((2, 7), np.float32)
+    per_chunk = training.map_sequence_chunks(
+        lambda a, b: (jnp.sum(a * b[..., None], axis=1), a.shape[1]), (x, m), chunk
+    )
+    sums, widths = per_chunk
+    np.testing.assert_array_equal(np.sum(sums, axis=0), x.sum(axis=1))
+    assert sums.shape[0] == -(-7 // min(chunk, 7)) and set(np.asarray(widths)) == {min(chunk, 7)}
+
+
+def test_next_token_targets_shift_ids_and_mask_left():
+    ids = np.asarray([[5, 6, 7, 8]], np.int32)
+    mask = np.asarray([[0, 1, 1, 0]], np.int32)
+    targets, shifted = training.next_token_targets(ids, mask)
+    np.testing.assert_array_equal(targets, [[6, 7, 8, 0]])
+    np.testing.assert_array_equal(shifted, [[1, 1, 0, 0]])
+    assert shifted.dtype == jnp.float32
+
+
 def test_chunked_logps_gradients_equal_full_logits(model):
     ids, attention, loss_mask = _sequences(np.random.default_rng(2))
     graphdef, params = nnx.split(model)
