@@ -13,7 +13,6 @@ import jax
 from flax import nnx
 
 from jaxalign import judging, refinement, training
-from jaxalign.algorithms.dpo import response_logps, with_reference_logps
 from jaxalign.config import load_config
 from jaxalign.data.pairs import build_pair_batches
 from jaxalign.data.records import read_preference_records, read_prompt_records
@@ -21,6 +20,7 @@ from jaxalign.generation import sample_texts
 from jaxalign.models import load
 from jaxalign.parallel import make_global_batch, make_mesh, model_shardings
 from jaxalign.sampling import SamplingConfig
+from jaxalign.scoring import response_logps, with_reference_logps
 
 
 def train_steps(model, batches, config, mesh, loss_fn, steps, algo_state=None, frozen=None):

@@ -16,9 +16,10 @@ model) register a constructor in :data:`JUDGE_KINDS`.
 **KL to the reference.** For ``y ~ π_A(·|x)``,
 ``KL(π_A ‖ π_B) = E_x E_y [log π_A(y|x) − log π_B(y|x)]``; its Monte-Carlo
 estimate is the mean of that difference over sampled responses, with summed
-token log-probs recomputed by a forward pass (:func:`response_logprobs`) on the
-exact sampled tokens. The samples must come from ``π_A`` itself (temperature 1,
-no top-k/top-p/min-p); greedy or filtered answers would bias it.
+token log-probs recomputed by a forward pass
+(:func:`jaxalign.scoring.response_logprobs`) on the exact sampled tokens. The
+samples must come from ``π_A`` itself (temperature 1, no top-k/top-p/min-p);
+greedy or filtered answers would bias it.
 
 **Export** writes answers in the input formats of AlpacaEval 2.0
 (:func:`alpaca_eval_outputs`) and of FastChat's MT-Bench ``llm_judge``
@@ -28,7 +29,6 @@ no top-k/top-p/min-p); greedy or filtered answers would bias it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -38,12 +38,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-import jax
 import numpy as np
-from flax import nnx
 
-from jaxalign import judging, training
-from jaxalign.data.buckets import bucket_length
+from jaxalign import judging
 from jaxalign.judging import Candidate
 
 # ----------------------------------------------------------------------------- win rate
@@ -341,88 +338,6 @@ def kl_estimate(logp_model, logp_reference, num_tokens=None) -> KLEstimate:
     tokens = float(np.sum(num_tokens)) if num_tokens is not None else 0.0
     per_token = float(diff.sum() / tokens) if tokens > 0 else float("nan")
     return KLEstimate(float(diff.mean()), stderr, n, per_token)
-
-
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk_size",))
-def _sequence_logps(graphdef, params, ids, attention_mask, loss_mask, chunk_size):
-    model = nnx.merge(graphdef, params)
-    logps, _ = training.sequence_logps(model, ids, attention_mask, loss_mask, chunk_size)
-    return logps
-
-
-def pack_responses(
-    prompt_ids: Sequence[Sequence[int]],
-    response_ids: Sequence[Sequence[int]],
-    width: int,
-    pad_id: int,
-) -> dict[str, np.ndarray]:
-    """``ids, attention_mask, loss_mask [B, width]``, prompt + response right-padded;
-    ``loss_mask`` is 1 on response tokens (the pair-batch row layout)."""
-    b = len(prompt_ids)
-    ids = np.full((b, width), pad_id, np.int32)
-    attention = np.zeros((b, width), np.int32)
-    loss = np.zeros((b, width), np.int32)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-        n, m = len(p), len(r)
-        ids[i, : n + m] = [*p, *r]
-        attention[i, : n + m] = 1
-        loss[i, n : n + m] = 1
-    return {"ids": ids, "attention_mask": attention, "loss_mask": loss}
-
-
-def response_logprobs(
-    model,
-    tokenizer,
-    prompts: Sequence,
-    response_ids: Sequence[Sequence[int]],
-    *,
-    batch_size: int = 8,
-    chunk_size: int = 256,
-    use_chat_template: bool = True,
-) -> np.ndarray:
-    """``log π(y_i | x_i)`` ``[N]`` (float64) of the exact response token ids, by a forward pass.
-
-    Prompts are encoded as the sampler encodes them (chat template applied);
-    ``response_ids[i]`` are the generated ids, EOS included when one was produced.
-    Rows are grouped by length buckets (``jaxalign.data.buckets``) and batches filled with empty
-    rows to ``batch_size``, so a run compiles one program per bucket.
-    """
-    graphdef, params = nnx.split(model)
-    context = model.config.max_position_embeddings
-    prompt_ids = [tokenizer.encode_prompt(p, use_chat_template=use_chat_template) for p in prompts]
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
-    for i, length in enumerate(lengths):
-        if length > context:
-            raise ValueError(
-                f"prompt {i}: prompt + response is {length} tokens, more than the model's "
-                f"context of {context}"
-            )
-    by_bucket: dict[int, list[int]] = {}
-    for i, length in enumerate(lengths):
-        by_bucket.setdefault(bucket_length(length, context), []).append(i)
-    out = np.zeros(len(prompts), np.float64)
-    pad_id = int(tokenizer.pad_token_id)
-    for width in sorted(by_bucket):
-        members = by_bucket[width]
-        for start in range(0, len(members), batch_size):
-            rows = members[start : start + batch_size]
-            filler = batch_size - len(rows)
-            batch = pack_responses(
-                [prompt_ids[i] for i in rows] + [[]] * filler,
-                [response_ids[i] for i in rows] + [[]] * filler,
-                width,
-                pad_id,
-            )
-            logps = _sequence_logps(
-                graphdef,
-                params,
-                batch["ids"],
-                batch["attention_mask"],
-                batch["loss_mask"],
-                chunk_size=min(chunk_size, width),
-            )
-            out[rows] = np.asarray(logps)[: len(rows)]
-    return out
 
 
 # ----------------------------------------------------------------------------- export

@@ -138,36 +138,3 @@ def test_host_share_path_on_one_process_is_the_single_host_path(tmp_path):
         assert list(a) == list(b)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
-
-
-def test_reference_and_judge_log_probs_sharded_over_a_mesh_equal_one_device():
-    """with_reference_logps / response_logps on a (data 2, fsdp 2, tensor 2) mesh equal
-    the single-device pass, row for row (padding rows included)."""
-    import types
-
-    mesh = parallel.make_mesh(2, 2, 2)
-    graphdef, params = nnx.split(Transformer(TINY, rngs=nnx.Rngs(1)))
-    batches = _batches()
-    config = training.TrainConfig(batch_size=4, logp_chunk_size=8)
-    one = train_loop.with_reference_logps(graphdef, params, batches, config)
-    sharded = train_loop.with_reference_logps(graphdef, params, batches, config, mesh=mesh)
-    for a, b in zip(one, sharded, strict=True):
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            assert isinstance(b[key], np.ndarray) and b[key].shape == (4,)
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-5)
-    assert np.abs(one[0]["ref_chosen_logps"]).min() > 1  # real log-probs, not zeros
-
-    records = [
-        {"id": str(i), "prompt": f"q{i}", "chosen": "a" * (i + 1), "rejected": "bc" * i}
-        for i in range(1, 7)
-    ]
-    cfg = types.SimpleNamespace(
-        train=config,
-        data=types.SimpleNamespace(
-            max_prompt_tokens=16, max_response_tokens=16, use_chat_template=False
-        ),
-    )
-    plain = train_loop.response_logps(graphdef, params, records, CharTokenizer(), cfg)
-    on_mesh = train_loop.response_logps(graphdef, params, records, CharTokenizer(), cfg, mesh)
-    np.testing.assert_allclose(on_mesh, plain, rtol=1e-5, atol=1e-5)
-    assert plain.shape == (6, 2) and np.all(plain < 0)

@@ -14,7 +14,6 @@ from jaxalign.evaluation import (
     length_stats,
     make_judge,
     read_verdicts,
-    response_logprobs,
     win_rate,
 )
 from jaxalign.judging import Candidate
@@ -164,31 +163,6 @@ def test_kl_estimate_matches_exact_categorical_kl():
     y = rng.choice(4, size=20000, p=p)
     kl = kl_estimate(np.log(p[y]), np.log(q[y]))
     assert abs(kl.kl - exact) < 4 * kl.stderr
-
-
-def test_response_logprobs_match_transformers(tiny_model_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from jaxalign.models import load
-
-    model, tokenizer = load(tiny_model_dir)
-    prompts = ["Name a colour.", [{"role": "user", "content": "What is 2+2?"}], "Hi"]
-    rng = np.random.default_rng(1)
-    responses = [
-        rng.integers(0, tokenizer.vocab_size, n).tolist() + [tokenizer.end_of_turn_id]
-        for n in (3, 20, 1)
-    ]
-    ours = response_logprobs(model, tokenizer, prompts, responses, batch_size=2, chunk_size=16)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        prompt_ids = tokenizer.encode_prompt(prompt)
-        ids = torch.tensor([prompt_ids + response])
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(ids).logits[0].double(), -1)
-        n = len(prompt_ids)
-        want = sum(logp[n + j - 1, t].item() for j, t in enumerate(response))
-        assert abs(ours[i] - want) < 1e-4 * max(1.0, abs(want)), (i, ours[i], want)
 
 
 # ----------------------------------------------------------------------------- export

@@ -454,8 +454,7 @@ def dpo_on_one_process(pairs, tokenizer, model, config, process_rows):
     """
     from flax import nnx
 
-    from jaxalign import parallel
-    from jaxalign.algorithms import dpo
+    from jaxalign import parallel, scoring
     from jaxalign.data import pairs as pair_data
     from jaxalign.data.records import kept_record_index, read_record_share
 
@@ -482,7 +481,7 @@ def dpo_on_one_process(pairs, tokenizer, model, config, process_rows):
             batch[name] = value
         batches.append(batch)
     graphdef, params = nnx.split(model)
-    batches = dpo.with_reference_logps(graphdef, params, batches, config.train)
+    batches = scoring.with_reference_logps(graphdef, params, batches, config.train)
     result = train_dpo(model, batches, config, mesh, seed=config.run.seed)
     flat = flat_params(result.params)
     return shares, local, batches, flat

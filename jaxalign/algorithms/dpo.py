@@ -29,7 +29,7 @@ from jaxalign import checkpoint, parallel, training
 from jaxalign.data import pairs as pair_data
 from jaxalign.data.records import DataError, ReadReport, kept_record_index, read_record_share
 from jaxalign.models.llama import Transformer
-from jaxalign.parallel import model_shardings, shard_host_batch, to_host, tree_to_host
+from jaxalign.parallel import model_shardings, shard_host_batch, tree_to_host
 
 
 @dataclasses.dataclass
@@ -39,23 +39,6 @@ class TrainResult:
     skipped_steps: int
     last_metrics: dict[str, float]
     mean_metrics: dict[str, float]
-
-
-def pair_batches(records: Sequence[dict], tokenizer, config) -> tuple[list[dict], Any]:
-    """Tokenised, bucketed pair batches of ``config.train.batch_size`` pairs from text records.
-
-    Records may carry ``chosen_eos``/``rejected_eos`` (False for a response cut
-    at the token limit, so no EOS is appended) and ``p`` (the judge's
-    preference probability, kept as a batch field for SPA's label modes).
-    """
-    return pair_data.build_pair_batches(
-        records,
-        tokenizer,
-        batch_size=config.train.batch_size,
-        max_prompt_tokens=config.data.max_prompt_tokens,
-        max_response_tokens=config.data.max_response_tokens,
-        use_chat_template=config.data.use_chat_template,
-    )
 
 
 def read_host_pairs(
@@ -142,95 +125,6 @@ def host_pair_batches(
     total = pair_data.PairReport.combine([one_per_share[q] for q in sorted(one_per_share)])
     total.padding_pairs = len(plan) * batch_size - total.kept
     return batches, total
-
-
-def _scoring_pass(graphdef: nnx.GraphDef, params: nnx.State, chunk_size: int, mesh):
-    """``batch -> {ref_chosen_logps, ref_rejected_logps}`` as numpy ``[B]`` arrays.
-
-    With a ``mesh``, the parameters are placed once as training places them and
-    each batch's rows are split over the data axes (every process holds the batch
-    whole and feeds its own rows), so the pass runs on every device of the mesh,
-    across hosts too. Without one, it runs on this process's default device.
-    """
-    if mesh is None:
-
-        def score(batch):
-            ref = training.compute_reference_logps(graphdef, params, batch, chunk_size)
-            return {k: np.asarray(v) for k, v in ref.items()}
-
-        return score
-    placed = jax.device_put(params, model_shardings(params, mesh))
-    fields = [k for k in training.PAIR_FIELDS if k.endswith(("ids", "mask"))]
-
-    def score(batch):
-        rows = shard_host_batch({k: np.asarray(batch[k]) for k in fields}, mesh)
-        ref = training.compute_reference_logps(graphdef, placed, rows, chunk_size)
-        return {k: to_host(v) for k, v in ref.items()}
-
-    return score
-
-
-def with_reference_logps(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    batches: Sequence[dict],
-    config: training.TrainConfig,
-    progress: bool = False,
-    mesh=None,
-) -> list[dict]:
-    """Each batch with ``ref_chosen_logps``/``ref_rejected_logps`` under ``params`` added.
-
-    ``mesh``: run the pass sharded over it (see :func:`_scoring_pass`); every
-    process must then hold the same ``batches``.
-    """
-    score = _scoring_pass(graphdef, params, config.logp_chunk_size, mesh)
-    return [
-        {**batch, **score(batch)}
-        for batch in tqdm(batches, desc="reference log-probs", disable=not progress)
-    ]
-
-
-def response_logps(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    records: Sequence[dict],
-    tokenizer,
-    config,
-    mesh=None,
-) -> np.ndarray:
-    """``[N, 2]`` summed log-probs of each record's (``chosen``, ``rejected``) response.
-
-    Used by judges: the two slots are just "first" and "second" candidate here.
-    ``mesh``: as for :func:`with_reference_logps`.
-    """
-    batches, report = pair_batches(records, tokenizer, config)
-    if report.kept != len(records):
-        raise ValueError(
-            f"{len(records) - report.kept} of {len(records)} candidate pairs could not be "
-            "tokenised for judging; see the pair report"
-        )
-    score = _scoring_pass(graphdef, params, config.train.logp_chunk_size, mesh)
-    out = np.zeros((len(records), 2), np.float64)
-    for batch in batches:
-        ref = score(batch)
-        rows = np.asarray(batch["index"])
-        valid = rows >= 0
-        out[rows[valid], 0] = ref["ref_chosen_logps"][valid]
-        out[rows[valid], 1] = ref["ref_rejected_logps"][valid]
-    return out
-
-
-def response_token_counts(records: Sequence[dict], tokenizer, config) -> np.ndarray:
-    """``[N, 2]`` tokens scored per (``chosen``, ``rejected``) response, as :func:`response_logps`
-    scores them (after truncation, EOS included when the response had one)."""
-    batches, _ = pair_batches(records, tokenizer, config)
-    out = np.zeros((len(records), 2), np.int64)
-    for batch in batches:
-        rows = np.asarray(batch["index"])
-        valid = rows >= 0
-        out[rows[valid], 0] = np.asarray(batch["chosen_loss_mask"]).sum(1)[valid]
-        out[rows[valid], 1] = np.asarray(batch["rejected_loss_mask"]).sum(1)[valid]
-    return out
 
 
 def epoch_order(seed: int, epoch: int, num_batches: int) -> np.ndarray:

@@ -38,10 +38,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxalign import checkpoint, judging, refinement, training
+from jaxalign import checkpoint, judging, refinement, scoring, training
 from jaxalign.algorithms import dpo
 from jaxalign.algorithms.rounds import RoundRunner, atomic_write_jsonl, finish_run, read_jsonl
 from jaxalign.config import Config, to_dict
+from jaxalign.data.pairs import pair_batches
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.evaluation import score_answers, win_rate
 from jaxalign.generation import sample_texts
@@ -92,12 +93,12 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
     seed_round = round_index == 0
     policy_params = s.init_params if seed_round else s.policy_params
     epochs = spa.seed_epochs if seed_round else spa.round_epochs
-    batches, build_report = dpo.pair_batches(records, s.tokenizer, cfg)
+    batches, build_report = pair_batches(records, s.tokenizer, cfg)
     if not batches:
         raise ValueError(f"round {round_index}: no usable preference pairs to train on")
     if seed_round or not spa.refine:
         # Plain DPO; reference log-probs precomputed once, so training holds one model.
-        batches = dpo.with_reference_logps(
+        batches = scoring.with_reference_logps(
             s.graphdef, policy_params, batches, cfg.train, mesh=s.mesh
         )
         loss_fn = training.dpo_loss_fn(cfg.train)
@@ -212,12 +213,12 @@ def _judge_stage(s: Session, round_index: int, candidates_path: str, out: pathli
     ]
 
     def logps(params):
-        return dpo.response_logps(s.graphdef, params, pair_records, s.tokenizer, cfg, s.mesh)
+        return scoring.response_logps(s.graphdef, params, pair_records, s.tokenizer, cfg, s.mesh)
 
     logp_policy, logp_init = logps(s.policy_params), logps(s.init_params)
     counts = None
     if cfg.spa.judge_length_normalize:
-        counts = dpo.response_token_counts(pair_records, s.tokenizer, cfg)
+        counts = scoring.response_token_counts(pair_records, s.tokenizer, cfg)
     rewards = judging.implicit_reward(logp_policy, logp_init, cfg.train.beta, counts)  # [N, 2]
     candidates = [
         [judging.Candidate(x["text"], x["finished"], x["num_tokens"]) for x in r["responses"][:2]]

@@ -32,15 +32,11 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import checkpoint, parallel, training
-from jaxalign.algorithms.dpo import (
-    host_pair_batches,
-    pair_batches,
-    read_host_pairs,
-    train,
-    with_reference_logps,
-)
+from jaxalign.algorithms.dpo import host_pair_batches, read_host_pairs, train
 from jaxalign.algorithms.rounds import run_path, write_bytes
+from jaxalign.data.pairs import pair_batches
 from jaxalign.models.llama import Transformer
+from jaxalign.scoring import with_reference_logps
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

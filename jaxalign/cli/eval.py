@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     """Everything ``main`` does, returning the summary written to ``eval.json``."""
     import numpy as np
 
-    from jaxalign import evaluation
+    from jaxalign import evaluation, scoring
     from jaxalign.algorithms.rounds import atomic_write_jsonl, atomic_write_text
     from jaxalign.data.records import read_prompt_records
     from jaxalign.judging import Candidate
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict:
                     kl_tokens.append(c.token_ids)
                     kl_texts.append(c.text)
             prompts = [r["prompt"] for r in kl_prompts]
-            logp_model = evaluation.response_logprobs(
+            logp_model = scoring.response_logprobs(
                 model, tokenizer, prompts, kl_tokens, batch_size=args.batch_size
             )
         if args.baseline != args.model:
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
                 _answer(model, tokenizer, records, config, args, args.seed)
             )
         if args.kl_samples > 0:
-            logp_ref = evaluation.response_logprobs(
+            logp_ref = scoring.response_logprobs(
                 model,
                 tokenizer,
                 [r["prompt"] for r in kl_prompts],

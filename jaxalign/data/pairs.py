@@ -269,3 +269,22 @@ def build_pair_batches(
     batches = pack_pair_batches(by_bucket, plan, batch_size, pad_token_id(tokenizer))
     report.padding_pairs = len(plan) * batch_size - report.kept
     return batches, report
+
+
+def pair_batches(records: Sequence[dict], tokenizer, config) -> tuple[list[dict], PairReport]:
+    """:func:`build_pair_batches` with a run's sizes: ``config.train.batch_size`` pairs per
+    batch, ``config.data``'s token limits and chat-template setting (``config``: a
+    :class:`jaxalign.config.Config`).
+
+    Records may carry ``chosen_eos``/``rejected_eos`` (False for a response cut
+    at the token limit, so no EOS is appended) and ``p`` (the judge's
+    preference probability, kept as a batch field for SPA's label modes).
+    """
+    return build_pair_batches(
+        records,
+        tokenizer,
+        batch_size=config.train.batch_size,
+        max_prompt_tokens=config.data.max_prompt_tokens,
+        max_response_tokens=config.data.max_response_tokens,
+        use_chat_template=config.data.use_chat_template,
+    )

@@ -1,0 +1,212 @@
+"""Scoring passes: log-probs of fixed responses under a model, batched and sharded, no gradients.
+
+Every place that needs ``log π(y|x)`` of responses it already has calls this module:
+
+- the **reference** log-probs of a round's pair batches (:func:`with_reference_logps`),
+  computed once so that training holds one model (DPO, SPA's seed round);
+- the **judge**'s passes (:func:`response_logps`): SPA's implicit reward
+  ``r = β·(log π − log π_init)`` needs each candidate's summed log-prob under both models;
+- **evaluation**'s log-probs of exact sampled token ids (:func:`response_logprobs`), for
+  the Monte-Carlo KL of :mod:`jaxalign.evaluation`;
+- a **reward model**'s scalar scores of token rows (:func:`reward_scores`).
+
+Log-probs are summed over response tokens, computed chunk by chunk
+(:func:`jaxalign.training.chunked_token_logps`), so no ``[B,T,V]`` logits are held.
+The pair passes run on every device of a mesh when one is given: the parameters are
+placed as training places them and each batch's rows are split over the data axes
+(every process holds the batch whole and feeds its own rows), across hosts too.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxalign import training
+from jaxalign.data.buckets import bucket_length
+from jaxalign.data.pairs import pair_batches
+from jaxalign.parallel import model_shardings, shard_host_batch, to_host
+
+# ----------------------------------------------------------------------------- pair batches
+
+
+def pair_scorer(
+    graphdef: nnx.GraphDef, params: nnx.State, chunk_size: int, mesh=None
+) -> Callable[[dict], dict[str, np.ndarray]]:
+    """``batch -> {ref_chosen_logps, ref_rejected_logps}``, numpy ``[B]`` each, under ``params``.
+
+    With a ``mesh``, the parameters are placed once as training places them and each
+    batch's rows are split over the data axes, so the pass runs on every device of the
+    mesh, across hosts too (every process must hold the same batch). Without one, it
+    runs on this process's default device.
+    """
+    if mesh is None:
+
+        def score(batch):
+            ref = training.compute_reference_logps(graphdef, params, batch, chunk_size)
+            return {k: np.asarray(v) for k, v in ref.items()}
+
+        return score
+    placed = jax.device_put(params, model_shardings(params, mesh))
+    fields = [k for k in training.PAIR_FIELDS if k.endswith(("ids", "mask"))]
+
+    def score(batch):
+        rows = shard_host_batch({k: np.asarray(batch[k]) for k in fields}, mesh)
+        ref = training.compute_reference_logps(graphdef, placed, rows, chunk_size)
+        return {k: to_host(v) for k, v in ref.items()}
+
+    return score
+
+
+def with_reference_logps(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batches: Sequence[dict],
+    config: training.TrainConfig,
+    progress: bool = False,
+    mesh=None,
+) -> list[dict]:
+    """Each batch with ``ref_chosen_logps``/``ref_rejected_logps`` under ``params`` added.
+
+    ``mesh``: run the pass sharded over it (see :func:`pair_scorer`); every process
+    must then hold the same ``batches``.
+    """
+    score = pair_scorer(graphdef, params, config.logp_chunk_size, mesh)
+    return [
+        {**batch, **score(batch)}
+        for batch in tqdm(batches, desc="reference log-probs", disable=not progress)
+    ]
+
+
+def response_logps(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    records: Sequence[dict],
+    tokenizer,
+    config,
+    mesh=None,
+) -> np.ndarray:
+    """``[N, 2]`` summed log-probs of each record's (``chosen``, ``rejected``) response.
+
+    Used by judges: the two slots are just "first" and "second" candidate here. Records
+    are tokenised and batched as training batches are (:func:`jaxalign.data.pairs.pair_batches`,
+    ``config`` a :class:`jaxalign.config.Config`). ``mesh``: as for :func:`with_reference_logps`.
+    """
+    batches, report = pair_batches(records, tokenizer, config)
+    if report.kept != len(records):
+        raise ValueError(
+            f"{len(records) - report.kept} of {len(records)} candidate pairs could not be "
+            "tokenised for judging; see the pair report"
+        )
+    score = pair_scorer(graphdef, params, config.train.logp_chunk_size, mesh)
+    out = np.zeros((len(records), 2), np.float64)
+    for batch in batches:
+        ref = score(batch)
+        rows = np.asarray(batch["index"])
+        valid = rows >= 0
+        out[rows[valid], 0] = ref["ref_chosen_logps"][valid]
+        out[rows[valid], 1] = ref["ref_rejected_logps"][valid]
+    return out
+
+
+def response_token_counts(records: Sequence[dict], tokenizer, config) -> np.ndarray:
+    """``[N, 2]`` tokens scored per (``chosen``, ``rejected``) response, as :func:`response_logps`
+    scores them (after truncation, EOS included when the response had one)."""
+    batches, _ = pair_batches(records, tokenizer, config)
+    out = np.zeros((len(records), 2), np.int64)
+    for batch in batches:
+        rows = np.asarray(batch["index"])
+        valid = rows >= 0
+        out[rows[valid], 0] = np.asarray(batch["chosen_loss_mask"]).sum(1)[valid]
+        out[rows[valid], 1] = np.asarray(batch["rejected_loss_mask"]).sum(1)[valid]
+    return out
+
+
+# ----------------------------------------------------------------------------- token rows
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk_size",))
+def _sequence_logps(graphdef, params, ids, attention_mask, loss_mask, chunk_size):
+    model = nnx.merge(graphdef, params)
+    logps, _ = training.sequence_logps(model, ids, attention_mask, loss_mask, chunk_size)
+    return logps
+
+
+def pack_responses(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    width: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    """``ids, attention_mask, loss_mask [B, width]``, prompt + response right-padded;
+    ``loss_mask`` is 1 on response tokens (the pair-batch row layout)."""
+    b = len(prompt_ids)
+    ids = np.full((b, width), pad_id, np.int32)
+    attention = np.zeros((b, width), np.int32)
+    loss = np.zeros((b, width), np.int32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+        n, m = len(p), len(r)
+        ids[i, : n + m] = [*p, *r]
+        attention[i, : n + m] = 1
+        loss[i, n : n + m] = 1
+    return {"ids": ids, "attention_mask": attention, "loss_mask": loss}
+
+
+def response_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    response_ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 8,
+    chunk_size: int = 256,
+    use_chat_template: bool = True,
+) -> np.ndarray:
+    """``log π(y_i | x_i)`` ``[N]`` (float64) of the exact response token ids, by a forward pass.
+
+    Prompts are encoded as the sampler encodes them (chat template applied);
+    ``response_ids[i]`` are the generated ids, EOS included when one was produced.
+    Rows are grouped by length buckets (``jaxalign.data.buckets``) and batches filled with empty
+    rows to ``batch_size``, so a run compiles one program per bucket.
+    """
+    graphdef, params = nnx.split(model)
+    context = model.config.max_position_embeddings
+    prompt_ids = [tokenizer.encode_prompt(p, use_chat_template=use_chat_template) for p in prompts]
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+    for i, length in enumerate(lengths):
+        if length > context:
+            raise ValueError(
+                f"prompt {i}: prompt + response is {length} tokens, more than the model's "
+                f"context of {context}"
+            )
+    by_bucket: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        by_bucket.setdefault(bucket_length(length, context), []).append(i)
+    out = np.zeros(len(prompts), np.float64)
+    pad_id = int(tokenizer.pad_token_id)
+    for width in sorted(by_bucket):
+        members = by_bucket[width]
+        for start in range(0, len(members), batch_size):
+            rows = members[start : start + batch_size]
+            filler = batch_size - len(rows)
+            batch = pack_responses(
+                [prompt_ids[i] for i in rows] + [[]] * filler,
+                [response_ids[i] for i in rows] + [[]] * filler,
+                width,
+                pad_id,
+            )
+            logps = _sequence_logps(
+                graphdef,
+                params,
+                batch["ids"],
+                batch["attention_mask"],
+                batch["loss_mask"],
+                chunk_size=min(chunk_size, width),
+            )
+            out[rows] = np.asarray(logps)[: len(rows)]
+    return out
