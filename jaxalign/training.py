@@ -82,6 +82,9 @@ PAIR_FIELDS = (
 )
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 SFT_FIELDS = ("sft_ids", "sft_attention_mask", "sft_loss_mask", "sft_weight")
+# Every field a train step may read: pairs, their reference log-probs, SFT rows, and the
+# judge's preference probability ``p [B]`` (read by SPA's soft and confidence label modes).
+BATCH_FIELDS = (*PAIR_FIELDS, *REFERENCE_FIELDS, *SFT_FIELDS, "p")
 
 LOSS_NAMES = (*losses.PREFERENCE_LOSSES, "ranking")
 

@@ -72,13 +72,6 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_epoch_order_depends_only_on_seed_and_epoch():
-    a = train_loop.epoch_order(0, 1, 10)
-    np.testing.assert_array_equal(a, train_loop.epoch_order(0, 1, 10))
-    assert sorted(a) == list(range(10))
-    assert not np.array_equal(a, train_loop.epoch_order(0, 2, 10))
-
-
 @pytest.mark.parametrize("where", ["local", "gs"])
 def test_reference_cache_is_keyed_by_record_index(tmp_path, monkeypatch, request, where):
     """The cache is reused, or recomputed for other rows; in a local run directory or a

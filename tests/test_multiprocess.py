@@ -287,11 +287,10 @@ def dpo_command_twice(pairs: str, model_dir: str, out_dir: pathlib.Path) -> None
 
 
 def train_dpo(model, batches, config, mesh, **kwargs):
-    """`dpo.train` with the DPO loss and the config's epochs, quietly."""
-    from jaxalign import training
-    from jaxalign.algorithms import dpo
+    """`loop.train` with the DPO loss and the config's epochs, quietly."""
+    from jaxalign import loop, training
 
-    return dpo.train(
+    return loop.train(
         model,
         batches,
         config.train,

@@ -1,44 +1,23 @@
-"""Training on a fixed set of preference pairs: the loop that DPO, SPA and PLE share.
-
-The numerical step is :func:`jaxalign.training.make_train_step`; this module is
-the thin shell around it: tokenised pair batches in, epochs with a seeded
-shuffle, a progress bar, metrics to the run's writer, final parameters out.
+"""DPO's data path on several hosts: each reads and tokenises only its share of a pair file.
 
 On several hosts (``jax.distributed``) every host holds the whole batch list by default
 and feeds its own rows of each (fine for SPA's and PLE's small per-round sets). For a
 large pair file, :func:`read_host_pairs` and :func:`host_pair_batches` let each host read
 and tokenise only its share: the hosts agree on one batch plan, each builds only the rows
-it feeds (``train(..., host_local=True)``), and every host still runs the same sequence
-of identically shaped global batches.
+it feeds (``jaxalign.loop.train(..., host_local=True)``), and every host still runs the
+same sequence of identically shaped global batches.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from collections.abc import Sequence
-from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
-from tqdm.auto import tqdm
 
-from jaxalign import checkpoint, parallel, training
+from jaxalign import parallel
 from jaxalign.data import pairs as pair_data
 from jaxalign.data.records import DataError, ReadReport, kept_record_index, read_record_share
-from jaxalign.models.llama import Transformer
-from jaxalign.parallel import model_shardings, shard_host_batch, tree_to_host
-
-
-@dataclasses.dataclass
-class TrainResult:
-    params: nnx.State
-    steps: int
-    skipped_steps: int
-    last_metrics: dict[str, float]
-    mean_metrics: dict[str, float]
 
 
 def read_host_pairs(
@@ -125,114 +104,3 @@ def host_pair_batches(
     total = pair_data.PairReport.combine([one_per_share[q] for q in sorted(one_per_share)])
     total.padding_pairs = len(plan) * batch_size - total.kept
     return batches, total
-
-
-def epoch_order(seed: int, epoch: int, num_batches: int) -> np.ndarray:
-    """The batch order of ``epoch``: a permutation that depends only on ``(seed, epoch)``,
-    so a resumed run visits the same batches as an uninterrupted one."""
-    return np.random.default_rng([seed, epoch]).permutation(num_batches)
-
-
-def _device_batch(batch: dict, mesh, global_rows: int | None = None) -> dict:
-    """The global batch: every process holds ``batch`` whole and feeds only its own rows,
-    or, with ``global_rows``, ``batch`` is already this process's rows of the global batch."""
-    fields = training.PAIR_FIELDS + training.REFERENCE_FIELDS + ("p",)
-    batch = {k: np.asarray(batch[k]) for k in fields if k in batch}
-    if global_rows is None:
-        return shard_host_batch(batch, mesh)
-    return parallel.make_global_batch(batch, mesh, global_rows=global_rows)
-
-
-def train(
-    model: Transformer,
-    batches: Sequence[dict],
-    config: training.TrainConfig,
-    mesh,
-    *,
-    loss_fn,
-    epochs: int,
-    frozen: Any = None,
-    algo_state: dict | None = None,
-    metrics=None,
-    tag: str = "train",
-    progress: bool = True,
-    desc: str = "train",
-    seed: int | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    save_every: int = 0,
-    log=print,
-    host_local: bool = False,
-) -> TrainResult:
-    """Trains ``model`` for ``epochs`` passes over ``batches`` (order: :func:`epoch_order`).
-
-    ``host_local``: ``batches`` are this process's rows of ``config.batch_size``-row
-    global batches (:func:`host_pair_batches`; the same count and shapes on every
-    process) rather than whole batches every process holds.
-
-    With ``checkpoint_dir``, the full train state is saved every ``save_every``
-    steps (0: only after the last step) and a rerun resumes from the newest
-    checkpoint, reaching bit-identical parameters. ``frozen`` (e.g. an on-the-fly
-    reference's parameters) is passed to every step, not trained.
-    """
-    total = epochs * len(batches)
-    seed = config.seed if seed is None else seed
-    graphdef, state, shardings = training.create_train_state(
-        model, config, total, mesh, algo_state=algo_state
-    )
-    frozen_shardings = None
-    if frozen is not None:
-        frozen_shardings = model_shardings(frozen, mesh)
-        frozen = jax.device_put(frozen, frozen_shardings)
-    step_fn = training.make_train_step(
-        graphdef,
-        config,
-        mesh,
-        loss_fn,
-        shardings,
-        total_steps=total,
-        frozen_shardings=frozen_shardings,
-    )
-    ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir)
-    start = 0
-    if ckpt is not None and ckpt.latest_step() is not None:
-        state, extra = ckpt.restore(target_state=state, shardings=shardings)
-        start = int(extra.get("step", ckpt.latest_step()))
-        log(f"resuming from step {start} of {total} ({checkpoint_dir})")
-    sums: dict[str, float] = {}
-    last: dict[str, float] = {}
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step")
-    for step in range(start, total):
-        epoch, position = divmod(step, len(batches))
-        batch = _device_batch(
-            batches[epoch_order(seed, epoch, len(batches))[position]],
-            mesh,
-            config.batch_size if host_local else None,
-        )
-        extra_args = () if frozen is None else (frozen,)
-        state, m = step_fn(state, batch, *extra_args)
-        last = {k: float(v) for k, v in jax.device_get(m).items()}
-        for k, v in last.items():
-            sums[k] = sums.get(k, 0.0) + v
-        if metrics is not None:
-            metrics.write(tag, step + 1, {"epoch": epoch, **last})
-        bar.set_postfix(
-            loss=f"{last['train/loss']:.4f}",
-            acc=f"{last.get('rewards/accuracy', float('nan')):.2f}",
-        )
-        bar.update(1)
-        if ckpt is not None and (
-            step + 1 == total or (save_every and (step + 1) % save_every == 0)
-        ):
-            ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch})
-    bar.close()
-    if ckpt is not None:
-        ckpt.wait()
-        ckpt.close()
-    done = total - start
-    return TrainResult(
-        params=tree_to_host(state.params),
-        steps=total,
-        skipped_steps=int(state.skipped_steps),
-        last_metrics=last,
-        mean_metrics={k: v / max(done, 1) for k, v in sums.items()},
-    )

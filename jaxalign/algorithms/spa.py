@@ -38,8 +38,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxalign import checkpoint, judging, refinement, scoring, training
-from jaxalign.algorithms import dpo
+from jaxalign import checkpoint, judging, loop, refinement, scoring, training
 from jaxalign.algorithms.rounds import RoundRunner, atomic_write_jsonl, finish_run, read_jsonl
 from jaxalign.config import Config, to_dict
 from jaxalign.data.pairs import pair_batches
@@ -118,7 +117,7 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
         )
         frozen = policy_params  # reference π_{i-1}, run on the fly
         algo_state = refinement.init_margin_buffer(spa.margin_buffer_batches * cfg.train.batch_size)
-    result = dpo.train(
+    result = loop.train(
         s.model(policy_params),
         batches,
         cfg.train,

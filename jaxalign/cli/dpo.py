@@ -32,9 +32,10 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import checkpoint, parallel, training
-from jaxalign.algorithms.dpo import host_pair_batches, read_host_pairs, train
+from jaxalign.algorithms.dpo import host_pair_batches, read_host_pairs
 from jaxalign.algorithms.rounds import run_path, write_bytes
 from jaxalign.data.pairs import pair_batches
+from jaxalign.loop import train
 from jaxalign.models.llama import Transformer
 from jaxalign.scoring import with_reference_logps
 

@@ -1,0 +1,186 @@
+"""The training loop: epochs over fixed batches, resumable, with metrics and a progress bar.
+
+DPO, SPA's rounds and PLE's SFT and iteration training all run this one loop. The
+numerical step is :func:`jaxalign.training.make_train_step` (pure, jitted, sharded);
+what is around it lives here:
+
+- **order**: epoch ``e`` visits the batches in ``order(e)``, a permutation that is a
+  pure function of the seed and ``e`` (:func:`seeded_order` by default), so a resumed
+  run visits the same batches as an uninterrupted one;
+- **global batches**: every process holds each batch whole and feeds its own rows of
+  it, or (``host_local``) holds only its own rows of each global batch
+  (:func:`device_batch`);
+- **checkpoints**: with a ``checkpoint_dir``, the whole train state is saved every
+  ``save_every`` steps and after the last; a rerun resumes from the newest checkpoint
+  and reaches bit-identical parameters;
+- **metrics**: every step's metrics go to the run's :class:`jaxalign.report.MetricsWriter`;
+  the result holds the last step's and the mean of each metric over the steps run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxalign import checkpoint, parallel, training
+from jaxalign.data.iteration import epoch_order
+from jaxalign.models.llama import Transformer
+from jaxalign.parallel import model_shardings, shard_host_batch, tree_to_host
+
+Order = Callable[[int], np.ndarray]  # epoch -> permutation of the batch indices
+
+
+@dataclasses.dataclass
+class TrainResult:
+    params: nnx.State
+    steps: int
+    skipped_steps: int
+    last_metrics: dict[str, float]
+    mean_metrics: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """``{steps, skipped_steps, final/<metric>, mean/<metric>}``, JSON-able."""
+        out: dict[str, Any] = {"steps": self.steps, "skipped_steps": self.skipped_steps}
+        out.update({f"final/{k}": v for k, v in self.last_metrics.items()})
+        out.update({f"mean/{k}": v for k, v in self.mean_metrics.items()})
+        return out
+
+
+def seeded_order(seed: int, num_batches: int) -> Order:
+    """Epoch ``e`` visits :func:`jaxalign.data.iteration.epoch_order` ``(num_batches, seed, e)``:
+    a permutation seeded with ``(seed, e)``, so any epoch is computed without the others."""
+    return lambda epoch: epoch_order(num_batches, seed, epoch)
+
+
+def stream_order(seed: int, num_batches: int) -> Order:
+    """Epoch ``e`` visits the ``(e+1)``-th permutation drawn from one ``numpy`` stream seeded
+    with ``seed`` (PLE's order). Recomputed by replaying the draws before it, so it too
+    depends only on ``(seed, e)``."""
+
+    def order(epoch: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        for _ in range(epoch):
+            rng.permutation(num_batches)
+        return rng.permutation(num_batches)
+
+    return order
+
+
+def device_batch(batch: dict, mesh, global_rows: int | None = None) -> dict:
+    """The global batch of the train-step fields (:data:`jaxalign.training.BATCH_FIELDS`)
+    in ``batch``: every process holds ``batch`` whole and feeds only its own rows, or,
+    with ``global_rows``, ``batch`` is already this process's rows of the global batch."""
+    batch = {k: np.asarray(batch[k]) for k in training.BATCH_FIELDS if k in batch}
+    if global_rows is None:
+        return shard_host_batch(batch, mesh)
+    return parallel.make_global_batch(batch, mesh, global_rows=global_rows)
+
+
+def train(
+    model: Transformer | nnx.Module,
+    batches: Sequence[dict],
+    config: training.TrainConfig,
+    mesh,
+    *,
+    loss_fn: training.LossFn,
+    epochs: int,
+    frozen: Any = None,
+    algo_state: dict | None = None,
+    metrics=None,
+    tag: str = "train",
+    progress: bool = True,
+    desc: str = "train",
+    seed: int | None = None,
+    order: Order | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    save_every: int = 0,
+    log: Callable[[str], None] = print,
+    host_local: bool = False,
+) -> TrainResult:
+    """Trains ``model`` for ``epochs`` passes over ``batches``; returns the final parameters.
+
+    - ``loss_fn``, ``algo_state`` and ``frozen`` as for :func:`jaxalign.training.make_train_step`:
+      ``frozen`` (e.g. an on-the-fly reference's parameters, or LoRA's base) is passed
+      to every step, placed once as training places parameters, never trained;
+    - ``order``: epoch -> batch permutation (default :func:`seeded_order` of ``seed``,
+      itself ``config.seed`` by default);
+    - ``host_local``: ``batches`` are this process's rows of ``config.batch_size``-row
+      global batches (the same count and shapes on every process), rather than whole
+      batches every process holds;
+    - ``checkpoint_dir``: the full train state is saved every ``save_every`` steps (0:
+      only after the last step) and a rerun resumes from the newest checkpoint;
+    - ``metrics``: a writer whose ``write(tag, step, scalars)`` gets every step's metrics.
+    """
+    total = epochs * len(batches)
+    seed = config.seed if seed is None else seed
+    order = seeded_order(seed, len(batches)) if order is None else order
+    graphdef, state, shardings = training.create_train_state(
+        model, config, total, mesh, algo_state=algo_state
+    )
+    frozen_shardings = None
+    if frozen is not None:
+        frozen_shardings = model_shardings(frozen, mesh)
+        frozen = jax.device_put(frozen, frozen_shardings)
+    step_fn = training.make_train_step(
+        graphdef,
+        config,
+        mesh,
+        loss_fn,
+        shardings,
+        total_steps=total,
+        frozen_shardings=frozen_shardings,
+    )
+    ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir)
+    start = 0
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state, extra = ckpt.restore(target_state=state, shardings=shardings)
+        start = int(extra.get("step", ckpt.latest_step()))
+        log(f"resuming from step {start} of {total} ({checkpoint_dir})")
+    # Metrics may differ from batch to batch (e.g. PLE's single-kind batches), so each
+    # mean is over the steps that reported it.
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    last: dict[str, float] = {}
+    extra_args = () if frozen is None else (frozen,)
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step")
+    for step in range(start, total):
+        epoch, position = divmod(step, len(batches))
+        batch = device_batch(
+            batches[order(epoch)[position]],
+            mesh,
+            config.batch_size if host_local else None,
+        )
+        state, m = step_fn(state, batch, *extra_args)
+        last = {k: float(v) for k, v in jax.device_get(m).items()}
+        for k, v in last.items():
+            sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
+        if metrics is not None:
+            metrics.write(tag, step + 1, {"epoch": epoch, **last})
+        postfix = {"loss": f"{last['train/loss']:.4f}"}
+        if "rewards/accuracy" in last:
+            postfix["acc"] = f"{last['rewards/accuracy']:.2f}"
+        bar.set_postfix(postfix)
+        bar.update(1)
+        if ckpt is not None and (
+            step + 1 == total or (save_every and (step + 1) % save_every == 0)
+        ):
+            ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch})
+    bar.close()
+    if ckpt is not None:
+        ckpt.wait()
+        ckpt.close()
+    return TrainResult(
+        params=tree_to_host(state.params),
+        steps=total,
+        skipped_steps=int(state.skipped_steps),
+        last_metrics=last,
+        mean_metrics={k: v / counts[k] for k, v in sums.items()},
+    )
