@@ -389,6 +389,56 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
         assert (out / "model_hf" / name).read_bytes() == (done / "model_hf" / name).read_bytes()
 
 
+def _lora(out, t, tiny_model_dir):
+    """Iteration ``t``'s saved adapters, as arrays."""
+    from jaxalign.checkpoint import load_params
+    from jaxalign.models import load as load_model
+    from jaxalign.models import lora
+
+    base, _ = load_model(str(tiny_model_dir))
+    adapters = lora.LoraAdapters(base, rank=2, rngs=nnx.Rngs(0))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(adapters))
+    return jax.tree.leaves(load_params(out / f"round_{t}" / "lora", abstract))
+
+
+def test_train_stage_killed_mid_way_resumes_to_the_same_adapters(
+    ple_run, tmp_path, monkeypatch, tiny_model_dir
+):
+    """With ``run.checkpoint_every=1``, a run killed inside iteration 0's training, right
+    after its first train-state checkpoint, resumes from that step (not from the start of
+    the stage) and ends with the uninterrupted run's adapters and artifacts."""
+    from jaxalign import checkpoint
+
+    done, _, config = ple_run
+    out = tmp_path / "run"
+    save = checkpoint.Checkpointer.save
+
+    def save_then_die(self, step, state, extra=None):
+        save(self, step, state, extra)
+        if self.directory.parent.name == "round_0" and step == 1:
+            self.wait()
+            raise KeyboardInterrupt("simulated kill")
+
+    cfg = config(f"run.output_dir={out}", "run.checkpoint_every=1")
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.Checkpointer, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            ple.run(cfg, log=lambda msg: None)
+    assert "round_0/train" not in json.loads((out / "state.json").read_text())["stages"]
+    logs = []
+    ple.run(cfg, log=logs.append)
+    state = json.loads((out / "state.json").read_text())["stages"]
+    steps = state["round_0/train"]["result"]["steps"]
+    assert steps >= 2  # killed mid-way, not at the end
+    assert f"resuming from step 1 of {steps} ({out / 'round_0' / 'checkpoints'})" in logs
+    for t in (0, 1):
+        for a, b in zip(_lora(out, t, tiny_model_dir), _lora(done, t, tiny_model_dir), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert _iteration_outputs(out) == _iteration_outputs(done)
+    for name in ("model.safetensors", "config.json"):
+        assert (out / "model_hf" / name).read_bytes() == (done / "model_hf" / name).read_bytes()
+
+
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory, tiny_model_dir):
     """A random LlamaForSequenceClassification over SmolLM2's vocabulary (no tokenizer files:

@@ -71,9 +71,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
-from jaxalign import checkpoint, training
+from jaxalign import checkpoint, loop, training
 from jaxalign.algorithms import spa
 from jaxalign.algorithms.rounds import (
     RoundRunner,
@@ -87,7 +86,6 @@ from jaxalign.data.pairs import MIN_BUCKET, bucket_length, build_pair_batches
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import sample_texts
 from jaxalign.models import lora, reward
-from jaxalign.parallel import model_shardings, shard_host_batch, tree_to_host
 from jaxalign.report import MetricsWriter, format_table
 
 # ----------------------------------------------------------------------------- pure numerics
@@ -621,18 +619,15 @@ def _score_stage(s: Session, t: int, candidates_path: str, out: pathlib.Path) ->
     }
 
 
-def _device_batch(batch: dict, mesh) -> dict:
-    """The global batch; every process holds ``batch`` whole and feeds only its own rows."""
-    fields = training.PAIR_FIELDS + training.SFT_FIELDS
-    return shard_host_batch({k: np.asarray(batch[k]) for k in fields if k in batch}, mesh)
-
-
 def train_adapters(
-    s: Session, batches: list[dict], *, epochs: int, tag: str, desc: str
+    s: Session, batches: list[dict], *, epochs: int, tag: str, desc: str, checkpoint_dir
 ) -> tuple[nnx.State, dict]:
     """Trains the LoRA adapters (from ``s.adapters``) on PLE batches; the base stays frozen.
 
-    Returns the new adapter parameters and ``{steps, skipped_steps, last/..., mean/...}``.
+    Batch order: one ``numpy`` stream seeded with ``train.seed``
+    (:func:`jaxalign.loop.stream_order`). With ``run.checkpoint_every``, the train state
+    is checkpointed in ``checkpoint_dir`` and a killed stage resumes mid-way. Returns the
+    new adapter parameters and ``{steps, skipped_steps, final/..., mean/...}``.
     """
     cfg = s.config
     # The adapters are the trained "model"; compute dtype and remat apply to the base.
@@ -642,44 +637,24 @@ def train_adapters(
     loss_fn = lora.lora_loss_fn(
         base_graphdef, ple_loss_fn(cfg.train, cfg.ple.sft_coefficient), s.scaling
     )
-    adapters = nnx.merge(s.adapters_graphdef, s.adapters)
-    total_steps = epochs * len(batches)
-    graphdef, state, shardings = training.create_train_state(
-        adapters, state_cfg, total_steps, s.mesh
-    )
-    frozen_shardings = model_shardings(base_params, s.mesh)
-    frozen = jax.device_put(base_params, frozen_shardings)
-    step_fn = training.make_train_step(
-        graphdef,
+    result = loop.train(
+        nnx.merge(s.adapters_graphdef, s.adapters),
+        batches,
         state_cfg,
         s.mesh,
-        loss_fn,
-        shardings,
-        total_steps=total_steps,
-        frozen_shardings=frozen_shardings,
+        loss_fn=loss_fn,
+        epochs=epochs,
+        frozen=base_params,
+        metrics=s.metrics,
+        tag=tag,
+        progress=s.progress,
+        desc=desc,
+        order=loop.stream_order(cfg.train.seed, len(batches)),
+        checkpoint_dir=checkpoint_dir if cfg.run.checkpoint_every else None,
+        save_every=cfg.run.checkpoint_every,
+        log=s.log,
     )
-    rng = np.random.default_rng(cfg.train.seed)
-    sums: dict[str, float] = collections.defaultdict(float)
-    seen: dict[str, int] = collections.defaultdict(int)
-    last: dict[str, float] = {}
-    step = 0
-    bar = tqdm(total=total_steps, desc=desc, disable=not s.progress, unit="step")
-    for _ in range(epochs):
-        for b in rng.permutation(len(batches)):
-            state, m = step_fn(state, _device_batch(batches[b], s.mesh), frozen)
-            last = {k: float(v) for k, v in jax.device_get(m).items()}
-            for k, v in last.items():
-                sums[k] += v
-                seen[k] += 1
-            step += 1
-            s.metrics.write(tag, step, last)
-            bar.set_postfix(loss=f"{last['train/loss']:.4f}")
-            bar.update(1)
-    bar.close()
-    report = {"steps": step, "skipped_steps": int(state.skipped_steps)}
-    report.update({f"final/{k}": v for k, v in last.items()})
-    report.update({f"mean/{k}": sums[k] / seen[k] for k in sums})
-    return tree_to_host(state.params), report
+    return result.params, result.summary()
 
 
 def _train_stage(s: Session, t: int, scored: dict, out: pathlib.Path) -> dict:
@@ -696,7 +671,12 @@ def _train_stage(s: Session, t: int, scored: dict, out: pathlib.Path) -> dict:
     )
     if batches:
         adapters, report = train_adapters(
-            s, batches, epochs=cfg.ple.epochs, tag=f"round_{t}/train", desc=f"iteration {t} train"
+            s,
+            batches,
+            epochs=cfg.ple.epochs,
+            tag=f"round_{t}/train",
+            desc=f"iteration {t} train",
+            checkpoint_dir=out / "checkpoints",
         )
     else:
         # Every pair was skipped or weighted 0 (e.g. all rewards at the bottom of the range
@@ -743,7 +723,12 @@ def _sft_stage(s: Session, out: pathlib.Path) -> dict:
         raise ValueError(f"{cfg.ple.sft_data}: no SFT record could be tokenised")
     s.adapters = s.adapters_init
     adapters, report = train_adapters(
-        s, batches, epochs=cfg.ple.sft_epochs, tag="sft/train", desc="SFT on D_sft"
+        s,
+        batches,
+        epochs=cfg.ple.sft_epochs,
+        tag="sft/train",
+        desc="SFT on D_sft",
+        checkpoint_dir=out / "sft_checkpoints",  # round_0/checkpoints is iteration 0's
     )
     path = out / "sft_lora"  # round_0/lora is iteration 0's
     checkpoint.save_params(path, adapters)
