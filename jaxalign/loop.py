@@ -12,9 +12,9 @@ what is around it lives here:
   (:func:`device_batch`);
 - **checkpoints**: with a ``checkpoint_dir``, the whole train state is saved every
   ``save_every`` steps and after the last; a rerun resumes from the newest checkpoint
-  and reaches bit-identical parameters;
+  and reaches bit-identical parameters and the same metrics;
 - **metrics**: every step's metrics go to the run's :class:`jaxalign.report.MetricsWriter`;
-  the result holds the last step's and the mean of each metric over the steps run.
+  the result holds the last step's and the mean of each metric over the run's steps.
 """
 
 from __future__ import annotations
@@ -137,17 +137,20 @@ def train(
         total_steps=total,
         frozen_shardings=frozen_shardings,
     )
+    # Metrics may differ from batch to batch (e.g. PLE's single-kind batches), so each
+    # mean is over the steps that reported it. The running sums travel with the
+    # checkpoints, so a resumed run reports the whole run's means.
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    last: dict[str, float] = {}
     ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir)
     start = 0
     if ckpt is not None and ckpt.latest_step() is not None:
         state, extra = ckpt.restore(target_state=state, shardings=shardings)
         start = int(extra.get("step", ckpt.latest_step()))
+        running = extra.get("metrics", {})
+        sums, counts, last = (dict(running.get(k, {})) for k in ("sums", "counts", "last"))
         log(f"resuming from step {start} of {total} ({checkpoint_dir})")
-    # Metrics may differ from batch to batch (e.g. PLE's single-kind batches), so each
-    # mean is over the steps that reported it.
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    last: dict[str, float] = {}
     extra_args = () if frozen is None else (frozen,)
     bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step")
     for step in range(start, total):
@@ -172,7 +175,8 @@ def train(
         if ckpt is not None and (
             step + 1 == total or (save_every and (step + 1) % save_every == 0)
         ):
-            ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch})
+            running = {"sums": sums, "counts": counts, "last": last}
+            ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch, "metrics": running})
     bar.close()
     if ckpt is not None:
         ckpt.wait()

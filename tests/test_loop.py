@@ -90,8 +90,8 @@ def _train(out=None, save_every=0, frozen=False):
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["precomputed", "frozen-reference"])
 def test_killed_run_resumes_to_the_same_params(tmp_path, frozen):
-    """Keep only the checkpoint of step 2 of 6, rerun: bit-identical parameters; each mean
-    metric is over the steps that ran, and the step count is the whole run's."""
+    """Keep only the checkpoint of step 2 of 6, rerun: bit-identical parameters, and the
+    whole run's step count, last metrics and mean metrics."""
     whole = _train(frozen=frozen)
     assert whole.steps == 6 and np.isfinite(whole.last_metrics["train/loss"])
     assert set(whole.summary()) >= {"steps", "skipped_steps", "final/train/loss", "mean/train/loss"}
@@ -107,3 +107,14 @@ def test_killed_run_resumes_to_the_same_params(tmp_path, frozen):
         np.testing.assert_array_equal(a, b)
     assert resumed.steps == 6
     assert resumed.last_metrics == whole.last_metrics
+    assert resumed.mean_metrics == whole.mean_metrics
+
+
+def test_a_run_killed_after_its_last_checkpoint_reports_its_metrics(tmp_path):
+    """The last step's checkpoint is on disk (the caller died before using the result): the
+    rerun trains no step and still returns the run's parameters and metrics."""
+    whole = _train(tmp_path, save_every=2)
+    again = _train(tmp_path, save_every=2)
+    assert again.summary() == whole.summary()
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(again.params), strict=True):
+        np.testing.assert_array_equal(a, b)

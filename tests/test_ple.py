@@ -437,6 +437,11 @@ def test_train_stage_killed_mid_way_resumes_to_the_same_adapters(
     assert _iteration_outputs(out) == _iteration_outputs(done)
     for name in ("model.safetensors", "config.json"):
         assert (out / "model_hf" / name).read_bytes() == (done / "model_hf" / name).read_bytes()
+    # The stage's metrics are the whole stage's, as in the uninterrupted run.
+    want = json.loads((done / "state.json").read_text())["stages"]
+    for t in (0, 1):
+        got = {k: v for k, v in state[f"round_{t}/train"]["result"].items() if k != "lora"}
+        assert got == {k: v for k, v in want[f"round_{t}/train"]["result"].items() if k != "lora"}
 
 
 @pytest.fixture(scope="module")
