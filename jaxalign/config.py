@@ -121,7 +121,7 @@ DEFAULT_PRINCIPLES = (
 class PLEConfig:
     """PLE (Liu, Xu, Geng, arXiv 2408.02599, ICML 2025); defaults are the paper's where stated.
 
-    Choices the paper leaves open are named fields; :mod:`jaxalign.algorithms.ple`
+    Choices the paper leaves open are named fields; :mod:`jaxalign.enhancement`
     argues each default.
     """
 

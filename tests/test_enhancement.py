@@ -1,0 +1,235 @@
+"""PLE's label enhancement: threshold schedule, routing by reward gap, batches, the combined
+loss, principle placement; against hand computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import enhancement, training
+from jaxalign.models import ModelConfig, Transformer
+
+
+class CharTokenizer:
+    """A character tokenizer: ids 3.. are bytes, 1 = BOS, 2 = end of turn, 0 = pad."""
+
+    pad_token_id = 0
+
+    def encode_prompt(self, prompt, use_chat_template=True):
+        text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
+        return [1] + [3 + (ord(c) % 60) for c in text]
+
+    def encode_response(self, text, add_eos=True):
+        return [3 + (ord(c) % 60) for c in text] + ([2] if add_eos else [])
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_threshold_decays_geometrically():
+    assert enhancement.threshold(0) == pytest.approx(0.2)
+    assert enhancement.threshold(1) == pytest.approx(0.18)
+    assert enhancement.threshold(3) == pytest.approx(0.2 * 0.9**3)
+    assert enhancement.threshold(2, tau0=1.0, decay=0.5) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        enhancement.threshold(-1)
+
+
+def test_normalise_rewards_modes():
+    r = np.array([[0.0, 2.0], [1.0, 1.0]])
+    np.testing.assert_allclose(enhancement.normalise_rewards(r, "minmax"), [[0, 1], [0.5, 0.5]])
+    np.testing.assert_allclose(
+        enhancement.normalise_rewards(r, "minmax", (0.0, 4.0)), [[0, 0.5], [0.25, 0.25]]
+    )
+    np.testing.assert_allclose(enhancement.normalise_rewards(r, "sigmoid"), 1 / (1 + np.exp(-r)))
+    np.testing.assert_allclose(enhancement.normalise_rewards(r, "none"), r)
+    np.testing.assert_allclose(enhancement.normalise_rewards(np.ones((2, 2))), 0.5)
+
+
+def _records(n):
+    return [
+        {"id": f"q{i}", "prompt": f"x{i}", "response": f"y{i}", "principle_response": f"p{i}"}
+        for i in range(n)
+    ]
+
+
+def test_route_pairs_by_gap():
+    # gaps r(y_p) - r(y): +0.5, -0.3, +0.1, 0.0, exactly +0.2 (≤ τ stays SFT)
+    rewards = np.array([[0.2, 0.7], [0.9, 0.6], [0.4, 0.5], [0.3, 0.3], [0.1, 0.3]])
+    ranking, sft, counts = enhancement.route_pairs(_records(5), rewards, 0.2)
+    assert [r["id"] for r in ranking] == ["q0", "q1"]
+    assert (ranking[0]["chosen"], ranking[0]["rejected"]) == ("p0", "y0")
+    assert (ranking[1]["chosen"], ranking[1]["rejected"]) == ("y1", "p1")
+    assert [r["prompt"] for r in ranking] == ["x0", "x1"]  # the plain x, never x ⊕ p
+    assert [(r["id"], r["response"]) for r in sft] == [
+        ("q2", "y2"),
+        ("q2", "p2"),
+        ("q3", "y3"),
+        ("q3", "p3"),
+        ("q4", "y4"),
+        ("q4", "p4"),
+    ]
+    np.testing.assert_allclose([r["weight"] for r in sft], [0.4, 0.5, 0.3, 0.3, 0.1, 0.3])
+    assert all(r["prompt"] == f"x{r['id'][1:]}" for r in sft)
+    assert (counts.considered, counts.ranking, counts.sft, counts.principle_better) == (5, 2, 3, 1)
+
+    ranking, sft, counts = enhancement.route_pairs(_records(5), rewards, 0.2, direction="principle")
+    assert [r["id"] for r in ranking] == ["q0"] and counts.sft == 4
+
+
+def test_route_pairs_weighting_and_empty():
+    recs = _records(2)
+    recs[1]["response"] = "  "
+    rewards = np.array([[0.0, 0.1], [0.5, 0.5]])
+    ranking, sft, counts = enhancement.route_pairs(recs, rewards, 0.5, weighting="softmax")
+    assert counts.skipped_empty == 1 and not ranking and len(sft) == 2
+    w = np.exp([0.0, 0.1]) / np.exp([0.0, 0.1]).sum()
+    np.testing.assert_allclose([r["weight"] for r in sft], w)
+    _, sft, _ = enhancement.route_pairs(recs[:1], rewards[:1], 0.5, weighting="uniform")
+    assert [r["weight"] for r in sft] == [1.0, 1.0]
+
+
+def test_build_ple_batches_merges_streams():
+    ranking = [
+        {"prompt": "ab", "chosen": "good", "rejected": "bad"},
+        {"prompt": "cd", "chosen": "yes", "rejected": "no", "rejected_eos": False},
+    ]
+    sft = [
+        {"prompt": "ef", "response": "fine", "weight": 0.7},
+        {"prompt": "gh", "response": "ok", "weight": 0.0},  # weight 0: left out
+        {"prompt": "ij", "response": "x" * 30, "weight": 0.2, "eos": False},
+    ]
+    tok = CharTokenizer()
+    batches, report = enhancement.build_ple_batches(
+        ranking, sft, tok, batch_size=2, max_prompt_tokens=8, max_response_tokens=16
+    )
+    assert report["ranking_pairs"] == 2 and report["sft_rows"] == 2
+    assert report["sft_zero_weight"] == 1 and report["truncated_responses"] == 1
+    assert len(batches) == 2  # one merged batch, then a leftover SFT-only batch (new bucket)
+    first, second = batches
+    assert "chosen_ids" in first and "sft_ids" in first
+    assert "chosen_ids" not in second and "sft_ids" in second
+    row = first["sft_ids"][0]
+    expected = tok.encode_prompt("ef") + tok.encode_response("fine")
+    assert list(row[: len(expected)]) == expected and not row[len(expected) :].any()
+    assert list(first["sft_loss_mask"][0][:7]) == [0, 0, 0, 1, 1, 1, 1]
+    np.testing.assert_allclose(first["sft_weight"], [0.7, 0.0])  # second row pads
+    assert second["sft_loss_mask"][0].sum() == 16  # cut at 16 tokens, no EOS
+    np.testing.assert_allclose(second["sft_weight"], [0.2, 0.0])
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_embeddings=False,
+        max_position_embeddings=64,
+    )
+    return Transformer(cfg, rngs=nnx.Rngs(1))
+
+
+def _numpy_logps(model, ids, loss_mask):
+    """Σ_t m_t · log softmax(logits_{t-1})[ids_t] from full logits, in float64."""
+    logits, _ = model(jnp.asarray(ids), None, jnp.ones_like(jnp.asarray(ids)))
+    logits = np.asarray(logits, np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    out = np.zeros(ids.shape[0])
+    for b in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            if loss_mask[b, t]:
+                out[b] += logp[b, t - 1, ids[b, t]]
+    return out
+
+
+def test_ple_loss_matches_hand_computation(tiny_model):
+    tok = CharTokenizer()
+    ranking = [
+        {"prompt": "ab", "chosen": "good", "rejected": "bad"},
+        {"prompt": "cd", "chosen": "yes", "rejected": "nope"},
+    ]
+    sft = [
+        {"prompt": "ef", "response": "fine", "weight": 0.7},
+        {"prompt": "ij", "response": "sure", "weight": 0.2},
+    ]
+    (batch,), _ = enhancement.build_ple_batches(
+        ranking, sft, tok, batch_size=2, max_prompt_tokens=8, max_response_tokens=8
+    )
+    cfg = training.TrainConfig(logp_chunk_size=8)
+    loss_fn = enhancement.ple_loss_fn(cfg, sft_coefficient=0.5)
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    loss, (aux, _) = loss_fn(tiny_model, jbatch, {}, 0, jax.random.PRNGKey(0))
+
+    # Independent computation: full logits, numpy log-softmax, the formulas by hand.
+    def mean_logp(prefix):
+        ids, mask = batch[f"{prefix}_ids"], batch[f"{prefix}_loss_mask"]
+        lengths = mask.sum(1)
+        return _numpy_logps(tiny_model, ids, mask), lengths
+
+    lc, nc = mean_logp("chosen")
+    lr, nr = mean_logp("rejected")
+    hinge = np.maximum(0.0, -(lc / nc - lr / nr))  # RRHF, margin 0
+    l_rank = hinge.mean()
+    ls, ns = mean_logp("sft")
+    w = np.array([0.7, 0.2])
+    l_sft = (w * (-ls / ns)).sum() / w.sum()
+    np.testing.assert_allclose(float(aux["ple/ranking_loss"]), l_rank, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(aux["ple/sft_loss"]), l_sft, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), l_rank + 0.5 * l_sft, rtol=1e-5)
+    assert float(aux["ple/ranking_rows"]) == 2 and float(aux["ple/sft_rows"]) == 2
+
+    # A batch with only one kind of rows: the other term is absent (adds 0).
+    only_sft = {k: v for k, v in jbatch.items() if k.startswith("sft_")}
+    loss2, (aux2, _) = loss_fn(tiny_model, only_sft, {}, 0, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(float(loss2), 0.5 * l_sft, rtol=1e-5)
+    assert float(aux2["ple/ranking_rows"]) == 0
+
+
+def test_ple_loss_ignores_weight_zero_rows(tiny_model):
+    tok = CharTokenizer()
+    ranking = [{"prompt": "ab", "chosen": "good", "rejected": "bad"}]
+    sft = [{"prompt": "ef", "response": "fine", "weight": 1.0}]
+    (batch,), _ = enhancement.build_ple_batches(
+        ranking, sft, tok, batch_size=2, max_prompt_tokens=8, max_response_tokens=8
+    )
+    loss_fn = enhancement.ple_loss_fn(training.TrainConfig(logp_chunk_size=8))
+    jb = {k: jnp.asarray(v) for k, v in batch.items()}
+    base, _ = loss_fn(tiny_model, jb, {}, 0, None)
+    # Scribble over the padding rows (weight 0): the loss must not move.
+    jb2 = dict(jb)
+    for k in ("chosen_ids", "rejected_ids", "sft_ids"):
+        jb2[k] = jb[k].at[1].set(7)
+    for k in ("chosen_loss_mask", "rejected_loss_mask", "sft_loss_mask"):
+        jb2[k] = jb[k].at[1, 2:5].set(1)
+    moved, _ = loss_fn(tiny_model, jb2, {}, 0, None)
+    np.testing.assert_allclose(float(moved), float(base), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def test_principled_prompt_placements():
+    assert enhancement.principled_prompt("Q?", "Be good.") == "Be good.\n\nQ?"
+    assert enhancement.principled_prompt("Q?", "Be good.", "suffix") == "Q?\n\nBe good."
+    assert enhancement.principled_prompt("Q?", "Be good.", "system") == [
+        {"role": "system", "content": "Be good."},
+        {"role": "user", "content": "Q?"},
+    ]
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    chat.append({"role": "user", "content": "c"})
+    out = enhancement.principled_prompt(chat, "P")
+    assert out[0]["content"] == "a" and out[2]["content"] == "P\n\nc" and chat[2]["content"] == "c"
+
+
+def test_sft_records_are_each_pairs_chosen_response():
+    assert enhancement.sft_records(
+        [{"id": "a", "prompt": "p", "chosen": "c", "rejected": "r"}]
+    ) == [{"id": "a", "prompt": "p", "response": "c", "eos": True, "weight": 1.0}]
