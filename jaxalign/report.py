@@ -419,6 +419,24 @@ SUMMARY_COLUMNS = (
 )
 
 
+# PLE's iteration-summary columns (key, header), in order.
+PLE_SUMMARY_COLUMNS = (
+    ("iteration", "iteration"),
+    ("tau", "τ_t"),
+    ("pairs", "pairs"),
+    ("ranking_fraction", "→ ranking"),
+    ("sft_fraction", "→ weighted SFT"),
+    ("principle_better", "y_p better (ranked)"),
+    ("reward_plain", "reward y"),
+    ("reward_principle", "reward y_p"),
+    ("train_loss", "train loss"),
+    ("win_rate", "win rate vs start"),
+    ("win_ci", "95% CI"),
+    ("gold_score", "gold score"),
+    ("mean_words", "words/response"),
+)
+
+
 def _summary_columns(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     present = set(k for r in rows for k in r)
     known = [(k, h) for k, h in SUMMARY_COLUMNS if k in present]

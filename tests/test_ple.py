@@ -132,7 +132,7 @@ def _iteration_outputs(out):
 
 # (stage function, which of its calls dies): within iteration 0, in iteration 1 after a
 # finished iteration 0 (whose adapters must then be loaded back), and in the final export.
-CRASHES = [("_train_stage", 1), ("_sample_stage", 2), ("_score_stage", 2), ("_export_stage", 1)]
+CRASHES = [("train_stage", 1), ("sample_stage", 2), ("score_stage", 2), ("export_stage", 1)]
 
 
 @pytest.mark.parametrize("stage,call", CRASHES)
@@ -303,7 +303,7 @@ def ple_sft_run(tmp_path_factory, tiny_model_dir, reward_model_dir):
 
 def test_sft_stage_trains_the_starting_adapters(ple_sft_run, tiny_model_dir):
     """The iterations and the eval baseline start from base ⊕ SFT adapters, not the base."""
-    from jaxalign.algorithms import spa
+    from jaxalign.algorithms import stages
     from jaxalign.checkpoint import load_params
     from jaxalign.models import load as load_model
     from jaxalign.models import lora
@@ -326,7 +326,7 @@ def test_sft_stage_trains_the_starting_adapters(ple_sft_run, tiny_model_dir):
     sft_adapters = load_params(sft["lora"], abstract)
     graphdef, base_params = nnx.split(base)
     merged = lora.apply_lora(base_params, sft_adapters, lora.lora_scaling(2, 16))
-    session = types.SimpleNamespace(
+    ctx = types.SimpleNamespace(
         config=cfg,
         tokenizer=tokenizer,
         mesh=make_mesh(2, 1, 4),
@@ -334,8 +334,8 @@ def test_sft_stage_trains_the_starting_adapters(ple_sft_run, tiny_model_dir):
         model=lambda params: nnx.merge(graphdef, params),
     )
     prompts = [json.loads(x) for x in (out.parent / "eval.jsonl").read_text().splitlines()]
-    want = spa._greedy_answers(session, merged, prompts)
-    base_answers = spa._greedy_answers(session, base_params, prompts)
+    want = stages.greedy_answers(ctx, merged, prompts)
+    base_answers = stages.greedy_answers(ctx, base_params, prompts)
     baseline = [
         json.loads(x)["response"] for x in (out / "baseline_eval.jsonl").read_text().splitlines()
     ]

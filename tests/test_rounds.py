@@ -82,3 +82,23 @@ def test_metrics_on_gs_keep_every_line(fake_gcs):
         ("round_0/train", 2, 0.25),
         ("round_1/train", 1, 0.125),
     ]
+
+
+def test_produce_hands_over_the_value_or_loads_it_back(tmp_path):
+    """A stage run now gives its own value; a finished one, the value ``load`` reads back."""
+    loads = []
+
+    def train(out):
+        (out / "weights.txt").write_text("42")
+        return {"weights": os.fspath(out / "weights.txt")}, 42
+
+    def load(result):
+        loads.append(result)
+        return int(pathlib.Path(result["weights"]).read_text())
+
+    runner = rounds.RoundRunner(tmp_path, {"a": 1}, log=lambda m: None)
+    assert runner.produce(0, "train", train, load) == 42 and loads == []
+    again = rounds.RoundRunner(tmp_path, {"a": 1}, log=lambda m: None)
+    ran = []
+    assert again.produce(0, "train", lambda d: ran.append(d) or train(d), load) == 42
+    assert not ran and loads == [{"weights": os.fspath(tmp_path / "round_0" / "weights.txt")}]

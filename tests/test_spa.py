@@ -124,12 +124,12 @@ def _crash_after(monkeypatch, stage_fn_name):
     monkeypatch.setattr(spa, stage_fn_name, crashing)
 
 
-STAGES = ["_train_stage", "_sample_stage", "_judge_stage", "eval_stage"]
+STAGES = ["train_stage", "sample_stage", "judge_stage", "eval_stage"]
 
 
 @pytest.mark.parametrize(
     "stage",
-    [pytest.param(s, marks=[] if s == "_judge_stage" else pytest.mark.slow) for s in STAGES],
+    [pytest.param(s, marks=[] if s == "judge_stage" else pytest.mark.slow) for s in STAGES],
 )
 def test_resume_after_a_crash_matches_an_uninterrupted_run(
     tiny_setup, uninterrupted, tmp_path, monkeypatch, stage

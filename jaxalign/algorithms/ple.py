@@ -30,6 +30,12 @@ leaves open are pure functions in :mod:`jaxalign.enhancement`. Adapters continue
 from one iteration to the next; the optimizer restarts each iteration (as SPA's
 rounds do).
 
+As in :mod:`jaxalign.algorithms.spa`, each step is a stage, a function from its
+inputs (the run's context, the adapters it starts from, prompts or candidates) to
+its artifacts and outputs, run at most once by
+:class:`jaxalign.algorithms.rounds.RoundRunner`; training is :func:`jaxalign.loop.train`
+on the adapters, the base model frozen.
+
 Artifacts per iteration ``round_t``: ``candidates.jsonl`` (both responses),
 ``scored.jsonl`` (rewards, gap, route), ``lora/`` (adapter parameters),
 ``eval.jsonl``; run-wide ``metrics.jsonl``, ``summary.json``, ``summary.md`` and
@@ -39,6 +45,7 @@ Artifacts per iteration ``round_t``: ``candidates.jsonl`` (both responses),
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from collections.abc import Callable
@@ -48,8 +55,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxalign import checkpoint, enhancement, loop, training
-from jaxalign.algorithms import spa
+from jaxalign import checkpoint, enhancement, judging, loop, training
+from jaxalign.algorithms import stages
 from jaxalign.algorithms.rounds import (
     RoundRunner,
     atomic_directory,
@@ -57,133 +64,248 @@ from jaxalign.algorithms.rounds import (
     finish_run,
     read_jsonl,
 )
-from jaxalign.config import to_dict
+from jaxalign.algorithms.stages import RunContext, eval_stage
+from jaxalign.config import Config
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import sample_texts
-from jaxalign.models import lora, reward
-from jaxalign.report import MetricsWriter, format_table
-
-SUMMARY_COLUMNS = [
-    ("iteration", "iteration"),
-    ("tau", "τ_t"),
-    ("pairs", "pairs"),
-    ("ranking_fraction", "→ ranking"),
-    ("sft_fraction", "→ weighted SFT"),
-    ("principle_better", "y_p better (ranked)"),
-    ("reward_plain", "reward y"),
-    ("reward_principle", "reward y_p"),
-    ("train_loss", "train loss"),
-    ("win_rate", "win rate vs start"),
-    ("win_ci", "95% CI"),
-    ("gold_score", "gold score"),
-    ("mean_words", "words/response"),
-]
+from jaxalign.models import lora
+from jaxalign.models.reward import load_reward_judge
+from jaxalign.report import PLE_SUMMARY_COLUMNS, format_table
 
 
-@dataclasses.dataclass
-class Session:
-    """What PLE's stages share; attribute names match SPA's, so its eval stage works here."""
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """What PLE trains: LoRA adapters of the base model (their structure, start and scale)."""
 
-    config: Any
-    runner: RoundRunner
-    graphdef: nnx.GraphDef  # the base Transformer's
-    init_params: nnx.State  # the frozen base (the starting model and the reference)
-    tokenizer: Any
-    mesh: Any
-    metrics: MetricsWriter
-    log: Callable[[str], None]
-    adapters_graphdef: nnx.GraphDef
-    adapters_init: nnx.State
-    adapters: nnx.State | None = None  # after the last finished iteration
-    policy_params: nnx.State | None = None  # base merged with ``adapters``
-    judge: Any = None  # ple.reward, loaded on first use
-    progress: bool = True  # progress bars (process 0 of a multi-process run only)
-    eval_judge: Any = None  # eval.judge (the same object as ``judge`` when they name one judge)
-    baseline_params: nnx.State | None = None  # eval's baseline: the SFT model, else None (base)
+    graphdef: nnx.GraphDef
+    init: nnx.State  # B = 0: the adapted model starts equal to the base
+    scaling: float  # s = α / r
 
-    @property
-    def scaling(self) -> float:
-        return lora.lora_scaling(self.config.ple.lora_rank, self.config.ple.lora_alpha)
+    def load(self, path: str) -> nnx.State:
+        """Adapter parameters a finished stage saved at ``path``."""
+        return stages.load_params(path, self.init)
 
-    def model(self, params: nnx.State):
-        return nnx.merge(self.graphdef, params)
+    def merged(self, ctx: RunContext, adapters: nnx.State) -> nnx.State:
+        """The base parameters with ``adapters`` folded in, ``W + s·A@B``: the policy."""
+        merge = jax.jit(lora.apply_lora, static_argnums=2)
+        return jax.device_get(merge(ctx.init_params, adapters, self.scaling))
 
-    def merged(self, adapters: nnx.State) -> nnx.State:
-        """The base parameters with ``adapters`` folded in."""
-        return jax.device_get(
-            jax.jit(lora.apply_lora, static_argnums=2)(self.init_params, adapters, self.scaling)
+
+def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) PLE as configured; returns the iteration summary."""
+    start = time.perf_counter()
+    ctx, runner = stages.start_run(config, log)
+    cfg, p = ctx.config, ctx.config.ple
+    spec = _adapters(ctx)
+    prompts, prompt_report = read_prompt_records(cfg.data.prompts, cfg.data.on_bad_record)
+    ctx.log(prompt_report.summary())
+    if not prompts:
+        raise ValueError(f"{cfg.data.prompts}: no prompts to generate from")
+    reward = functools.cache(lambda: _reward_judge(ctx))  # loaded when first needed
+    shared = cfg.eval.enabled and cfg.eval.judge == p.reward  # one reward model in memory
+    evaluation = stages.eval_setup(ctx, judge=reward() if shared else None)
+
+    # Algorithm 1 starts from the model fine-tuned on D_sft, else from the loaded model;
+    # evaluation compares against that starting model.
+    adapters, baseline = spec.init, ctx.init_params
+    if p.sft_data:
+        adapters = runner.produce(
+            0, "sft", lambda d: sft_stage(ctx, spec, d), load=lambda r: spec.load(r["lora"])
         )
+        baseline = spec.merged(ctx, adapters)
 
-    def set_adapters(self, adapters: nnx.State) -> None:
-        self.adapters = adapters
-        self.policy_params = self.merged(adapters)
+    def evaluate(t: int, adapters: nnx.State) -> None:
+        if cfg.eval.enabled:
+            runner.stage(
+                t,
+                "eval",
+                lambda d: eval_stage(ctx, evaluation, spec.merged(ctx, adapters), baseline, d),
+            )
 
-    def load_adapters(self, iteration: int, stage: str = "train") -> nnx.State:
-        path = self.runner.result(iteration, stage)["lora"]
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.adapters_init
-        )
-        return checkpoint.load_params(path, abstract)
+    for t in range(p.iterations):
+        adapters = ple_iteration(ctx, runner, spec, t, adapters, _queries(p, prompts, t), reward)
+        evaluate(t, adapters)
+    if p.export_hf:
+        out = runner.run_dir / "model_hf"
+        runner.stage(p.iterations - 1, "export", lambda d: export_stage(ctx, spec, adapters, out))
+
+    rows = []
+    if cfg.eval.enabled:
+        rows = stages.baseline_row(runner, "iteration", "start (SFT)" if p.sft_data else "start")
+    rows += [_iteration_row(runner, t) for t in range(p.iterations) if runner.done(t, "train")]
+    table = format_table(rows, PLE_SUMMARY_COLUMNS)
+    seconds = time.perf_counter() - start
+    summary = finish_run(
+        runner, rows, table, title="PLE run summary", rows_key="iterations", seconds=seconds
+    )
+    ctx.metrics.close()
+    ctx.log(f"\nrun directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
+    return summary
 
 
-def _sample_stage(s: Session, t: int, prompts: list[dict], out: pathlib.Path) -> dict:
-    cfg = s.config
-    sampling = spa.sampling_config_for(cfg, s.tokenizer, n=1)
+def ple_iteration(
+    ctx: RunContext,
+    runner: RoundRunner,
+    spec: Adapters,
+    t: int,
+    adapters: nnx.State,
+    prompts: list[dict],
+    reward: Callable[[], judging.ResponseScorer],
+) -> nnx.State:
+    """Iteration ``t`` from ``adapters``: sample → score and route → train; returns the
+    trained adapters."""
+    if runner.done(t, "train"):
+        return spec.load(runner.result(t, "train")["lora"])
+    policy = spec.merged(ctx, adapters)
+    sampled = runner.stage(t, "sample", lambda d: sample_stage(ctx, t, policy, prompts, d))
+    scored = runner.stage(
+        t, "score", lambda d: score_stage(ctx, t, reward(), sampled["candidates"], d)
+    )
+    return runner.produce(
+        t,
+        "train",
+        lambda d: train_stage(ctx, spec, t, adapters, scored, d),
+        load=lambda result: spec.load(result["lora"]),
+    )
+
+
+def _adapters(ctx: RunContext) -> Adapters:
+    """LoRA adapters of every ``ple.lora_targets`` kernel (paper: r = 8, α = 16, all linear)."""
+    p = ctx.config.ple
+    adapters = lora.LoraAdapters(
+        ctx.model(ctx.init_params),
+        rank=p.lora_rank,
+        targets=p.lora_targets,
+        rngs=nnx.Rngs(ctx.config.run.seed),
+    )
+    graphdef, init = nnx.split(adapters)
+    return Adapters(graphdef, init, lora.lora_scaling(p.lora_rank, p.lora_alpha))
+
+
+def _queries(p, prompts: list[dict], t: int) -> list[dict]:
+    """Iteration ``t``'s queries: the next ``ple.prompts_per_iteration`` (0: all), wrapping."""
+    n = p.prompts_per_iteration or len(prompts)
+    first = (t * n) % len(prompts)
+    return [prompts[(first + k) % len(prompts)] for k in range(min(n, len(prompts)))]
+
+
+def _reward_judge(ctx: RunContext) -> judging.ResponseScorer:
+    """``ple.reward``: a rule judge by name, or a reward-model folder."""
+    cfg = ctx.config
+    return load_reward_judge(
+        cfg.ple.reward,
+        tokenizer=ctx.tokenizer,
+        batch_size=cfg.ple.reward_batch_size,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
+        use_chat_template=cfg.data.use_chat_template,
+    )
+
+
+# ----------------------------------------------------------------------------- 0. SFT
+
+
+def sft_stage(ctx: RunContext, spec: Adapters, out: pathlib.Path) -> tuple[dict, nnx.State]:
+    """Algorithm 1's starting point: the adapters fine-tuned on D_sft (``ple.sft_data``)."""
+    cfg = ctx.config
+    pairs, read = read_preference_records(
+        cfg.ple.sft_data, cfg.data.on_bad_record, layout=cfg.ple.sft_layout
+    )
+    ctx.log(read.summary())
+    if not pairs:
+        raise ValueError(f"{cfg.ple.sft_data}: no SFT records (ple.sft_data)")
+    batches, build = enhancement.build_ple_batches(
+        [],
+        enhancement.sft_records(pairs),
+        ctx.tokenizer,
+        batch_size=cfg.train.batch_size,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
+        use_chat_template=cfg.data.use_chat_template,
+    )
+    if not batches:
+        raise ValueError(f"{cfg.ple.sft_data}: no SFT record could be tokenised")
+    adapters, report = train_adapters(
+        ctx,
+        spec,
+        spec.init,
+        batches,
+        epochs=cfg.ple.sft_epochs,
+        tag="sft/train",
+        desc="SFT on D_sft",
+        checkpoint_dir=out / "sft_checkpoints",  # round_0/checkpoints is iteration 0's
+    )
+    path = out / "sft_lora"  # round_0/lora is iteration 0's
+    checkpoint.save_params(path, adapters)
+    return {"lora": str(path), "read": read.read, "kept": read.kept, **build, **report}, adapters
+
+
+# ----------------------------------------------------------------------------- 1. sample
+
+
+def sample_candidates(
+    ctx: RunContext, t: int, policy: nnx.State, prompts: list[dict]
+) -> list[dict]:
+    """A plain response ``y ~ π(·|x)`` and a principle-guided one ``y_p ~ π(·|x ⊕ p)`` per
+    query: each prompt record with ``response``, ``principle_response`` and their ``_eos``."""
+    cfg = ctx.config
     plain = [r["prompt"] for r in prompts]
     guided = [
         enhancement.principled_prompt(x, cfg.ple.principles, cfg.ple.principle_placement)
         for x in plain
     ]
     completions = sample_texts(
-        s.model(s.policy_params),
-        s.tokenizer,
+        ctx.model(policy),
+        ctx.tokenizer,
         plain + guided,
-        sampling,
+        stages.sampling_config(ctx, n=1),
         seed=cfg.run.seed * 1000 + t,
         batch_size=cfg.run.generate_batch_size,
-        mesh=s.mesh,
-        progress=s.progress,
+        mesh=ctx.mesh,
+        progress=ctx.progress,
     )
     n = len(prompts)
-    records = []
-    for rec, (y,), (yp,) in zip(prompts, completions[:n], completions[n:], strict=True):
-        records.append(
-            {
-                **rec,
-                "response": y.text,
-                "response_eos": y.finished,
-                "principle_response": yp.text,
-                "principle_response_eos": yp.finished,
-            }
-        )
+    return [
+        {
+            **rec,
+            "response": y.text,
+            "response_eos": y.finished,
+            "principle_response": yp.text,
+            "principle_response_eos": yp.finished,
+        }
+        for rec, (y,), (yp,) in zip(prompts, completions[:n], completions[n:], strict=True)
+    ]
+
+
+def sample_stage(
+    ctx: RunContext, t: int, policy: nnx.State, prompts: list[dict], out: pathlib.Path
+) -> dict:
+    """Writes :func:`sample_candidates` to ``candidates.jsonl``."""
+    records = sample_candidates(ctx, t, policy, prompts)
     path = out / "candidates.jsonl"
     atomic_write_jsonl(path, records)
     return {
         "candidates": str(path),
-        "prompts": n,
+        "prompts": len(records),
         "unfinished_plain": sum(not r["response_eos"] for r in records),
         "unfinished_principle": sum(not r["principle_response_eos"] for r in records),
     }
 
 
-def _reward_judge(s: Session):
-    if s.judge is None:
-        cfg = s.config
-        s.judge = reward.load_reward_judge(
-            cfg.ple.reward,
-            tokenizer=s.tokenizer,
-            batch_size=cfg.ple.reward_batch_size,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_response_tokens=cfg.data.max_response_tokens,
-            use_chat_template=cfg.data.use_chat_template,
-        )
-    return s.judge
+# ----------------------------------------------------------------------------- 2. score and route
 
 
-def _score_stage(s: Session, t: int, candidates_path: str, out: pathlib.Path) -> dict:
-    p = s.config.ple
+def score_stage(
+    ctx: RunContext,
+    t: int,
+    judge: judging.ResponseScorer,
+    candidates_path: str,
+    out: pathlib.Path,
+) -> dict:
+    """Rewards of both responses, normalised, and each pair routed by its gap against τ_t:
+    writes ``scored.jsonl`` (every pair), ``ranking.jsonl`` and ``sft.jsonl``."""
+    p = ctx.config.ple
     records = read_jsonl(candidates_path)
-    judge = _reward_judge(s)
     prompts = [r["prompt"] for r in records]  # rewards are for answers to the plain x
     raw = np.stack(
         [
@@ -234,51 +356,25 @@ def _score_stage(s: Session, t: int, candidates_path: str, out: pathlib.Path) ->
     }
 
 
-def train_adapters(
-    s: Session, batches: list[dict], *, epochs: int, tag: str, desc: str, checkpoint_dir
-) -> tuple[nnx.State, dict]:
-    """Trains the LoRA adapters (from ``s.adapters``) on PLE batches; the base stays frozen.
-
-    Batch order: one ``numpy`` stream seeded with ``train.seed``
-    (:func:`jaxalign.loop.stream_order`). With ``run.checkpoint_every``, the train state
-    is checkpointed in ``checkpoint_dir`` and a killed stage resumes mid-way. Returns the
-    new adapter parameters and ``{steps, skipped_steps, final/..., mean/...}``.
-    """
-    cfg = s.config
-    # The adapters are the trained "model"; compute dtype and remat apply to the base.
-    state_cfg = dataclasses.replace(cfg.train, compute_dtype=None, remat=None)
-    base_model = training.configure_model(s.model(s.init_params), cfg.train)
-    base_graphdef, base_params = nnx.split(base_model)
-    loss_fn = lora.lora_loss_fn(
-        base_graphdef, enhancement.ple_loss_fn(cfg.train, cfg.ple.sft_coefficient), s.scaling
-    )
-    result = loop.train(
-        nnx.merge(s.adapters_graphdef, s.adapters),
-        batches,
-        state_cfg,
-        s.mesh,
-        loss_fn=loss_fn,
-        epochs=epochs,
-        frozen=base_params,
-        metrics=s.metrics,
-        tag=tag,
-        progress=s.progress,
-        desc=desc,
-        order=loop.stream_order(cfg.train.seed, len(batches)),
-        checkpoint_dir=checkpoint_dir if cfg.run.checkpoint_every else None,
-        save_every=cfg.run.checkpoint_every,
-        log=s.log,
-    )
-    return result.params, result.summary()
+# ----------------------------------------------------------------------------- 3. train
 
 
-def _train_stage(s: Session, t: int, scored: dict, out: pathlib.Path) -> dict:
-    cfg = s.config
+def train_stage(
+    ctx: RunContext,
+    spec: Adapters,
+    t: int,
+    adapters: nnx.State,
+    scored: dict,
+    out: pathlib.Path,
+) -> tuple[dict, nnx.State]:
+    """The adapters after ``ple.epochs`` on the routed pairs (``L = L_rank + c·L_sft``),
+    from ``adapters``; saves them to ``lora/`` and returns the stage's result and them."""
+    cfg = ctx.config
     ranking, sft = read_jsonl(scored["ranking"]), read_jsonl(scored["sft"])
     batches, build = enhancement.build_ple_batches(
         ranking,
         sft,
-        s.tokenizer,
+        ctx.tokenizer,
         batch_size=cfg.train.batch_size,
         max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_response_tokens=cfg.data.max_response_tokens,
@@ -286,7 +382,9 @@ def _train_stage(s: Session, t: int, scored: dict, out: pathlib.Path) -> dict:
     )
     if batches:
         adapters, report = train_adapters(
-            s,
+            ctx,
+            spec,
+            adapters,
             batches,
             epochs=cfg.ple.epochs,
             tag=f"round_{t}/train",
@@ -296,63 +394,83 @@ def _train_stage(s: Session, t: int, scored: dict, out: pathlib.Path) -> dict:
     else:
         # Every pair was skipped or weighted 0 (e.g. all rewards at the bottom of the range
         # with sft_weighting=reward): the adapters carry over unchanged.
-        s.log(
+        ctx.log(
             f"iteration {t}: nothing to train on ({scored.get('count/considered')} pairs, "
             "all skipped or with weight 0); the model carries over unchanged"
         )
-        adapters, report = s.adapters, {"steps": 0, "skipped_steps": 0}
+        report = {"steps": 0, "skipped_steps": 0}
     path = out / "lora"
     checkpoint.save_params(path, adapters)
-    s.set_adapters(adapters)
-    return {"lora": str(path), **build, **report}
+    return {"lora": str(path), **build, **report}, adapters
 
 
-def _sft_stage(s: Session, out: pathlib.Path) -> dict:
-    """Algorithm 1's starting point: the adapters fine-tuned on D_sft (``ple.sft_data``)."""
-    cfg = s.config
-    pairs, read = read_preference_records(
-        cfg.ple.sft_data, cfg.data.on_bad_record, layout=cfg.ple.sft_layout
+def train_adapters(
+    ctx: RunContext,
+    spec: Adapters,
+    adapters: nnx.State,
+    batches: list[dict],
+    *,
+    epochs: int,
+    tag: str,
+    desc: str,
+    checkpoint_dir: pathlib.Path,
+) -> tuple[nnx.State, dict]:
+    """Trains LoRA ``adapters`` on PLE batches with :func:`jaxalign.loop.train`; the base
+    stays frozen (it rides along as the step's ``frozen`` argument).
+
+    Batch order: one ``numpy`` stream seeded with ``train.seed``
+    (:func:`jaxalign.loop.stream_order`). With ``run.checkpoint_every``, the train state
+    is checkpointed in ``checkpoint_dir`` and a killed stage resumes mid-way. Returns the
+    new adapter parameters and ``{steps, skipped_steps, final/..., mean/...}``.
+    """
+    cfg = ctx.config
+    # The adapters are the trained "model"; compute dtype and remat apply to the base.
+    state_cfg = dataclasses.replace(cfg.train, compute_dtype=None, remat=None)
+    base_graphdef, base_params = nnx.split(
+        training.configure_model(ctx.model(ctx.init_params), cfg.train)
     )
-    s.log(read.summary())
-    if not pairs:
-        raise ValueError(f"{cfg.ple.sft_data}: no SFT records (ple.sft_data)")
-    batches, build = enhancement.build_ple_batches(
-        [],
-        enhancement.sft_records(pairs),
-        s.tokenizer,
-        batch_size=cfg.train.batch_size,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        max_response_tokens=cfg.data.max_response_tokens,
-        use_chat_template=cfg.data.use_chat_template,
+    loss_fn = lora.lora_loss_fn(
+        base_graphdef, enhancement.ple_loss_fn(cfg.train, cfg.ple.sft_coefficient), spec.scaling
     )
-    if not batches:
-        raise ValueError(f"{cfg.ple.sft_data}: no SFT record could be tokenised")
-    s.adapters = s.adapters_init
-    adapters, report = train_adapters(
-        s,
+    result = loop.train(
+        nnx.merge(spec.graphdef, adapters),
         batches,
-        epochs=cfg.ple.sft_epochs,
-        tag="sft/train",
-        desc="SFT on D_sft",
-        checkpoint_dir=out / "sft_checkpoints",  # round_0/checkpoints is iteration 0's
+        state_cfg,
+        ctx.mesh,
+        loss_fn=loss_fn,
+        epochs=epochs,
+        frozen=base_params,
+        metrics=ctx.metrics,
+        tag=tag,
+        progress=ctx.progress,
+        desc=desc,
+        order=loop.stream_order(cfg.train.seed, len(batches)),
+        checkpoint_dir=checkpoint_dir if cfg.run.checkpoint_every else None,
+        save_every=cfg.run.checkpoint_every,
+        log=ctx.log,
     )
-    path = out / "sft_lora"  # round_0/lora is iteration 0's
-    checkpoint.save_params(path, adapters)
-    s.set_adapters(adapters)
-    return {"lora": str(path), "read": read.read, "kept": read.kept, **build, **report}
+    return result.params, result.summary()
 
 
-def _start_adapters(s: Session) -> nnx.State:
-    """The adapters PLE's first iteration starts from: after SFT when there is one."""
-    return s.load_adapters(0, "sft") if s.runner.done(0, "sft") else s.adapters_init
+# ----------------------------------------------------------------------------- the export
 
 
-def _export_stage(s: Session, out_dir: pathlib.Path) -> dict:
-    base = s.model(s.init_params)
-    adapters = nnx.merge(s.adapters_graphdef, s.adapters)
+def export_stage(
+    ctx: RunContext, spec: Adapters, adapters: nnx.State, out_dir: pathlib.Path
+) -> dict:
+    """The final model, base ⊕ adapters, as a Hugging Face folder (``model_hf/``)."""
     with atomic_directory(out_dir) as tmp:
-        lora.export_merged_hf(base, adapters, s.scaling, tmp, s.tokenizer)
+        lora.export_merged_hf(
+            ctx.model(ctx.init_params),
+            nnx.merge(spec.graphdef, adapters),
+            spec.scaling,
+            tmp,
+            ctx.tokenizer,
+        )
     return {"model_hf": str(out_dir)}
+
+
+# ----------------------------------------------------------------------------- the summary
 
 
 def _iteration_row(runner: RoundRunner, t: int) -> dict:
@@ -372,110 +490,5 @@ def _iteration_row(runner: RoundRunner, t: int) -> dict:
     if runner.done(t, "train"):
         row["train_loss"] = runner.result(t, "train").get("mean/train/loss")
     if runner.done(t, "eval"):
-        e = runner.result(t, "eval")
-        row.update(
-            win_rate=e["win_rate"],
-            win_ci=f"{e['win_ci'][0]:.2f}-{e['win_ci'][1]:.2f}",
-            gold_score=e["gold_score"],
-            mean_words=e["mean_words"],
-        )
+        row.update(stages.eval_columns(runner.result(t, "eval")))
     return row
-
-
-def _run_iteration(s: Session, t: int, prompts: list[dict], eval_prompts: list[dict]) -> None:
-    """Iteration ``t``: sample → score → train → eval, each stage at most once."""
-    runner = s.runner
-    if runner.done(t, "train"):
-        s.set_adapters(s.load_adapters(t))
-    else:
-        if s.adapters is None:
-            s.set_adapters(s.load_adapters(t - 1) if t > 0 else _start_adapters(s))
-        sampled = runner.stage(t, "sample", lambda d: _sample_stage(s, t, prompts, d))
-        scored = runner.stage(t, "score", lambda d: _score_stage(s, t, sampled["candidates"], d))
-        runner.stage(t, "train", lambda d: _train_stage(s, t, scored, d))
-    if s.config.eval.enabled:
-        runner.stage(t, "eval", lambda d: spa.eval_stage(s, t, eval_prompts, d))
-
-
-def run(config, *, log: Callable[[str], None] = print) -> dict:
-    """Runs (or resumes) PLE as configured; returns the iteration summary."""
-    from jaxalign.models import load
-    from jaxalign.parallel import is_primary_process, make_mesh
-
-    start = time.perf_counter()
-    cfg = config
-    p = cfg.ple
-    primary = is_primary_process()
-    if not primary:
-        log = lambda message: None  # noqa: E731 -- only process 0 logs
-    runner = RoundRunner(cfg.run.output_dir, to_dict(cfg), log=log)
-    mesh = make_mesh(cfg.run.mesh.data, cfg.run.mesh.fsdp, cfg.run.mesh.tensor)
-    log(f"loading {cfg.model.name}")
-    model, tokenizer = load(
-        cfg.model.name,
-        param_dtype=cfg.model.param_dtype,
-        dtype=cfg.model.dtype,
-        cache_dir=cfg.model.cache_dir,
-    )
-    graphdef, init_params = nnx.split(model)
-    adapters = lora.LoraAdapters(
-        model, rank=p.lora_rank, targets=p.lora_targets, rngs=nnx.Rngs(cfg.run.seed)
-    )
-    adapters_graphdef, adapters_init = nnx.split(adapters)
-    s = Session(
-        config=cfg,
-        runner=runner,
-        graphdef=graphdef,
-        init_params=init_params,
-        tokenizer=tokenizer,
-        mesh=mesh,
-        metrics=MetricsWriter(runner.run_dir / "metrics.jsonl"),
-        log=log,
-        adapters_graphdef=adapters_graphdef,
-        adapters_init=adapters_init,
-        progress=cfg.run.progress and primary,
-    )
-    prompts, prompt_report = read_prompt_records(cfg.data.prompts, cfg.data.on_bad_record)
-    log(prompt_report.summary())
-    if not prompts:
-        raise ValueError(f"{cfg.data.prompts}: no prompts to generate from")
-    if cfg.eval.enabled and cfg.eval.judge == p.reward:
-        s.eval_judge = _reward_judge(s)  # one reward model in memory, not two
-    eval_prompts = spa.eval_setup(s)
-
-    if p.sft_data:
-        runner.stage(0, "sft", lambda d: _sft_stage(s, d))
-        # Eval compares against the SFT model, where PLE's iterations start.
-        s.baseline_params = s.merged(_start_adapters(s))
-
-    for t in range(p.iterations):
-        n = p.prompts_per_iteration or len(prompts)
-        first = (t * n) % len(prompts)
-        chosen = [prompts[(first + k) % len(prompts)] for k in range(min(n, len(prompts)))]
-        _run_iteration(s, t, chosen, eval_prompts)
-    last = p.iterations - 1
-    if p.export_hf and not runner.done(last, "export"):
-        if s.adapters is None:
-            s.set_adapters(s.load_adapters(last))
-        runner.stage(last, "export", lambda d: _export_stage(s, runner.run_dir / "model_hf"))
-
-    rows = [_iteration_row(runner, t) for t in range(p.iterations) if runner.done(t, "train")]
-    if cfg.eval.enabled and runner.done(0, "eval"):
-        base = runner.result(0, "eval")
-        rows.insert(
-            0,
-            {
-                "iteration": "start (SFT)" if p.sft_data else "start",
-                "gold_score": base["baseline_gold_score"],
-                "mean_words": base["baseline_mean_words"],
-                "win_rate": 0.5,
-            },
-        )
-    table = format_table(rows, SUMMARY_COLUMNS)
-    seconds = time.perf_counter() - start
-    summary = finish_run(
-        runner, rows, table, title="PLE run summary", rows_key="iterations", seconds=seconds
-    )
-    s.metrics.close()
-    log(f"\nrun directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
-    return summary

@@ -187,10 +187,12 @@ class RoundRunner:
 
         runner = RoundRunner(run_dir, config_dict)
         out = runner.stage(1, "sample", lambda d: {"candidates": str(d / "candidates.jsonl")})
+        params = runner.produce(1, "train", train, load=lambda result: read(result["model"]))
 
     ``fn(round_dir)`` does the work and returns a JSON-able dict of results
     (artifact paths, counts, metrics); the dict is stored, and on a rerun the
-    stored dict is returned without calling ``fn``.
+    stored dict is returned without calling ``fn``. :meth:`produce` does the same
+    for a stage that also hands a value (parameters) to the next one.
     """
 
     def __init__(self, run_dir: str | os.PathLike, config: dict, *, log: Callable = print):
@@ -270,6 +272,29 @@ class RoundRunner:
         parallel.sync_processes(f"jaxalign-stage-{key}")
         self.log(f"[{key}] finished in {seconds:.1f}s")
         return result
+
+    def produce(
+        self,
+        round_index: int,
+        name: str,
+        fn: Callable[[RunPath], tuple[dict, Any]],
+        load: Callable[[dict], Any],
+    ) -> Any:
+        """Runs a stage that makes a value besides its artifacts (e.g. trained parameters).
+
+        ``fn(round_dir) -> (result, value)``; ``result`` is stored as :meth:`stage` stores
+        it. Returns ``value``: ``fn``'s own when the stage runs now, ``load(result)`` (e.g.
+        the parameters read back from the path in ``result``) when it finished earlier.
+        """
+        made = []
+
+        def run(round_dir):
+            result, value = fn(round_dir)
+            made.append(value)
+            return result
+
+        result = self.stage(round_index, name, run)
+        return made[0] if made else load(result)
 
     def seconds(self, round_index: int, name: str) -> float | None:
         entry = self.state["stages"].get(self.key(round_index, name))

@@ -13,8 +13,13 @@ Round 0 trains ``π_0`` by DPO on a small set of human-labelled seed pairs
    plus self-refinement (:mod:`jaxalign.refinement`);
 4. **evaluates** ``π_i`` against ``π_init`` with a gold judge, when configured.
 
-Every stage runs under :class:`jaxalign.algorithms.rounds.RoundRunner`, so a
-killed run resumes at the stage it was in. Artifacts per round:
+Each step is a stage: a function from its inputs (the run's context, the policy
+it starts from, prompts or candidates) to its artifacts and outputs, run at most
+once by :class:`jaxalign.algorithms.rounds.RoundRunner`, so a killed run resumes
+at the stage it was in. The work itself is done by the service modules: sampling
+(:mod:`jaxalign.generation`), log-probs (:mod:`jaxalign.scoring`), the judge
+(:mod:`jaxalign.judging`), training (:mod:`jaxalign.loop` with the loss of
+:mod:`jaxalign.refinement`) and checkpoints (:mod:`jaxalign.checkpoint`). Artifacts per round:
 ``candidates.jsonl``, ``pairs.jsonl`` (with margins and ``p``), ``model/``
 (parameters), ``eval.jsonl``; run-wide ``metrics.jsonl``, ``summary.json`` and
 ``summary.md``.
@@ -31,74 +36,276 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
 from jaxalign import checkpoint, judging, loop, refinement, scoring, training
+from jaxalign.algorithms import stages
 from jaxalign.algorithms.rounds import RoundRunner, atomic_write_jsonl, finish_run, read_jsonl
-from jaxalign.config import Config, to_dict
+from jaxalign.algorithms.stages import RunContext, eval_stage
+from jaxalign.config import Config
 from jaxalign.data.pairs import pair_batches
 from jaxalign.data.records import read_preference_records, read_prompt_records
-from jaxalign.evaluation import score_answers, win_rate
 from jaxalign.generation import sample_texts
-from jaxalign.models import reward
-from jaxalign.report import SUMMARY_COLUMNS, MetricsWriter, format_table, write_report
+from jaxalign.report import SUMMARY_COLUMNS, format_table, write_report
 
 
-@dataclasses.dataclass
-class Session:
-    """What the stages of one run share in memory: model pieces, data, writers."""
+def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) SPA as configured; returns the round summary."""
+    start = time.perf_counter()
+    ctx, runner = stages.start_run(config, log)
+    cfg = ctx.config
+    seed_pairs, seed_report = read_preference_records(cfg.data.seed_pairs, cfg.data.on_bad_record)
+    prompts, prompt_report = read_prompt_records(cfg.data.prompts, cfg.data.on_bad_record)
+    ctx.log(seed_report.summary())
+    ctx.log(prompt_report.summary())
+    evaluation = stages.eval_setup(ctx)
 
-    config: Config
-    runner: RoundRunner
-    graphdef: nnx.GraphDef
-    init_params: nnx.State
-    tokenizer: Any
-    mesh: Any
-    metrics: MetricsWriter
-    log: Callable[[str], None]
-    policy_params: nnx.State | None = None  # π_{i-1}; loaded from disk after a resume
-    progress: bool = True  # progress bars (process 0 of a multi-process run only)
-    eval_judge: Any = None  # eval.judge, loaded once (see eval_setup)
-    baseline_params: nnx.State | None = None  # what eval compares against; None: init_params
+    def evaluate(i: int, policy: nnx.State) -> None:
+        if cfg.eval.enabled:
+            runner.stage(
+                i, "eval", lambda d: eval_stage(ctx, evaluation, policy, ctx.init_params, d)
+            )
 
-    def model(self, params: nnx.State):
-        return nnx.merge(self.graphdef, params)
+    # Round 0: π_0 = DPO on the seed pairs, starting from (and referenced to) π_init.
+    policy = runner.produce(
+        0,
+        "train",
+        lambda d: train_stage(ctx, 0, ctx.init_params, seed_pairs, d),
+        load=lambda result: _trained_policy(ctx, result),
+    )
+    evaluate(0, policy)
+    # Round i ≥ 1: π_i from π_{i-1} on new prompts it answered and labelled itself.
+    for i, round_prompts in _round_prompts(cfg, prompts, ctx.log):
+        policy = spa_round(ctx, runner, i, policy, round_prompts)
+        evaluate(i, policy)
 
-    def load_round_params(self, round_index: int) -> nnx.State:
-        path = self.runner.result(round_index, "train")["model"]
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.init_params)
-        return checkpoint.load_params(path, abstract)
+    rows = stages.baseline_row(runner, "round", "SFT") if cfg.eval.enabled else []
+    rows += [_round_row(runner, i) for i in range(cfg.spa.rounds + 1) if runner.done(i, "train")]
+    table = format_table(rows, SUMMARY_COLUMNS)
+    seconds = time.perf_counter() - start
+    summary = finish_run(
+        runner, rows, table, title="SPA run summary", rows_key="rounds", seconds=seconds
+    )
+    ctx.metrics.close()
+    if isinstance(runner.run_dir, pathlib.Path):
+        ctx.log(f"\nreport: {write_report(runner.run_dir)}")
+    else:  # the HTML report reads local files: `jaxalign report` on a copy of the run
+        ctx.log(
+            f"\nreport: copy {runner.run_dir} to a local folder and run `jaxalign report` on it"
+        )
+    ctx.log(f"run directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
+    return summary
 
 
-def sampling_config_for(config: Config, tokenizer, **changes):
-    return config.sampling.replace(
-        eos_token_ids=tuple(tokenizer.eos_token_ids),
-        pad_token_id=tokenizer.pad_token_id,
-        **changes,
+def spa_round(
+    ctx: RunContext, runner: RoundRunner, i: int, policy: nnx.State, prompts: list[dict]
+) -> nnx.State:
+    """Round ``i ≥ 1`` from ``policy`` = π_{i-1}: sample → judge → train; returns π_i."""
+    if runner.done(i, "train"):
+        return _trained_policy(ctx, runner.result(i, "train"))
+    sampled = runner.stage(i, "sample", lambda d: sample_stage(ctx, i, policy, prompts, d))
+    judged = runner.stage(i, "judge", lambda d: judge_stage(ctx, policy, sampled["candidates"], d))
+    pairs = read_jsonl(judged["pairs"])
+    return runner.produce(
+        i,
+        "train",
+        lambda d: train_stage(ctx, i, policy, pairs, d),
+        load=lambda result: _trained_policy(ctx, result),
     )
 
 
-# ----------------------------------------------------------------------------- stages
+def _round_prompts(cfg: Config, prompts: list[dict], log) -> Iterator[tuple[int, list[dict]]]:
+    """``(i, prompts of round i)`` for rounds 1.. ``spa.rounds``: each round takes the next
+    ``spa.prompts_for_round(i)`` unused prompts, and the rounds stop when none are left."""
+    cursor = 0
+    for i in range(1, cfg.spa.rounds + 1):
+        want = cfg.spa.prompts_for_round(i)
+        round_prompts = prompts[cursor : cursor + want]
+        cursor += want
+        if not round_prompts:
+            log(f"round {i}: no unused prompts left ({len(prompts)} in all); stopping")
+            return
+        if len(round_prompts) < want:
+            log(f"round {i}: only {len(round_prompts)} of {want} prompts left; using them")
+        yield i, round_prompts
 
 
-def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib.Path) -> dict:
-    cfg = s.config
+def _trained_policy(ctx: RunContext, train_result: dict) -> nnx.State:
+    """The parameters a finished train stage saved."""
+    return stages.load_params(train_result["model"], ctx.init_params)
+
+
+# ----------------------------------------------------------------------------- 1. sample
+
+
+def sample_candidates(
+    ctx: RunContext, round_index: int, policy: nnx.State, prompts: list[dict]
+) -> list[dict]:
+    """``spa.samples_per_prompt`` responses to each prompt from ``policy`` (paper: 2, at
+    temperature 0.7, top-p 1.0): each prompt record with ``responses``, a list of
+    ``{text, finished, truncated, num_tokens}``."""
+    cfg = ctx.config
+    completions = sample_texts(
+        ctx.model(policy),
+        ctx.tokenizer,
+        [r["prompt"] for r in prompts],
+        stages.sampling_config(ctx, n=cfg.spa.samples_per_prompt),
+        seed=cfg.run.seed * 1000 + round_index,
+        batch_size=cfg.run.generate_batch_size,
+        mesh=ctx.mesh,
+        progress=ctx.progress,
+    )
+    return [
+        {
+            **rec,
+            "responses": [
+                {
+                    "text": c.text,
+                    "finished": c.finished,
+                    "truncated": c.truncated,
+                    "num_tokens": len(c.token_ids),
+                }
+                for c in comps
+            ],
+        }
+        for rec, comps in zip(prompts, completions, strict=True)
+    ]
+
+
+def sample_stage(
+    ctx: RunContext, round_index: int, policy: nnx.State, prompts: list[dict], out: pathlib.Path
+) -> dict:
+    """Writes :func:`sample_candidates` to ``candidates.jsonl``."""
+    records = sample_candidates(ctx, round_index, policy, prompts)
+    path = out / "candidates.jsonl"
+    atomic_write_jsonl(path, records)
+    return {
+        "candidates": str(path),
+        "prompts": len(records),
+        "responses": sum(len(r["responses"]) for r in records),
+        "truncated_responses": sum(x["truncated"] for r in records for x in r["responses"]),
+    }
+
+
+# ----------------------------------------------------------------------------- 2. judge
+
+
+def judge_candidates(
+    ctx: RunContext, policy: nnx.State, candidates: list[dict]
+) -> tuple[list[dict], judging.PairCounts]:
+    """Candidate records → preference-pair records, labelled by the policy's implicit reward.
+
+    ``r(x,y) = β·(log π_{i-1}(y|x) − log π_init(y|x))`` (:func:`jaxalign.judging.implicit_reward`)
+    with summed log-probs from forward passes (:func:`jaxalign.scoring.response_logps`);
+    each prompt's first two candidates make a pair, the higher reward ``chosen``
+    (:func:`jaxalign.judging.make_pairs`). A pair record is a
+    :class:`jaxalign.judging.JudgedPair` (margin, ``p``) plus the prompt's ``answer``
+    when it has one. Returns the records and what was kept and skipped.
+    """
+    cfg = ctx.config
+    # Score each prompt's first two candidates as an (a, b) "pair" under both models.
+    scored = [
+        {
+            "id": r["id"],
+            "prompt": r["prompt"],
+            "chosen": r["responses"][0]["text"],
+            "rejected": r["responses"][1]["text"],
+            "chosen_eos": r["responses"][0]["finished"],
+            "rejected_eos": r["responses"][1]["finished"],
+        }
+        for r in candidates
+    ]
+
+    def logps(params):
+        return scoring.response_logps(ctx.graphdef, params, scored, ctx.tokenizer, cfg, ctx.mesh)
+
+    logp_policy, logp_init = logps(policy), logps(ctx.init_params)
+    num_tokens = None
+    if cfg.spa.judge_length_normalize:
+        num_tokens = scoring.response_token_counts(scored, ctx.tokenizer, cfg)
+    rewards = judging.implicit_reward(logp_policy, logp_init, cfg.train.beta, num_tokens)  # [N, 2]
+    pairs, counts = judging.make_pairs(
+        [r["id"] for r in candidates],
+        [r["prompt"] for r in candidates],
+        [
+            [
+                judging.Candidate(x["text"], x["finished"], x["num_tokens"])
+                for x in r["responses"][:2]
+            ]
+            for r in candidates
+        ],
+        rewards.tolist(),
+        skip_truncated=cfg.spa.truncated_policy == "skip",
+    )
+    answers = {r["id"]: r["answer"] for r in candidates if "answer" in r}
+    records = [
+        pair.to_record() | ({"answer": answers[pair.id]} if pair.id in answers else {})
+        for pair in pairs
+    ]
+    return records, counts
+
+
+def judge_stage(
+    ctx: RunContext, policy: nnx.State, candidates_path: str, out: pathlib.Path
+) -> dict:
+    """Writes :func:`judge_candidates` of ``candidates.jsonl`` to ``pairs.jsonl``; with a rule
+    gold judge and answers, also how often the self-labels agree with it."""
+    records, counts = judge_candidates(ctx, policy, read_jsonl(candidates_path))
+    path = out / "pairs.jsonl"
+    atomic_write_jsonl(path, records)
+    result = {
+        "pairs": str(path),
+        **{f"count/{k}": v for k, v in dataclasses.asdict(counts).items()},
+        "margin_mean": float(np.mean([r["margin"] for r in records])) if records else None,
+        "p_mean": float(np.mean([r["p"] for r in records])) if records else None,
+    }
+    judge = ctx.config.eval.judge
+    if records and all("answer" in r for r in records) and judge:
+        gold = judging.get_rule_judge(judge)
+        prompts = [r["prompt"] for r in records]
+        scores = {
+            side: gold(
+                prompts,
+                [r[side] for r in records],
+                records,
+                finished=[r[f"{side}_eos"] for r in records],
+            )
+            for side in ("chosen", "rejected")
+        }
+        agreement, separated = judging.gold_agreement(scores["chosen"], scores["rejected"])
+        result["gold_agreement"] = agreement
+        result["gold_separated"] = separated
+    return result
+
+
+# ----------------------------------------------------------------------------- 3. train
+
+
+def train_stage(
+    ctx: RunContext, round_index: int, policy: nnx.State, records: list[dict], out: pathlib.Path
+) -> tuple[dict, nnx.State]:
+    """π_i from ``policy`` = π_{i-1} (π_init in round 0) on the round's pairs, with reference
+    π_{i-1}; saves it to ``model/`` and returns the stage's result and π_i.
+
+    Round 0 (and every round with ``spa.refine`` off) is DPO, its reference log-probs
+    precomputed once (:func:`jaxalign.scoring.with_reference_logps`), so training holds
+    one model. Rounds ≥ 1 add self-refinement (:func:`jaxalign.refinement.spa_loss_fn`),
+    which needs the reference's per-token logits: π_{i-1} runs on the fly, frozen.
+    """
+    cfg = ctx.config
     spa = cfg.spa
     seed_round = round_index == 0
-    policy_params = s.init_params if seed_round else s.policy_params
     epochs = spa.seed_epochs if seed_round else spa.round_epochs
-    batches, build_report = pair_batches(records, s.tokenizer, cfg)
+    batches, build_report = pair_batches(records, ctx.tokenizer, cfg)
     if not batches:
         raise ValueError(f"round {round_index}: no usable preference pairs to train on")
     if seed_round or not spa.refine:
-        # Plain DPO; reference log-probs precomputed once, so training holds one model.
         batches = scoring.with_reference_logps(
-            s.graphdef, policy_params, batches, cfg.train, mesh=s.mesh
+            ctx.graphdef, policy, batches, cfg.train, mesh=ctx.mesh
         )
         loss_fn = training.dpo_loss_fn(cfg.train)
         frozen, algo_state, flag_after = None, None, None
@@ -106,7 +313,7 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
         total_steps = epochs * len(batches)
         flag_after = int(spa.flag_warmup_ratio * total_steps)
         loss_fn = refinement.spa_loss_fn(
-            s.graphdef,
+            ctx.graphdef,
             beta=cfg.train.beta,
             lam=spa.lambda_for_round(round_index),
             quantile=spa.noise_quantile,
@@ -115,27 +322,26 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
             label_mode=spa.label_mode,
             chunk_size=cfg.train.logp_chunk_size,
         )
-        frozen = policy_params  # reference π_{i-1}, run on the fly
+        frozen = policy  # reference π_{i-1}, run on the fly
         algo_state = refinement.init_margin_buffer(spa.margin_buffer_batches * cfg.train.batch_size)
     result = loop.train(
-        s.model(policy_params),
+        ctx.model(policy),
         batches,
         cfg.train,
-        s.mesh,
+        ctx.mesh,
         loss_fn=loss_fn,
         epochs=epochs,
         frozen=frozen,
         algo_state=algo_state,
-        metrics=s.metrics,
+        metrics=ctx.metrics,
         tag=f"round_{round_index}/train",
-        progress=s.progress,
+        progress=ctx.progress,
         desc=f"round {round_index} train",
         seed=cfg.train.seed + round_index,
         checkpoint_dir=(out / "checkpoints") if cfg.run.checkpoint_every else None,
         save_every=cfg.run.checkpoint_every,
-        log=s.log,
+        log=ctx.log,
     )
-    s.policy_params = result.params
     model_dir = out / "model"
     saved = time.perf_counter()
     checkpoint.save_params(model_dir, result.params)
@@ -152,228 +358,10 @@ def _train_stage(s: Session, round_index: int, records: list[dict], out: pathlib
     }
     summary.update({f"final/{k}": v for k, v in result.last_metrics.items()})
     summary.update({f"mean/{k}": v for k, v in result.mean_metrics.items()})
-    return summary
+    return summary, result.params
 
 
-def _sample_stage(s: Session, round_index: int, prompts: list[dict], out: pathlib.Path) -> dict:
-    cfg = s.config
-    sampling = sampling_config_for(cfg, s.tokenizer, n=cfg.spa.samples_per_prompt)
-    completions = sample_texts(
-        s.model(s.policy_params),
-        s.tokenizer,
-        [r["prompt"] for r in prompts],
-        sampling,
-        seed=cfg.run.seed * 1000 + round_index,
-        batch_size=cfg.run.generate_batch_size,
-        mesh=s.mesh,
-        progress=s.progress,
-    )
-    records = []
-    for rec, comps in zip(prompts, completions, strict=True):
-        records.append(
-            {
-                **rec,
-                "responses": [
-                    {
-                        "text": c.text,
-                        "finished": c.finished,
-                        "truncated": c.truncated,
-                        "num_tokens": len(c.token_ids),
-                    }
-                    for c in comps
-                ],
-            }
-        )
-    path = out / "candidates.jsonl"
-    atomic_write_jsonl(path, records)
-    n_resp = sum(len(r["responses"]) for r in records)
-    return {
-        "candidates": str(path),
-        "prompts": len(records),
-        "responses": n_resp,
-        "truncated_responses": sum(x["truncated"] for r in records for x in r["responses"]),
-    }
-
-
-def _judge_stage(s: Session, round_index: int, candidates_path: str, out: pathlib.Path) -> dict:
-    cfg = s.config
-    records = read_jsonl(candidates_path)
-    # Score each prompt's first two candidates as an (a, b) "pair" under both models.
-    pair_records = [
-        {
-            "id": r["id"],
-            "prompt": r["prompt"],
-            "chosen": r["responses"][0]["text"],
-            "rejected": r["responses"][1]["text"],
-            "chosen_eos": r["responses"][0]["finished"],
-            "rejected_eos": r["responses"][1]["finished"],
-        }
-        for r in records
-    ]
-
-    def logps(params):
-        return scoring.response_logps(s.graphdef, params, pair_records, s.tokenizer, cfg, s.mesh)
-
-    logp_policy, logp_init = logps(s.policy_params), logps(s.init_params)
-    counts = None
-    if cfg.spa.judge_length_normalize:
-        counts = scoring.response_token_counts(pair_records, s.tokenizer, cfg)
-    rewards = judging.implicit_reward(logp_policy, logp_init, cfg.train.beta, counts)  # [N, 2]
-    candidates = [
-        [judging.Candidate(x["text"], x["finished"], x["num_tokens"]) for x in r["responses"][:2]]
-        for r in records
-    ]
-    pairs, counts = judging.make_pairs(
-        [r["id"] for r in records],
-        [r["prompt"] for r in records],
-        candidates,
-        rewards.tolist(),
-        skip_truncated=cfg.spa.truncated_policy == "skip",
-    )
-    answers = {r["id"]: r["answer"] for r in records if "answer" in r}
-    out_records = [
-        pair.to_record() | ({"answer": answers[pair.id]} if pair.id in answers else {})
-        for pair in pairs
-    ]
-    path = out / "pairs.jsonl"
-    atomic_write_jsonl(path, out_records)
-    result = {
-        "pairs": str(path),
-        **{f"count/{k}": v for k, v in dataclasses.asdict(counts).items()},
-        "margin_mean": float(np.mean([p.margin for p in pairs])) if pairs else None,
-        "p_mean": float(np.mean([p.p for p in pairs])) if pairs else None,
-    }
-    if out_records and all("answer" in r for r in out_records) and cfg.eval.judge:
-        gold = judging.get_rule_judge(cfg.eval.judge)
-        g_c = gold(
-            [r["prompt"] for r in out_records],
-            [r["chosen"] for r in out_records],
-            out_records,
-            finished=[r["chosen_eos"] for r in out_records],
-        )
-        g_r = gold(
-            [r["prompt"] for r in out_records],
-            [r["rejected"] for r in out_records],
-            out_records,
-            finished=[r["rejected_eos"] for r in out_records],
-        )
-        agreement, separated = judging.gold_agreement(g_c, g_r)
-        result["gold_agreement"] = agreement
-        result["gold_separated"] = separated
-    return result
-
-
-def _greedy_answers(s: Session, params, prompts: list[dict]) -> list[judging.Candidate]:
-    cfg = s.config
-    sampling = sampling_config_for(
-        cfg, s.tokenizer, n=1, greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens
-    )
-    comps = sample_texts(
-        s.model(params),
-        s.tokenizer,
-        [r["prompt"] for r in prompts],
-        sampling,
-        seed=cfg.run.seed,
-        batch_size=cfg.run.generate_batch_size,
-        mesh=s.mesh,
-        progress=s.progress,
-    )
-    return [judging.Candidate(c[0].text, c[0].finished, len(c[0].token_ids)) for c in comps]
-
-
-def eval_setup(s: Session) -> list[dict]:
-    """The eval prompts (``data.eval_prompts``, first ``eval.max_prompts``), with the gold
-    judge (``eval.judge``: a rule judge or a reward-model folder) loaded into ``s.eval_judge``
-    now, so a bad judge fails before any training. Shared by SPA and PLE."""
-    cfg = s.config
-    if not cfg.eval.enabled:
-        return []
-    prompts, report = read_prompt_records(
-        cfg.data.eval_prompts, cfg.data.on_bad_record, kind="eval"
-    )
-    s.log(report.summary())
-    if s.eval_judge is None:
-        s.eval_judge = reward.load_reward_judge(
-            cfg.eval.judge,
-            tokenizer=s.tokenizer,
-            batch_size=cfg.run.generate_batch_size,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_response_tokens=cfg.eval.max_new_tokens,
-            use_chat_template=cfg.data.use_chat_template,
-        )
-    return prompts[: cfg.eval.max_prompts]
-
-
-def eval_stage(s: Session, round_index: int, prompts: list[dict], out: pathlib.Path) -> dict:
-    """Greedy answers of the current policy vs the baseline's (``s.baseline_params``, by
-    default the starting model; its answers are cached in ``baseline_eval.jsonl``), both
-    scored by the gold judge."""
-    if s.eval_judge is None:
-        eval_setup(s)
-    baseline_path = s.runner.run_dir / "baseline_eval.jsonl"
-    if baseline_path.exists():
-        baseline = [judging.Candidate(**r["response"]) for r in read_jsonl(baseline_path)]
-    else:
-        base_params = s.init_params if s.baseline_params is None else s.baseline_params
-        baseline = _greedy_answers(s, base_params, prompts)
-        atomic_write_jsonl(
-            baseline_path,
-            [
-                {"id": p["id"], "response": dataclasses.asdict(c)}
-                for p, c in zip(prompts, baseline, strict=True)
-            ],
-        )
-    answers = _greedy_answers(s, s.policy_params, prompts)
-    ours = score_answers(s.eval_judge, prompts, answers)
-    base = score_answers(s.eval_judge, prompts, baseline)
-    wr = win_rate(ours, base)
-    atomic_write_jsonl(
-        out / "eval.jsonl",
-        [
-            {
-                "id": p["id"],
-                "prompt": p["prompt"],
-                "response": a.text,
-                "finished": a.finished,
-                "score": float(x),
-                "baseline": b.text,
-                "baseline_score": float(y),
-            }
-            for p, a, b, x, y in zip(prompts, answers, baseline, ours, base, strict=True)
-        ],
-    )
-    words = [len(a.text.split()) for a in answers]
-    return {
-        "eval": str(out / "eval.jsonl"),
-        "win_rate": wr.rate,
-        "win_ci": [wr.ci_low, wr.ci_high],
-        "wins": wr.wins,
-        "ties": wr.ties,
-        "losses": wr.losses,
-        "gold_score": float(np.mean(ours)),
-        "baseline_gold_score": float(np.mean(base)),
-        "mean_words": float(np.mean(words)),
-        "baseline_mean_words": float(np.mean([len(b.text.split()) for b in baseline])),
-    }
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def _run_round(s: Session, i: int, prompts: list[dict], eval_prompts: list[dict]) -> None:
-    """Round ``i ≥ 1``: sample → judge → train → eval, each stage at most once."""
-    runner = s.runner
-    if runner.done(i, "train"):
-        s.policy_params = s.load_round_params(i)
-    else:
-        if s.policy_params is None:
-            s.policy_params = s.load_round_params(i - 1)
-        sampled = runner.stage(i, "sample", lambda d: _sample_stage(s, i, prompts, d))
-        judged = runner.stage(i, "judge", lambda d: _judge_stage(s, i, sampled["candidates"], d))
-        pairs = read_jsonl(judged["pairs"])
-        runner.stage(i, "train", lambda d: _train_stage(s, i, pairs, d))
-    if s.config.eval.enabled:
-        runner.stage(i, "eval", lambda d: eval_stage(s, i, eval_prompts, d))
+# ----------------------------------------------------------------------------- the summary
 
 
 def _round_row(runner: RoundRunner, i: int) -> dict:
@@ -393,94 +381,5 @@ def _round_row(runner: RoundRunner, i: int) -> dict:
         row["flagged_fraction"] = t.get("mean/spa/flagged_fraction")
         row["train_reward_margin"] = t.get("final/rewards/margin")
     if runner.done(i, "eval"):
-        e = runner.result(i, "eval")
-        row.update(
-            win_rate=e["win_rate"],
-            win_ci=f"{e['win_ci'][0]:.2f}-{e['win_ci'][1]:.2f}",
-            gold_score=e["gold_score"],
-            mean_words=e["mean_words"],
-        )
+        row.update(stages.eval_columns(runner.result(i, "eval")))
     return row
-
-
-def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
-    """Runs (or resumes) SPA as configured; returns the round summary."""
-    from jaxalign.models import load
-    from jaxalign.parallel import is_primary_process, make_mesh
-
-    start = time.perf_counter()
-    cfg = config
-    primary = is_primary_process()
-    if not primary:
-        log = lambda message: None  # noqa: E731 -- only process 0 logs
-    runner = RoundRunner(cfg.run.output_dir, to_dict(cfg), log=log)
-    mesh_cfg = cfg.run.mesh
-    mesh = make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
-    log(f"loading {cfg.model.name}")
-    model, tokenizer = load(
-        cfg.model.name,
-        param_dtype=cfg.model.param_dtype,
-        dtype=cfg.model.dtype,
-        cache_dir=cfg.model.cache_dir,
-    )
-    graphdef, init_params = nnx.split(model)
-    s = Session(
-        config=cfg,
-        runner=runner,
-        graphdef=graphdef,
-        init_params=init_params,
-        tokenizer=tokenizer,
-        mesh=mesh,
-        metrics=MetricsWriter(runner.run_dir / "metrics.jsonl"),
-        log=log,
-        progress=cfg.run.progress and primary,
-    )
-    seed_pairs, seed_report = read_preference_records(cfg.data.seed_pairs, cfg.data.on_bad_record)
-    prompts, prompt_report = read_prompt_records(cfg.data.prompts, cfg.data.on_bad_record)
-    log(seed_report.summary())
-    log(prompt_report.summary())
-    eval_prompts = eval_setup(s)
-
-    # Round 0: DPO on the seed pairs.
-    runner.stage(0, "train", lambda d: _train_stage(s, 0, seed_pairs, d))
-    if s.policy_params is None:
-        s.policy_params = s.load_round_params(0)
-    if cfg.eval.enabled:
-        runner.stage(0, "eval", lambda d: eval_stage(s, 0, eval_prompts, d))
-
-    cursor = 0
-    for i in range(1, cfg.spa.rounds + 1):
-        want = cfg.spa.prompts_for_round(i)
-        round_prompts = prompts[cursor : cursor + want]
-        cursor += want
-        if not round_prompts:
-            log(f"round {i}: no unused prompts left ({len(prompts)} in all); stopping")
-            break
-        if len(round_prompts) < want:
-            log(f"round {i}: only {len(round_prompts)} of {want} prompts left; using them")
-        _run_round(s, i, round_prompts, eval_prompts)
-
-    rows = [_round_row(runner, i) for i in range(0, cfg.spa.rounds + 1) if runner.done(i, "train")]
-    if cfg.eval.enabled and runner.done(0, "eval"):
-        base = runner.result(0, "eval")
-        rows.insert(
-            0,
-            {
-                "round": "SFT",
-                "gold_score": base["baseline_gold_score"],
-                "mean_words": base["baseline_mean_words"],
-                "win_rate": 0.5,
-            },
-        )
-    table = format_table(rows, SUMMARY_COLUMNS)
-    seconds = time.perf_counter() - start
-    summary = finish_run(
-        runner, rows, table, title="SPA run summary", rows_key="rounds", seconds=seconds
-    )
-    s.metrics.close()
-    if isinstance(runner.run_dir, pathlib.Path):
-        log(f"\nreport: {write_report(runner.run_dir)}")
-    else:  # the HTML report reads local files: `jaxalign report` on a copy of the run
-        log(f"\nreport: copy {runner.run_dir} to a local folder and run `jaxalign report` on it")
-    log(f"run directory: {runner.run_dir}  ({seconds:.0f}s this invocation)")
-    return summary
