@@ -310,7 +310,6 @@ def dpo_on_host_shares(pairs: pathlib.Path, out_dir: pathlib.Path) -> None:
 
     from jaxalign import parallel
     from jaxalign.algorithms import dpo
-    from jaxalign.cli import dpo as dpo_cli
     from jaxalign.data.records import DataError
     from jaxalign.models.llama import Transformer
 
@@ -325,8 +324,8 @@ def dpo_on_host_shares(pairs: pathlib.Path, out_dir: pathlib.Path) -> None:
     batches, pair_report = dpo.host_pair_batches(records, indices, CharTokenizer(), config, mesh)
     model = Transformer(_tiny_config(), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    cache = out_dir / dpo_cli.reference_cache_name(host_local=True)
-    batches = dpo_cli.reference_logps(graphdef, params, batches, cache, config.train, False)
+    cache = out_dir / dpo.reference_cache_name(host_local=True)
+    batches = dpo.reference_logps(graphdef, params, batches, cache, config.train, False)
     result = train_dpo(model, batches, config, mesh, seed=0, host_local=True)
     pid = jax.process_index()
     flat = flat_params(result.params)

@@ -1,23 +1,174 @@
-"""DPO's data path on several hosts: each reads and tokenises only its share of a pair file.
+"""DPO (Rafailov et al., "Direct Preference Optimization", arXiv 2305.18290) on a pair file.
+
+    L = −log σ(β·[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))])
+
+with the reference ``π_ref`` the starting model. The algorithm is two steps:
+
+1. the reference log-probs of every pair, computed once under the starting
+   parameters (:func:`jaxalign.scoring.with_reference_logps`) and cached in the run
+   directory (:func:`reference_logps`), so training holds one model;
+2. ``train.epochs`` passes of :func:`jaxalign.loop.train` with the DPO loss
+   (:func:`jaxalign.training.dpo_loss_fn`, or its IPO/hinge/robust variants), resumable
+   from checkpoints; the final parameters go to ``<output_dir>/model``.
+
+:func:`train_dpo` runs both; ``jaxalign dpo`` (:mod:`jaxalign.cli.dpo`) reads the
+data and calls it. SPA's seed round is the same computation, run by
+:mod:`jaxalign.algorithms.spa` from the same service modules.
 
 On several hosts (``jax.distributed``) every host holds the whole batch list by default
-and feeds its own rows of each (fine for SPA's and PLE's small per-round sets). For a
-large pair file, :func:`read_host_pairs` and :func:`host_pair_batches` let each host read
-and tokenise only its share: the hosts agree on one batch plan, each builds only the rows
-it feeds (``jaxalign.loop.train(..., host_local=True)``), and every host still runs the
-same sequence of identically shaped global batches.
+and feeds its own rows of each. For a large pair file, :func:`read_host_pairs` and
+:func:`host_pair_batches` let each host read and tokenise only its share: the hosts
+agree on one batch plan, each builds only the rows it feeds (``host_local=True``), and
+every host still runs the same sequence of identically shaped global batches.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
+from flax import nnx
 
-from jaxalign import parallel
+from jaxalign import checkpoint, loop, parallel, training
+from jaxalign.algorithms.rounds import run_path, write_bytes
 from jaxalign.data import pairs as pair_data
 from jaxalign.data.records import DataError, ReadReport, kept_record_index, read_record_share
+from jaxalign.models.llama import Transformer
+from jaxalign.report import MetricsWriter
+from jaxalign.scoring import with_reference_logps
+
+
+def train_dpo(
+    model: Transformer,
+    batches: Sequence[dict],
+    config: training.TrainConfig,
+    mesh,
+    output_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    save_every: int = 100,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    host_local: bool = False,
+) -> tuple[nnx.State, dict]:
+    """Trains ``model`` on pair ``batches`` with resumable checkpoints in ``output_dir``.
+
+    Returns the final parameters and the last step's metrics. A rerun with the
+    same arguments continues from the newest checkpoint. ``output_dir`` may be a
+    local path or a ``gs://`` URL (checkpoints, reference cache, metrics and model).
+    ``host_local``: ``batches`` are this process's rows only (``host_pair_batches``);
+    the reference log-probs are then computed and cached per process.
+    """
+    out = run_path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    graphdef, params = nnx.split(model)
+    batches = reference_logps(
+        graphdef,
+        params,
+        batches,
+        out / reference_cache_name(host_local),
+        config,
+        progress,
+        None if host_local else mesh,
+    )
+    has_tb = importlib.util.find_spec("tensorboardX") is not None
+    if not has_tb:
+        log("tensorboardX is not installed: metrics go to metrics.jsonl only")
+    writer = MetricsWriter(out / "metrics.jsonl", str(out / "tensorboard") if has_tb else None)
+    result = loop.train(
+        model,
+        batches,
+        config,
+        mesh,
+        loss_fn=training.dpo_loss_fn(config),
+        epochs=config.epochs,
+        metrics=writer,
+        tag="dpo",
+        progress=progress,
+        desc="dpo",
+        seed=seed,
+        checkpoint_dir=out / "checkpoints",
+        save_every=save_every,
+        log=log,
+        host_local=host_local,
+    )
+    writer.close()
+    checkpoint.save_params(out / "model", result.params)
+    return result.params, result.last_metrics
+
+
+def reference_logps(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batches: Sequence[dict],
+    cache: str | os.PathLike,
+    config: training.TrainConfig,
+    progress: bool = True,
+    mesh=None,
+) -> list[dict]:
+    """``batches`` with ``ref_chosen_logps``/``ref_rejected_logps``, computed once and cached.
+
+    ``mesh``: compute them sharded over the mesh (every process holding the same
+    ``batches``); ``None`` for host-local batches, computed on this process alone.
+
+    The reference is the starting model, so the cache at ``cache`` is reused on
+    resume as long as it holds the same number of pairs per batch and the same
+    record ``index`` per row (so a cache of other data or another host layout is
+    recomputed, never misread).
+    """
+
+    def matches(saved) -> bool:
+        names = set(saved.files)
+        if sum(n.startswith("chosen_") for n in names) != len(batches):
+            return False
+        for i, b in enumerate(batches):
+            if f"chosen_{i}" not in names or saved[f"chosen_{i}"].shape != b["weight"].shape:
+                return False
+            if f"index_{i}" in names and "index" in b:
+                if not np.array_equal(saved[f"index_{i}"], b["index"]):
+                    return False
+        return True
+
+    cache = run_path(cache)
+    if cache.exists():
+        saved = np.load(io.BytesIO(cache.read_bytes()))
+        if matches(saved):
+            return [
+                {
+                    **b,
+                    "ref_chosen_logps": saved[f"chosen_{i}"],
+                    "ref_rejected_logps": saved[f"rejected_{i}"],
+                }
+                for i, b in enumerate(batches)
+            ]
+    out = with_reference_logps(graphdef, params, batches, config, progress, mesh)
+    arrays = {}
+    for i, batch in enumerate(out):
+        arrays[f"chosen_{i}"] = batch["ref_chosen_logps"]
+        arrays[f"rejected_{i}"] = batch["ref_rejected_logps"]
+        if "index" in batch:
+            arrays[f"index_{i}"] = np.asarray(batch["index"])
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(cache, buffer.getvalue())  # every process its own file: no process gating
+    return out
+
+
+def reference_cache_name(host_local: bool = False) -> str:
+    """The reference log-prob cache's file name: one per process when each holds its own rows.
+
+    Each process caches only the rows it feeds (no gathering, no shared file to race
+    on); the process count is in the name, so a single-process cache or one of another
+    layout is never read in its place.
+    """
+    if not host_local:
+        return "reference_logps.npz"
+    return f"reference_logps.process{jax.process_index()}-of-{jax.process_count()}.npz"
 
 
 def read_host_pairs(

@@ -1,4 +1,5 @@
-"""``jaxalign dpo``'s training loop: a killed run resumes to the same result."""
+"""DPO on a pair file: a killed run resumes to the same result, the reference log-prob cache,
+and the host-share data path."""
 
 import json
 
@@ -8,8 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxalign import checkpoint, parallel, training
-from jaxalign.algorithms import dpo as train_loop
-from jaxalign.cli import dpo
+from jaxalign.algorithms import dpo
 from jaxalign.data.pairs import build_pair_batches
 from jaxalign.models.llama import ModelConfig, Transformer
 
@@ -118,11 +118,11 @@ def test_host_share_path_on_one_process_is_the_single_host_path(tmp_path):
         ["train.batch_size=4", "data.max_prompt_tokens=32", "data.max_response_tokens=8"],
     )
     mesh = parallel.make_mesh(2, 2, 2)
-    records, indices, report = train_loop.read_host_pairs(str(path), mesh, 4, "skip")
+    records, indices, report = dpo.read_host_pairs(str(path), mesh, 4, "skip")
     single, single_report = read_preference_records(str(path), "skip")
     assert records == single and report.to_dict() == single_report.to_dict()
     assert list(indices) == list(range(len(single)))
-    got, got_report = train_loop.host_pair_batches(records, indices, CharTokenizer(), config, mesh)
+    got, got_report = dpo.host_pair_batches(records, indices, CharTokenizer(), config, mesh)
     want, want_report = build_pair_batches(
         single, CharTokenizer(), batch_size=4, max_prompt_tokens=32, max_response_tokens=8
     )
