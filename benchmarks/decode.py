@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jaxalign import sampling
-from jaxalign.models.registry import EMBEDDED, default_cache_dir, load
+from jaxalign.loading import EMBEDDED, default_cache_dir, load
 from jaxalign.sampling import SamplingConfig, generate
 
 SETTLE_S = 3.0  # pause before each timed run

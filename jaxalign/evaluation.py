@@ -141,7 +141,7 @@ class RewardJudge:
     """A reward model scoring each answer on its own; the higher reward wins.
 
     ``folder``: a local Hugging Face sequence-classification model with its
-    tokenizer (:func:`jaxalign.models.reward.load_reward_judge`), loaded on first use.
+    tokenizer (:func:`jaxalign.reward_judge.load_reward_judge`), loaded on first use.
     """
 
     folder: str
@@ -156,7 +156,7 @@ class RewardJudge:
 
     def compare(self, records, answers, baseline_answers):
         if self._scorer is None:
-            from jaxalign.models.reward import load_reward_judge
+            from jaxalign.reward_judge import load_reward_judge
 
             self._scorer = load_reward_judge(
                 self.folder,

@@ -8,7 +8,8 @@ Every place that needs ``log π(y|x)`` of responses it already has calls this mo
   ``r = β·(log π − log π_init)`` needs each candidate's summed log-prob under both models;
 - **evaluation**'s log-probs of exact sampled token ids (:func:`response_logprobs`), for
   the Monte-Carlo KL of :mod:`jaxalign.evaluation`;
-- a **reward model**'s scalar scores of token rows (:func:`reward_scores`).
+- a **reward model**'s scalar scores of token rows (:func:`reward_scores`), for the
+  reward-model judges of :mod:`jaxalign.reward_judge`.
 
 Log-probs are summed over response tokens, computed chunk by chunk
 (:func:`jaxalign.training.chunked_token_logps`), so no ``[B,T,V]`` logits are held.
@@ -23,6 +24,7 @@ import functools
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -209,4 +211,38 @@ def response_logprobs(
                 chunk_size=min(chunk_size, width),
             )
             out[rows] = np.asarray(logps)[: len(rows)]
+    return out
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+@nnx.jit
+def _reward_batch(model, tokens, attention_mask):
+    return model(tokens, attention_mask)
+
+
+def reward_scores(
+    model, rows: Sequence[Sequence[int]], *, pad_id: int, batch_size: int, max_length: int
+) -> np.ndarray:
+    """``[N]`` float32 scores of token rows (prompt + response ids) by a scalar reward model
+    (``model(tokens, attention_mask) -> [B]``, e.g. :class:`jaxalign.models.reward.RewardModel`).
+
+    Rows are scored shortest first, ``batch_size`` at a time, each batch right-padded to
+    its power-of-two length bucket (at most ``max_length``); padding rows see one token,
+    so nothing divides by zero.
+    """
+    out = np.zeros(len(rows), np.float32)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        members = order[start : start + batch_size]
+        length = bucket_length(max(len(rows[i]) for i in members), max_length)
+        ids = np.full((batch_size, length), pad_id, np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        mask[:, 0] = 1
+        for j, i in enumerate(members):
+            ids[j, : len(rows[i])] = rows[i]
+            mask[j, : len(rows[i])] = 1
+        scores = np.asarray(_reward_batch(model, jnp.asarray(ids), jnp.asarray(mask)))
+        out[members] = scores[: len(members)]
     return out

@@ -18,8 +18,8 @@ def tiny_model_dir(tmp_path_factory):
     """
     from flax import nnx
 
+    from jaxalign.loading import EMBEDDED, installed_gguf
     from jaxalign.models import ModelConfig, Transformer
-    from jaxalign.models.registry import EMBEDDED, installed_gguf
     from jaxalign.tokenizer import Tokenizer
     from jaxalign.weights import export_hf
 
@@ -63,3 +63,32 @@ def fake_gcs(monkeypatch):
     yield FakeGCS.store
     backend.fsspec_backend._get_filesystem.cache_clear()
     FakeGCS.store.clear()
+
+
+@pytest.fixture(scope="session")
+def torch_reward_dir(tmp_path_factory):
+    """A random transformers ``LlamaForSequenceClassification`` (vocabulary 64, pad id 0)
+    saved as a folder, and the torch model itself."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_labels=1,
+        pad_token_id=0,
+        rms_norm_eps=1e-6,
+    )
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():  # a random, non-trivial head and norms
+        model.score.weight.normal_(0, 0.5)
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    folder = tmp_path_factory.mktemp("reward")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder, model

@@ -218,7 +218,7 @@ def test_inspect_counts_without_a_tokenizer(tmp_path):
 
 
 def test_inspect_token_statistics(tmp_path):
-    from jaxalign.models.registry import EMBEDDED, installed_gguf
+    from jaxalign.loading import EMBEDDED, installed_gguf
 
     if installed_gguf(EMBEDDED["smollm2-135m-instruct"]) is None:
         pytest.skip("the embedded SmolLM2 GGUF is not installed")

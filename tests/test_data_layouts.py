@@ -294,7 +294,7 @@ def test_fuzzed_records_are_all_accounted_for(tmp_path, layout):
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    from jaxalign.models.registry import EMBEDDED, installed_gguf
+    from jaxalign.loading import EMBEDDED, installed_gguf
     from jaxalign.tokenizer import Tokenizer
 
     path = installed_gguf(EMBEDDED["smollm2-135m-instruct"])

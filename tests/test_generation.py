@@ -246,7 +246,7 @@ def torch_greedy(folder, token_lists, new_tokens, eos_ids):
 
 
 def smollm2_parity(num_prompts, new_tokens):
-    from jaxalign.models.registry import EMBEDDED, default_cache_dir, load
+    from jaxalign.loading import EMBEDDED, default_cache_dir, load
 
     name = "smollm2-135m-instruct"
     try:

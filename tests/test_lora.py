@@ -66,12 +66,12 @@ def test_merged_forward_equals_adapter_forward_in_torch(base, tmp_path):
     applied in their own form, ``y = x W^T + s·(x A) B``, by forward hooks."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jaxalign.weights import export_hf
+    from jaxalign.weights import export_hf, export_merged_hf
 
     scaling = 2.0
     adapters = _randomised_adapters(base)
     base_dir = export_hf(base, tmp_path / "base")
-    merged_dir = lora.export_merged_hf(base, adapters, scaling, tmp_path / "merged")
+    merged_dir = export_merged_hf(base, adapters, scaling, tmp_path / "merged")
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     state = nnx.state(adapters)

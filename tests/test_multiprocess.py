@@ -554,7 +554,7 @@ def test_dpo_command_on_two_processes_resumes_and_matches_one_process(tmp_path, 
     trains on the same global batches."""
 
     from jaxalign.checkpoint import load_params
-    from jaxalign.models.registry import load
+    from jaxalign.loading import load
 
     pairs = write_pair_file(tmp_path / "pairs.jsonl")
     launch("dpo_cli", tmp_path, str(pairs), str(tiny_model_dir))

@@ -345,7 +345,7 @@ def test_sft_stage_trains_the_starting_adapters(ple_sft_run, tiny_model_dir):
 
 def test_reward_model_as_eval_judge(ple_sft_run, reward_model_dir, tiny_model_dir, tmp_path):
     """eval.judge may name a reward-model folder; eval.jsonl holds its rewards."""
-    from jaxalign.models import reward
+    from jaxalign.reward_judge import load_reward_judge
     from jaxalign.tokenizer import Tokenizer
 
     out, summary, cfg = ple_sft_run
@@ -353,7 +353,7 @@ def test_reward_model_as_eval_judge(ple_sft_run, reward_model_dir, tiny_model_di
     baseline = [
         json.loads(x)["response"] for x in (out / "baseline_eval.jsonl").read_text().splitlines()
     ]
-    judge = reward.load_reward_judge(
+    judge = load_reward_judge(
         str(reward_model_dir),
         tokenizer=Tokenizer.from_pretrained(tiny_model_dir),
         max_prompt_tokens=96,

@@ -92,3 +92,21 @@ def test_response_logprobs_match_transformers(tiny_model_dir):
         n = len(prompt_ids)
         want = sum(logp[n + j - 1, t].item() for j, t in enumerate(response))
         assert abs(ours[i] - want) < 1e-4 * max(1.0, abs(want)), (i, ours[i], want)
+
+
+def test_reward_scores_in_record_order_equal_one_row_at_a_time():
+    """Rows of mixed lengths, scored shortest first in padded batches, come back in their
+    own order with the score each gets alone (no padding around it)."""
+    from jaxalign.models.reward import RewardModel
+
+    backbone = Transformer(TINY, rngs=nnx.Rngs(2))
+    score = np.random.default_rng(0).normal(size=(TINY.hidden_size, 1)).astype(np.float32)
+    model = RewardModel(backbone, score)
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(3, 128, n).tolist() for n in (9, 2, 17, 5, 1)]
+    got = scoring.reward_scores(model, rows, pad_id=0, batch_size=2, max_length=32)
+    assert got.dtype == np.float32 and got.shape == (5,)
+    for row, g in zip(rows, got, strict=True):
+        ids = np.asarray([row], np.int32)
+        want = float(model(ids, np.ones_like(ids))[0])
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from jaxalign.models.registry import EMBEDDED, installed_gguf
+from jaxalign.loading import EMBEDDED, installed_gguf
 from jaxalign.tokenizer import Tokenizer, truncate_left
 
 SMOLLM2 = EMBEDDED["smollm2-135m-instruct"]

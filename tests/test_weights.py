@@ -12,8 +12,8 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from jaxalign.loading import EMBEDDED, installed_gguf
 from jaxalign.models import ModelConfig, Transformer
-from jaxalign.models.registry import EMBEDDED, installed_gguf
 from jaxalign.weights import WeightsError, export_hf, load_gguf, load_hf, unpermute_rotary_rows
 
 SMOLLM2 = EMBEDDED["smollm2-135m-instruct"]

@@ -69,8 +69,9 @@ from jaxalign.config import Config
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import sample_texts
 from jaxalign.models import lora
-from jaxalign.models.reward import load_reward_judge
 from jaxalign.report import PLE_SUMMARY_COLUMNS, format_table
+from jaxalign.reward_judge import load_reward_judge
+from jaxalign.weights import export_merged_hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,7 +461,7 @@ def export_stage(
 ) -> dict:
     """The final model, base ⊕ adapters, as a Hugging Face folder (``model_hf/``)."""
     with atomic_directory(out_dir) as tmp:
-        lora.export_merged_hf(
+        export_merged_hf(
             ctx.model(ctx.init_params),
             nnx.merge(spec.graphdef, adapters),
             spec.scaling,

@@ -29,9 +29,9 @@ from jaxalign.config import Config, to_dict
 from jaxalign.data.records import read_prompt_records
 from jaxalign.evaluation import score_answers, win_rate
 from jaxalign.generation import sample_texts
-from jaxalign.models.registry import load
-from jaxalign.models.reward import load_reward_judge
+from jaxalign.loading import load
 from jaxalign.report import MetricsWriter
+from jaxalign.reward_judge import load_reward_judge
 from jaxalign.sampling import SamplingConfig
 
 

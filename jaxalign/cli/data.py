@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_tokenizer(name: str):
     """A ``Tokenizer`` from a registered name (its GGUF), a ``.gguf`` file or a HF folder."""
-    from jaxalign.models.registry import EMBEDDED, installed_gguf
+    from jaxalign.loading import EMBEDDED, installed_gguf
     from jaxalign.tokenizer import Tokenizer
 
     if name in EMBEDDED:

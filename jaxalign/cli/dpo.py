@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from jaxalign.config import ConfigError, load_config
     from jaxalign.data.records import DataError, read_preference_records
-    from jaxalign.models.registry import load
+    from jaxalign.loading import load
 
     try:
         config = load_config(args.config, args.overrides)

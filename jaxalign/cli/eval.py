@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     from jaxalign.algorithms.rounds import atomic_write_jsonl, atomic_write_text
     from jaxalign.data.records import read_prompt_records
     from jaxalign.judging import Candidate
-    from jaxalign.models.registry import load
+    from jaxalign.loading import load
     from jaxalign.sampling import SamplingConfig
 
     if args.export and not args.out:

@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from jaxalign.data.records import DataError
     from jaxalign.generation import GenerationStats, generate_file
-    from jaxalign.models.registry import load
+    from jaxalign.loading import load
     from jaxalign.sampling import SamplingConfig
 
     try:

@@ -1,4 +1,6 @@
-"""Model definitions: the Llama-family decoder and its configuration."""
+"""Model definitions: the Llama-family decoder and its configuration, LoRA adapters, the
+reward model. Nothing here reads files: weights come in through :mod:`jaxalign.weights`,
+models by name through :mod:`jaxalign.loading`."""
 
 from jaxalign.models.llama import (
     KVCache,
@@ -22,9 +24,11 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # `load` imports jaxalign.weights, which imports this package: resolve it lazily.
+    # `jaxalign.models.load` is `jaxalign.loading.load`, kept here for users. The loader sits
+    # above the model definitions (it reads weights into them), so it is resolved on first
+    # use, never imported by this package itself.
     if name == "load":
-        from jaxalign.models.registry import load
+        from jaxalign.loading import load
 
         return load
     raise AttributeError(f"module 'jaxalign.models' has no attribute {name!r}")

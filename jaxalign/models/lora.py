@@ -161,20 +161,6 @@ def merged_model(model: Transformer, adapters: LoraAdapters, scaling: float) -> 
     return nnx.merge(graphdef, apply_lora(params, nnx.state(adapters), scaling))
 
 
-def export_merged_hf(
-    model: Transformer, adapters: LoraAdapters, scaling: float, path, tokenizer=None
-):
-    """Merges the adapters into the base kernels and writes a Hugging Face folder.
-
-    The folder loads with ``transformers.AutoModelForCausalLM.from_pretrained``
-    (and ``jaxalign.weights.load_hf``) as an ordinary model; returns its path.
-    """
-    from jaxalign.weights import export_hf
-
-    merged = jax.device_get(merged_model(model, adapters, scaling))
-    return export_hf(merged, path, tokenizer)
-
-
 def lora_loss_fn(base_graphdef: nnx.GraphDef, loss_fn, scaling: float):
     """Wraps a policy loss function so that the trained "model" is a :class:`LoraAdapters`.
 

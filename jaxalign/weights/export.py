@@ -1,13 +1,15 @@
-"""Export a ``Transformer`` as a Hugging Face folder that transformers loads directly."""
+"""Export a ``Transformer`` (or one with LoRA adapters merged in) as a Hugging Face folder."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import jax
 from safetensors.numpy import save_file
 
 from jaxalign.models.llama import Transformer
+from jaxalign.models.lora import LoraAdapters, merged_model
 from jaxalign.weights.layout import hf_tensors_from_model
 
 
@@ -32,3 +34,16 @@ def export_hf(model: Transformer, path: str | Path, tokenizer=None) -> Path:
                 hf_config[key] = value
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return folder
+
+
+def export_merged_hf(
+    model: Transformer, adapters: LoraAdapters, scaling: float, path: str | Path, tokenizer=None
+) -> Path:
+    """Merges LoRA ``adapters`` into the base kernels (``W + s·A@B``,
+    :func:`jaxalign.models.lora.merged_model`) and writes a Hugging Face folder.
+
+    The folder loads with ``transformers.AutoModelForCausalLM.from_pretrained``
+    (and :func:`jaxalign.weights.load_hf`) as an ordinary model; returns its path.
+    """
+    merged = jax.device_get(merged_model(model, adapters, scaling))
+    return export_hf(merged, path, tokenizer)

