@@ -108,3 +108,30 @@ def test_model_definitions_read_no_files():
     for name, path in modules.items():
         if name.startswith("jaxalign.models."):
             assert _imports(path, known) <= {"jaxalign.models.llama"}, name
+
+
+def test_the_traced_round_names_real_functions():
+    """Every ``module.function`` in docs/architecture.md's trace exists (the doc cannot rot)."""
+    import importlib
+    import re
+
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    trace = doc.split("```")[1]
+    short = {n: f"jaxalign.algorithms.{n}" for n in ("spa", "ple", "dpo", "stages", "rounds")}
+    classes = {"RoundRunner": "jaxalign.algorithms.rounds", "Transformer": "jaxalign.models.llama"}
+    checked = 0
+    for token in sorted(set(re.findall(r"\b([\w/]+(?:\.\w+)+)", trace))):
+        head, *attrs = token.split(".")
+        if head in classes:
+            module, attrs = classes[head], [head, *attrs]
+        else:
+            module = short.get(head, "jaxalign." + head.replace("/", "."))
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError:
+            continue  # a file name (state.json), a config key (run.checkpoint_every), ...
+        for attr in attrs:
+            assert hasattr(obj, attr), f"docs/architecture.md names {token}, which does not exist"
+            obj = getattr(obj, attr)
+        checked += 1
+    assert checked > 40
