@@ -12,13 +12,13 @@ import argparse
 import jax
 from flax import nnx
 
-from jaxalign import judging, refinement, training
+from jaxalign import judging, loop, refinement, training
 from jaxalign.config import load_config
 from jaxalign.data.pairs import build_pair_batches
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import sample_texts
 from jaxalign.models import load
-from jaxalign.parallel import make_global_batch, make_mesh, model_shardings
+from jaxalign.parallel import make_mesh, model_shardings
 from jaxalign.sampling import SamplingConfig
 from jaxalign.scoring import response_logps, with_reference_logps
 
@@ -38,10 +38,8 @@ def train_steps(model, batches, config, mesh, loss_fn, steps, algo_state=None, f
         total_steps=steps,
         frozen_shardings=frozen_shardings,
     )
-    fields = training.PAIR_FIELDS + training.REFERENCE_FIELDS + ("p",)
     for i in range(steps):
-        b = batches[i % len(batches)]
-        batch = make_global_batch({k: b[k] for k in fields if k in b}, mesh)
+        batch = loop.device_batch(batches[i % len(batches)], mesh)  # the train-step fields
         args = () if frozen is None else (jax.device_put(frozen, frozen_shardings),)
         state, metrics = step_fn(state, batch, *args)
         print(f"  step {i + 1}: loss {float(metrics['train/loss']):.4f}")
