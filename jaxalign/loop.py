@@ -175,7 +175,8 @@ def train(
         if ckpt is not None and (
             step + 1 == total or (save_every and (step + 1) % save_every == 0)
         ):
-            running = {"sums": sums, "counts": counts, "last": last}
+            # Copies: the save may serialise in the background while the sums move on.
+            running = {"sums": dict(sums), "counts": dict(counts), "last": dict(last)}
             ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch, "metrics": running})
     bar.close()
     if ckpt is not None:
