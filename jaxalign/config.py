@@ -90,9 +90,10 @@ class SPAConfig:
                 "spa.label_mode must be one of smooth, drop, soft, confidence; "
                 f"got {self.label_mode!r}"
             )
-        if self.truncated_policy not in ("keep", "skip"):
+        if self.truncated_policy not in ("keep", "skip", "reject"):
             raise ConfigError(
-                f"spa.truncated_policy must be 'keep' or 'skip', got {self.truncated_policy!r}"
+                "spa.truncated_policy must be 'keep', 'skip' or 'reject', "
+                f"got {self.truncated_policy!r}"
             )
         if not 0.0 < self.noise_quantile < 1.0:
             raise ConfigError(f"spa.noise_quantile must be in (0, 1), got {self.noise_quantile}")

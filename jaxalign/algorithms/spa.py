@@ -228,7 +228,7 @@ def _judge_stage(s: Session, round_index: int, candidates_path: str, out: pathli
         [r["prompt"] for r in records],
         candidates,
         rewards.tolist(),
-        skip_truncated=cfg.spa.truncated_policy == "skip",
+        truncated_policy=cfg.spa.truncated_policy,
     )
     answers = {r["id"]: r["answer"] for r in records if "answer" in r}
     out_records = [
