@@ -383,6 +383,21 @@ def test_setup_from_local_checkout_packs_copies_and_installs_editable(stub, tmp_
     )
 
 
+def test_the_tpu_extra_that_setup_installs_brings_gcsfs(stub):
+    """gs:// run directories need gcsfs on every worker (etils.epath without TensorFlow)."""
+    import tomllib
+
+    project = tomllib.loads((SCRIPTS.parent / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert any(r.startswith("gcsfs") for r in extras["tpu"])
+    assert any(r.startswith("gcsfs") for r in extras["gcs"])  # for GPU machines: [cuda13,gcs]
+    (cmd,) = dry_run(stub, "setup.sh", *NZ, "--repo", "https://github.com/example/jaxalign")
+    steps = remote_steps(remote_script(cmd))
+    assert any(s[-1].startswith("jaxalign[tpu] @") for s in steps)
+    # The last check on each worker imports gcsfs, so a missing one fails setup, not the run.
+    assert any("import gcsfs" in word for s in steps for word in s)
+
+
 def test_setup_rejects_ref_with_a_folder_and_a_folder_without_pyproject(stub, tmp_path):
     proc = run_script(stub, "setup.sh", *NZ, "--ref", "main", "--dry-run")
     assert proc.returncode != 0 and "--ref applies to a git URL" in proc.stderr
