@@ -138,6 +138,7 @@ HELP_OPTIONS = {
         "--dry-run",
         "tpu-ubuntu2204-base",
         "v2-alpha-tpuv5-lite",
+        "v5litepod-N",
     ],
     "setup.sh": [
         "--name",
@@ -240,6 +241,34 @@ def test_create_dry_run_prints_tpu_vm_create(stub):
 def test_create_default_runtime_follows_the_tpu_generation(stub, accelerator, runtime):
     (cmd,) = dry_run(stub, "create.sh", *NZ, "--accelerator-type", accelerator)
     assert f"--version={runtime}" in cmd
+
+
+def test_create_passes_v5e_as_googles_v5litepod_type(stub):
+    (cmd,) = dry_run(stub, "create.sh", *NZ, "--accelerator-type", "v5e-8")
+    assert "--accelerator-type=v5litepod-8" in cmd
+    assert "--version=v2-alpha-tpuv5-lite" in cmd
+    (cmd,) = dry_run(stub, "create.sh", *NZ, "--accelerator-type=v5e-16", "--queued")
+    assert "--accelerator-type=v5litepod-16" in cmd
+
+
+def test_hints_for_the_next_step_keep_the_project(stub):
+    args = [*NZ, "--accelerator-type", "v4-8", "--queued", "--project", "my-proj", "--dry-run"]
+    proc = run_script(stub, "create.sh", *args)
+    assert proc.returncode == 0, proc.stderr
+    hints = [shlex.split(line.strip()) for line in proc.stderr.splitlines()]
+    assert [
+        "gcloud",
+        "compute",
+        "tpus",
+        "queued-resources",
+        "describe",
+        "tpu1",
+        "--zone=us-central2-b",
+        "--project=my-proj",
+    ] in hints
+    assert ["next:", "bash", "tpu_scripts/setup.sh", *NZ, "--project", "my-proj"] in hints
+    proc = run_script(stub, "launch.sh", *NZ, "--config", "c.yaml", "--project", "p", "--dry-run")
+    assert "tpu_scripts/logs.sh --name tpu1 --zone us-central2-b --project p" in proc.stderr
 
 
 def test_create_queued_spot_project_version_and_extra_flags(stub):

@@ -83,4 +83,4 @@ tpu_ssh all "$(remote_script \
   "nohup $RUN > $LOG 2>&1 < /dev/null &" \
   "echo \$! > $PID" \
   "echo \"\$(hostname): started pid \$(cat $PID), log $REMOTE_DIR/$LOG\"")"
-info "follow worker 0: bash tpu_scripts/logs.sh --name $NAME --zone $ZONE"
+info "follow worker 0: $(script_hint logs.sh)"

@@ -119,4 +119,4 @@ else
     "$PIP -e '.[tpu]'" \
     "${DEMO_STEPS[@]}")"
 fi
-info "next: bash tpu_scripts/copy_config.sh --name $NAME --zone $ZONE --config CONFIG.yaml"
+info "next: $(script_hint copy_config.sh --config CONFIG.yaml)"
