@@ -153,7 +153,7 @@ HELP_OPTIONS = {
     "copy_config.sh": ["--name", "--zone", "--config", "--dry-run"],
     "launch.sh": ["--name", "--zone", "--config", "--log-file", "--dry-run", "key=value", "gs://"],
     "logs.sh": ["--name", "--zone", "--worker", "--log-file", "--lines", "--dry-run"],
-    "stop.sh": ["--name", "--zone", "--log-file", "--dry-run"],
+    "stop.sh": ["--name", "--zone", "--log-file", "--timeout", "--vm", "--dry-run", "teardown.sh"],
     "teardown.sh": ["--name", "--zone", "--queued", "--yes", "--dry-run"],
 }
 
@@ -479,14 +479,14 @@ def test_launch_dry_run_runs_jaxalign_with_overrides_on_all_workers(stub):
     assert_valid_bash(script)
     steps = remote_steps(script)
     (run,) = [s for s in steps if s[0] == "nohup"]
-    assert run[1 : run.index(">")] == [
+    assert run[1 : run.index(">>")] == [
         "~/jaxalign-venv/bin/jaxalign",
         "run",
         "--config",
         "configs/spa.yaml",
         *OVERRIDES,
     ]
-    assert "> logs/jaxalign.log 2>&1 < /dev/null &" in script
+    assert ">> logs/jaxalign.log 2>&1 < /dev/null &" in script  # appends: a resume keeps the log
     assert ["cd", "~/jaxalign"] in steps
     assert script.index("nohup") < script.index(" & ") < script.index("echo $! >")
 
@@ -502,61 +502,134 @@ def test_launch_rejects_bad_overrides(stub):
 FAKE_JAXALIGN = """#!/usr/bin/env bash
 printf '%s\\n' "$PWD" "$@" > "$HOME/argv.txt"
 echo "fake run started"
-exec sleep 60
+if [ -n "${FAKE_IGNORE_TERM:-}" ]; then
+  trap '' TERM
+  exec sleep 60
+fi
+sleep 60 &
+child=$!
+# Like a run that saves what it must on SIGTERM: it takes a second to exit.
+trap 'kill $child; sleep 1; echo "fake run stopped"; exit 0' TERM
+wait $child
 """
 
 
-def _run_on_fake_worker(script: str, home: pathlib.Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(home)}
+def _run_on_fake_worker(script: str, home: pathlib.Path, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home), **env}
     return subprocess.run(
-        ["bash", "-c", script], capture_output=True, text=True, env=env, cwd=home, timeout=30
+        ["bash", "-c", script], capture_output=True, text=True, env=env, cwd=home, timeout=60
     )
 
 
-def test_launch_and_stop_scripts_work_on_a_fake_worker(stub, tmp_path):
-    """Runs the worker-side snippets locally: HOME is a fake worker with a fake jaxalign."""
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped has exited)."""
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def fake_worker(tmp_path):
+    """A worker's home with a fake ``jaxalign`` in its venv; kills what is left at the end."""
     home = tmp_path / "worker_home"
     (home / "jaxalign").mkdir(parents=True)
     fake = home / "jaxalign-venv" / "bin" / "jaxalign"
     fake.parent.mkdir(parents=True)
     fake.write_text(FAKE_JAXALIGN)
     fake.chmod(0o755)
+    started: list[int] = []
+    yield home, started
+    for pid in started:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
 
+
+def test_launch_and_stop_scripts_work_on_a_fake_worker(stub, fake_worker):
+    """Runs the worker-side snippets locally: HOME is a fake worker with a fake jaxalign."""
+    home, started = fake_worker
+    log_args = ["--log-file", "logs/run 1.log"]
     (launch,) = dry_run(
-        stub,
-        "launch.sh",
-        *NZ,
-        "--config",
-        "configs/spa.yaml",
-        "--log-file",
-        "logs/run 1.log",
-        "--",
-        *OVERRIDES,
+        stub, "launch.sh", *NZ, "--config", "configs/spa.yaml", *log_args, "--", *OVERRIDES
     )
-    (stop,) = dry_run(stub, "stop.sh", *NZ, "--log-file", "logs/run 1.log")
+    (stop,) = dry_run(stub, "stop.sh", *NZ, *log_args)
     pid_file = home / "jaxalign" / "logs" / "run 1.log.pid"
-    proc = _run_on_fake_worker(remote_script(launch), home)
-    try:
+    log_file = home / "jaxalign" / "logs" / "run 1.log"
+
+    def launched() -> int:
+        proc = _run_on_fake_worker(remote_script(launch), home)
         assert proc.returncode == 0, proc.stderr
         assert "started pid" in proc.stdout
-        pid = int(pid_file.read_text())
+        started.append(int(pid_file.read_text()))
         deadline = time.time() + 10
-        while not (home / "argv.txt").exists() and time.time() < deadline:
+        while log_file.read_text().count("fake run started") < len(started):
+            assert time.time() < deadline, log_file.read_text()
             time.sleep(0.05)
-        argv = (home / "argv.txt").read_text().splitlines()
-        assert argv == [str(home / "jaxalign"), "run", "--config", "configs/spa.yaml", *OVERRIDES]
+        return started[-1]
 
-        again = _run_on_fake_worker(remote_script(launch), home)
-        assert again.returncode != 0 and "a run is still going" in again.stderr
+    pid = launched()
+    argv = (home / "argv.txt").read_text().splitlines()
+    assert argv == [str(home / "jaxalign"), "run", "--config", "configs/spa.yaml", *OVERRIDES]
 
-        stopped = _run_on_fake_worker(remote_script(stop), home)
-        assert stopped.returncode == 0 and f"stopped pid {pid}" in stopped.stdout
-        assert not pid_file.exists()
-        log = (home / "jaxalign" / "logs" / "run 1.log").read_text()
-        assert "fake run started" in log
-    finally:
-        if pid_file.exists():
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    again = _run_on_fake_worker(remote_script(launch), home)
+    assert again.returncode != 0 and "a run is still going" in again.stderr
+
+    # stop.sh returns only once the process has exited (its SIGTERM handler takes 1 s).
+    begin = time.monotonic()
+    stopped = _run_on_fake_worker(remote_script(stop), home)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped pid {pid}" in stopped.stdout
+    assert time.monotonic() - begin >= 1.0
+    assert not _running(pid) and not pid_file.exists()
+    assert "fake run stopped" in log_file.read_text()
+
+    # So an immediate relaunch (the way to resume) starts, and appends to the log.
+    second = launched()
+    log = log_file.read_text()
+    assert log.count("launch.sh starts jaxalign run") == 2 and log.count("fake run started") == 2
+    assert log.index("fake run stopped") < log.rindex("launch.sh starts jaxalign run")
+    _run_on_fake_worker(remote_script(stop), home)
+    assert not _running(second)
+
+    nothing = _run_on_fake_worker(remote_script(stop), home)
+    assert nothing.returncode == 0 and "no run going" in nothing.stdout
+
+
+def test_stop_kills_a_run_that_ignores_sigterm_after_the_timeout(stub, fake_worker):
+    home, started = fake_worker
+    (launch,) = dry_run(stub, "launch.sh", *NZ, "--config", "c.yaml")
+    (stop,) = dry_run(stub, "stop.sh", *NZ, "--timeout", "1")
+    proc = _run_on_fake_worker(remote_script(launch), home, FAKE_IGNORE_TERM="1")
+    assert proc.returncode == 0, proc.stderr
+    pid_file = home / "jaxalign" / "logs" / "jaxalign.log.pid"
+    pid = int(pid_file.read_text())
+    started.append(pid)
+    time.sleep(0.5)  # let it install its SIG_IGN
+    stopped = _run_on_fake_worker(remote_script(stop), home)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "still running 1 s after SIGTERM; sending SIGKILL" in stopped.stderr
+    assert not _running(pid) and not pid_file.exists()
+
+
+def test_stop_with_vm_stops_the_tpu_vm_after_the_run(stub):
+    ssh, vm = dry_run(stub, "stop.sh", *NZ, "--vm", "--project", "p")
+    assert ssh[:8] == ssh_prefix("all")
+    assert vm == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "stop",
+        "tpu1",
+        "--zone=us-central2-b",
+        "--project=p",
+    ]
+    (only_run,) = dry_run(stub, "stop.sh", *NZ)
+    proc = run_script(stub, "stop.sh", *NZ, "--dry-run")
+    assert "still running (and billed)" in proc.stderr
+    proc = run_script(stub, "stop.sh", *NZ, "--timeout", "soon")
+    assert proc.returncode == 2 and "--timeout must be a number" in proc.stderr
 
 
 def test_logs_follows_worker_zero_by_default(stub):
