@@ -421,6 +421,9 @@ def test_the_tpu_extra_that_setup_installs_brings_gcsfs(stub):
     extras = project["optional-dependencies"]
     assert any(r.startswith("gcsfs") for r in extras["tpu"])
     assert any(r.startswith("gcsfs") for r in extras["gcs"])  # for GPU machines: [cuda13,gcs]
+    jax_pin = next(r for r in project["dependencies"] if r.startswith("jax=="))
+    for cuda in ("cuda12", "cuda13"):  # jax's own extras, at the pinned version
+        assert extras[cuda] == [f"jax[{cuda}]{jax_pin.removeprefix('jax')}"]
     (cmd,) = dry_run(stub, "setup.sh", *NZ, "--repo", "https://github.com/example/jaxalign")
     steps = remote_steps(remote_script(cmd))
     assert any(s[-1].startswith("jaxalign[tpu] @") for s in steps)
