@@ -193,16 +193,18 @@ def train_dpo(
 
 
 def main(args: argparse.Namespace) -> int:
+    from jaxalign.algorithms.rounds import require_file_system
     from jaxalign.config import ConfigError, load_config
     from jaxalign.data.records import DataError, read_preference_records
     from jaxalign.models.registry import load
 
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        require_file_system(args.output_dir or config.run.output_dir, "--output-dir")
+        parallel.initialize_distributed()
+    except (ConfigError, ValueError, RuntimeError) as e:
         print(f"jaxalign dpo: {e}", file=sys.stderr)
         return 2
-    parallel.initialize_distributed()
     # Process 0 speaks for every host: the reports are summed over hosts, and every
     # host runs the same steps (the others would print the same lines again).
     if parallel.is_primary_process():
