@@ -23,10 +23,7 @@ import yaml
 from jaxalign.data.layouts import PAIR_LAYOUTS
 from jaxalign.sampling import SamplingConfig
 from jaxalign.training import TrainConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says where and why."""
+from jaxalign.validation import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
