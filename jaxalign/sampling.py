@@ -49,12 +49,25 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxalign import parallel
 from jaxalign.models.llama import (
+    DTYPE_NAMES,
     KVCache,
     Transformer,
     dtype_from_name,
     init_cache,
     rope_frequencies,
     rope_tables,
+)
+from jaxalign.validation import (
+    BOOLEAN,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    check_fields,
+    list_of,
+    number,
+    one_of,
+    optional,
 )
 
 
@@ -77,34 +90,25 @@ class SamplingConfig:
     cache_dtype: str | None = None  # None: the model's activation dtype; "bfloat16" (TPU/GPU)
 
     def __post_init__(self):
-        def fail(field: str, expected: str):
-            value = getattr(self, field)
-            raise ValueError(f"SamplingConfig.{field} must be {expected}, got {value!r}")
-
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            fail("max_new_tokens", "a positive integer")
-        if not self.greedy and not (
-            isinstance(self.temperature, int | float)
-            and math.isfinite(self.temperature)
-            and self.temperature > 0
-        ):
-            fail("temperature", "a positive number (use greedy=True for argmax decoding)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            fail("top_k", "an integer >= 0 (0 disables top-k)")
-        if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", "in (0, 1] (1.0 disables top-p)")
-        if not 0.0 <= self.min_p <= 1.0:
-            fail("min_p", "in [0, 1] (0 disables min-p)")
-        if not isinstance(self.n, int) or self.n < 1:
-            fail("n", "a positive integer")
-        if isinstance(self.eos_token_ids, list):  # as YAML and JSON give it
-            object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
-        if not isinstance(self.eos_token_ids, tuple) or not all(
-            isinstance(t, int) and t >= 0 for t in self.eos_token_ids
-        ):
-            fail("eos_token_ids", "a list of non-negative token ids")
-        if self.cache_dtype is not None:
-            dtype_from_name(self.cache_dtype)
+        greedy = self.greedy is True
+        check_fields(
+            self,
+            "sampling",
+            {
+                "max_new_tokens": POSITIVE_INT,
+                # softmax(logits / T) needs T > 0; greedy ignores T, so 0 is fine there.
+                "temperature": NON_NEGATIVE if greedy else POSITIVE,
+                "top_k": NON_NEGATIVE_INT,  # 0: off
+                "top_p": number(0, 1, low_open=True),  # a probability mass; 0 would keep nothing
+                "min_p": number(0, 1),  # a fraction of the top probability; 0: off
+                "n": POSITIVE_INT,
+                "greedy": BOOLEAN,
+                "eos_token_ids": list_of(NON_NEGATIVE_INT),  # empty: the tokenizer's
+                "return_logprobs": BOOLEAN,
+                "pad_token_id": NON_NEGATIVE_INT,
+                "cache_dtype": optional(one_of(*DTYPE_NAMES)),
+            },
+        )
 
     def replace(self, **changes) -> SamplingConfig:
         return dataclasses.replace(self, **changes)
