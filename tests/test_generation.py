@@ -348,6 +348,6 @@ def test_cli_generate_rejects_bad_settings(tmp_path, capsys):
 
     argv = ["generate", "--prompts", str(tmp_path / "missing.jsonl"), "--out", "x.jsonl"]
     assert main(argv + ["--temperature", "-1"]) == 2
-    assert "SamplingConfig.temperature" in capsys.readouterr().err
+    assert "argument --temperature: must be a finite number > 0" in capsys.readouterr().err
     assert main(argv + ["--max-new-tokens", "2"]) == 1
     assert "missing.jsonl not found" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from jaxalign.algorithms.dpo import (
     with_reference_logps,
 )
 from jaxalign.algorithms.rounds import run_path, write_bytes
+from jaxalign.cli import flags
 from jaxalign.models.llama import Transformer
 
 
@@ -52,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output-dir", default=None, help="run directory (default: the config's run.output_dir)"
     )
     parser.add_argument(
-        "--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)"
+        "--save-every",
+        type=flags.non_negative_int,
+        default=100,
+        help="checkpoint every N steps and at the end (0: at the end only)",
     )
     parser.add_argument(
         "overrides",
