@@ -6,13 +6,18 @@ paper's setting. The command line overrides single fields with dotted
 ``key=value`` pairs (``train.learning_rate=1e-6 spa.rounds=2``); values are parsed
 as YAML, so ``1e-6``, ``true`` and ``[0.5, 0.25]`` mean what they look like.
 
-Errors name the file and the key, and suggest the closest known key.
+Every field of every group is checked where its dataclass is made (ranges, choices,
+non-empty lists, finite numbers; :mod:`jaxalign.validation`), and :class:`Config`
+checks the rules between groups, so a bad value fails before anything runs. Errors
+name the file and the dotted key, the value and what is allowed, and suggest the
+closest known key for a misspelt one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import pathlib
 import types
 import typing
@@ -21,12 +26,53 @@ from typing import Any
 import yaml
 
 from jaxalign.data.layouts import PAIR_LAYOUTS
+from jaxalign.judging import RULE_JUDGES
+from jaxalign.models.llama import DTYPE_NAMES
+from jaxalign.models.lora import LORA_TARGETS
 from jaxalign.sampling import SamplingConfig
 from jaxalign.training import TrainConfig
+from jaxalign.validation import (
+    BOOLEAN,
+    NON_EMPTY_TEXT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    TEXT,
+    ConfigError,
+    Rule,
+    check_fields,
+    integer,
+    is_finite_number,
+    is_integer,
+    list_of,
+    number,
+    one_of,
+    optional,
+    require,
+    show,
+)
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says where and why."""
+DTYPE = one_of(*DTYPE_NAMES)  # what the model code computes in (jaxalign.models.llama)
+# Paths and names are free text, but an empty one would silently mean "." (the current
+# folder) or nothing at all.
+PATH = NON_EMPTY_TEXT
+JUDGE = Rule(
+    NON_EMPTY_TEXT.accepts,
+    f"a rule judge ({', '.join(RULE_JUDGES)}) or a reward-model folder, not empty",
+)
+# PLE's minmax bounds: empty (each iteration's own range) or [lo, hi], lo < hi, which
+# (r - lo) / (hi - lo) divides by.
+REWARD_RANGE = Rule(
+    lambda v: (
+        isinstance(v, tuple | list)
+        and (not v or (len(v) == 2 and all(map(is_finite_number, v)) and v[0] < v[1]))
+    ),
+    "[] (each iteration's own range) or [lo, hi] with finite lo < hi",
+    tuple,
+)
+MESH_AXIS_SIZE = Rule(lambda v: is_integer(v) and (v >= 1 or v == -1), "an integer >= 1, or -1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +83,13 @@ class ModelSpec:
     param_dtype: str = "float32"  # master weights
     dtype: str = "float32"  # compute; bfloat16 on TPU/GPU
     cache_dir: str | None = None  # converted-weights cache; None: $JAXALIGN_CACHE or ~/.cache
+
+    def __post_init__(self):
+        check_fields(
+            self,
+            "model",
+            {"name": PATH, "param_dtype": DTYPE, "dtype": DTYPE, "cache_dir": optional(PATH)},
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +105,20 @@ class DataConfig:
     on_bad_record: str = "error"  # error | skip (skipped records are counted and reported)
 
     def __post_init__(self):
-        if self.on_bad_record not in ("error", "skip"):
-            raise ConfigError(
-                f"data.on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}"
-            )
+        check_fields(
+            self,
+            "data",
+            {
+                "seed_pairs": PATH,
+                "prompts": PATH,
+                "eval_prompts": PATH,
+                # Token budgets: 0 would leave every prompt or response empty.
+                "max_prompt_tokens": POSITIVE_INT,
+                "max_response_tokens": POSITIVE_INT,
+                "use_chat_template": BOOLEAN,
+                "on_bad_record": one_of("error", "skip"),
+            },
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,19 +148,35 @@ class SPAConfig:
     judge_length_normalize: bool = False
 
     def __post_init__(self):
-        if self.label_mode not in ("smooth", "drop", "soft", "confidence"):
-            raise ConfigError(
-                "spa.label_mode must be one of smooth, drop, soft, confidence; "
-                f"got {self.label_mode!r}"
-            )
-        if self.truncated_policy not in ("keep", "skip"):
-            raise ConfigError(
-                f"spa.truncated_policy must be 'keep' or 'skip', got {self.truncated_policy!r}"
-            )
-        if not 0.0 < self.noise_quantile < 1.0:
-            raise ConfigError(f"spa.noise_quantile must be in (0, 1), got {self.noise_quantile}")
-        if self.samples_per_prompt < 2:
-            raise ConfigError("spa.samples_per_prompt must be at least 2 to form a pair")
+        check_fields(
+            self,
+            "spa",
+            {
+                "rounds": NON_NEGATIVE_INT,  # 0: the seed DPO (round 0) alone
+                # Round i takes entry i (the last repeats), so the list must have one, and a
+                # round of 0 prompts would end the run. Entries past spa.rounds are unused,
+                # which lets spa.rounds=1 override a config written for three rounds.
+                "prompts_per_round": list_of(POSITIVE_INT, non_empty=True),
+                "seed_epochs": POSITIVE_INT,
+                "round_epochs": POSITIVE_INT,
+                "samples_per_prompt": integer(2),  # the judge pairs two samples
+                "refine": BOOLEAN,
+                # h̃ = (1 + λ)·h_θ − λ·h_ref: λ = 0 is the policy itself, λ < 0 would pull
+                # towards the reference instead of extrapolating away from it.
+                "extrapolation_lambdas": list_of(NON_NEGATIVE, non_empty=True),
+                # A quantile of the margin buffer: 0 and 1 are its min and max, which flag
+                # (almost) nothing or everything.
+                "noise_quantile": number(0, 1, low_open=True, high_open=True),
+                "margin_buffer_batches": POSITIVE_INT,
+                # L = −(1 − α)·log σ(βΔ) − α·log σ(−βΔ): α = 1/2 makes the loss symmetric (no
+                # preference left), α > 1/2 flips the label; 0 turns smoothing off.
+                "smoothing_alpha": number(0, 0.5, high_open=True),
+                "flag_warmup_ratio": number(0, 1),  # a share of the round's steps
+                "label_mode": one_of("smooth", "drop", "soft", "confidence"),
+                "truncated_policy": one_of("keep", "skip", "reject"),
+                "judge_length_normalize": BOOLEAN,
+            },
+        )
 
     def prompts_for_round(self, round_index: int) -> int:
         """New prompts for round ``round_index`` (1-based); the last entry repeats."""
@@ -163,35 +242,43 @@ class PLEConfig:
     export_hf: bool = True  # write the merged final model as a HF folder (run_dir/model_hf)
 
     def __post_init__(self):
-        choices = {
-            "principle_placement": ("prefix", "suffix", "system"),
-            "reward_normalisation": ("minmax", "sigmoid", "none"),
-            "ranking_direction": ("better", "principle"),
-            "sft_weighting": ("reward", "softmax", "uniform"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"ple.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
-        if self.tau0 < 0 or not 0 < self.decay <= 1:
-            raise ConfigError(
-                f"ple.tau0 must be >= 0 and ple.decay in (0, 1], got {self.tau0}, {self.decay}"
-            )
-        if self.reward_range and (
-            len(self.reward_range) != 2 or self.reward_range[0] >= self.reward_range[1]
-        ):
-            raise ConfigError(
-                f"ple.reward_range must be [lo, hi] with lo < hi, got {self.reward_range}"
-            )
-        if self.lora_rank < 1 or self.iterations < 1 or self.epochs < 1 or self.sft_epochs < 1:
-            raise ConfigError(
-                "ple.lora_rank, ple.iterations, ple.epochs and ple.sft_epochs must be positive"
-            )
-        if self.sft_layout not in PAIR_LAYOUTS:
-            raise ConfigError(
-                f"ple.sft_layout must be one of {', '.join(PAIR_LAYOUTS)}, got {self.sft_layout!r}"
-            )
+        check_fields(
+            self,
+            "ple",
+            {
+                "iterations": POSITIVE_INT,
+                "prompts_per_iteration": NON_NEGATIVE_INT,  # 0: every query
+                # τ_t = τ0·α^t is a bound on a reward gap |r(y_p) − r(y)|, never negative;
+                # α in (0, 1] keeps it shrinking (or constant), as the paper's decay does.
+                "tau0": NON_NEGATIVE,
+                "decay": number(0, 1, low_open=True),
+                "principles": NON_EMPTY_TEXT,  # x ⊕ p with an empty p is x: no y_p to learn
+                "principle_placement": one_of("prefix", "suffix", "system"),
+                "reward": JUDGE,
+                "reward_normalisation": one_of("minmax", "sigmoid", "none"),
+                "reward_range": REWARD_RANGE,
+                "ranking_direction": one_of("better", "principle"),
+                "sft_weighting": one_of("reward", "softmax", "uniform"),
+                "sft_coefficient": NON_NEGATIVE,  # L_rank + c·L_sft; c < 0 would unlearn y_p
+                "epochs": POSITIVE_INT,
+                "sft_data": TEXT,  # a path, "demo", or empty: no SFT stage
+                "sft_layout": one_of(*PAIR_LAYOUTS),
+                "sft_epochs": POSITIVE_INT,
+                "lora_rank": POSITIVE_INT,
+                "lora_alpha": POSITIVE,  # the update is scaled by α / r: 0 would turn LoRA off
+                "lora_targets": list_of(one_of(*LORA_TARGETS), non_empty=True, unique=True),
+                "reward_batch_size": POSITIVE_INT,
+                "export_hf": BOOLEAN,
+            },
+        )
+        # Only minmax normalisation reads the bounds; given with another, they would be
+        # ignored without a word.
+        require(
+            not self.reward_range or self.reward_normalisation == "minmax",
+            f"ple.reward_range is used only with ple.reward_normalisation=minmax; got "
+            f"{show(self.reward_range)} with {self.reward_normalisation}: set "
+            "ple.reward_range=[] or ple.reward_normalisation=minmax",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +293,19 @@ class EvalConfig:
     max_new_tokens: int = 128
     greedy: bool = True
 
+    def __post_init__(self):
+        check_fields(
+            self,
+            "eval",
+            {
+                "enabled": BOOLEAN,
+                "judge": JUDGE,
+                "max_prompts": POSITIVE_INT,  # the first N eval prompts; 0 would evaluate none
+                "max_new_tokens": POSITIVE_INT,
+                "greedy": BOOLEAN,
+            },
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -214,6 +314,17 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        size = MESH_AXIS_SIZE
+        check_fields(self, "run.mesh", {"data": size, "fsdp": size, "tensor": size})
+        sizes = dataclasses.astuple(self)
+        require(
+            sizes.count(-1) <= 1,
+            "at most one of run.mesh.data, run.mesh.fsdp and run.mesh.tensor may be -1 (the "
+            f"devices the others leave), got data={self.data} fsdp={self.fsdp} "
+            f"tensor={self.tensor}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +339,21 @@ class RunConfig:
     checkpoint_every: int = 0
     mesh: MeshConfig = MeshConfig()
 
+    def __post_init__(self):
+        check_fields(
+            self,
+            "run",
+            {
+                "algorithm": one_of("spa", "ple", "dpo"),
+                "output_dir": PATH,
+                "seed": SEED,
+                "progress": BOOLEAN,
+                "generate_batch_size": POSITIVE_INT,
+                "checkpoint_every": NON_NEGATIVE_INT,  # 0: no mid-stage checkpoints
+                "mesh": Rule(lambda v: isinstance(v, MeshConfig), "a mapping of mesh sizes"),
+            },
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -240,24 +366,56 @@ class Config:
     ple: PLEConfig = PLEConfig()
     eval: EvalConfig = EvalConfig()
 
+    def __post_init__(self):
+        train, mesh = self.train, self.run.mesh
+        # A global batch is split evenly over the data x fsdp shards
+        # (parallel.batch_divisor), and so is each micro-batch. An axis of -1 is known only
+        # once the devices are; the fixed ones already divide the batch.
+        fixed = {k: v for k, v in (("data", mesh.data), ("fsdp", mesh.fsdp)) if v != -1}
+        shards = math.prod(fixed.values())
+        axes = " x ".join(f"run.mesh.{k} ({v})" for k, v in fixed.items())
+        require(
+            train.batch_size % (train.micro_batches * shards) == 0,
+            f"train.batch_size must be a multiple of train.micro_batches ({train.micro_batches})"
+            f" x {axes} = {train.micro_batches * shards}, got {train.batch_size}",
+        )
+        require(
+            self.run.generate_batch_size % shards == 0,
+            f"run.generate_batch_size must be a multiple of {axes} = {shards} (each decode "
+            f"batch is split over those shards), got {self.run.generate_batch_size}",
+        )
+        # SPA pairs two samples of each prompt; greedy decoding makes them identical, and
+        # identical pairs are skipped, so no round would have data to train on.
+        require(
+            not (self.run.algorithm == "spa" and self.sampling.greedy),
+            "sampling.greedy must be false with run.algorithm=spa (its pairs are two samples "
+            "of the same prompt, which greedy decoding makes identical), got true",
+        )
+        # sampling.max_new_tokens may exceed data.max_response_tokens: a longer sample is cut
+        # to the same length for judging and for training, and counted as truncated.
+
 
 def _strip_optional(tp):
+    """``(type without None, whether None is allowed)``; a union of several types is kept
+    whole (its field's rule decides, e.g. ``train.remat: bool | str | None``)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
+        args = typing.get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else tp), len(rest) < len(args)
     return tp, False
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    tp, optional = _strip_optional(tp)
+    """``value`` as read from YAML, converted to field type ``tp`` or refused; ranges and
+    choices are the dataclasses' own checks."""
+    tp, nullable = _strip_optional(tp)
     if value is None:
-        if optional:
+        if nullable:
             return None
-        raise ConfigError(f"{where}: null is not allowed here")
+        raise ConfigError(f"{where}: null is not allowed here, got null")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of fields, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of fields, got {show(value)}")
         return from_dict(tp, value, f"{where}.")
     origin = typing.get_origin(tp)
     if origin is tuple:
@@ -267,13 +425,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {show(value)}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -282,11 +440,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        return str(value)
+        # YAML reads 2024 as a number and true as a boolean: text must say it is text.
+        raise ConfigError(
+            f"{where}: expected a string, got {show(value)} (quote numbers and booleans "
+            "meant as text)"
+        )
     return value
 
 

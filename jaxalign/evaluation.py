@@ -85,6 +85,49 @@ def win_rate(scores_a, scores_b, z: float = 1.96) -> WinRate:
     )
 
 
+def bootstrap_statistic(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    *,
+    resamples: int = 10000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` paired units.
+
+    Each resample draws ``n`` unit indices with replacement (the same draw for every
+    array the statistic reads, which is what makes it *paired*: a prompt's outcomes under
+    two models stay together) and evaluates ``statistic`` on them; the interval is the
+    ``(1 ± level)/2`` quantiles of those values (Efron & Tibshirani 1993, ch. 13).
+    """
+    if n < 1:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = np.asarray([statistic(rng.integers(0, n, n)) for _ in range(resamples)], np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def paired_bootstrap(
+    values, *, resamples: int = 10000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Bootstrap interval of the mean of per-unit ``values [N]``.
+
+    For a win rate pass the per-prompt outcomes (1 / ½ / 0); for the difference between
+    two models pass the per-prompt differences of their outcomes (paired by prompt).
+    """
+    x = np.asarray(values, np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"values must be one-dimensional, got shape {x.shape}")
+    return bootstrap_statistic(
+        lambda idx: float(x[idx].mean()), x.size, resamples=resamples, level=level, seed=seed
+    )
+
+
 # ----------------------------------------------------------------------------- judges
 
 

@@ -13,6 +13,7 @@ the ids already written; a half-written last line left by a kill is dropped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -61,17 +63,38 @@ class GenerationStats:
         return self.samples / self.seconds if self.seconds else 0.0
 
 
+def prompt_key(root: jax.Array, identity) -> jax.Array:
+    """The PRNG key of one prompt: ``root`` folded with a 64-bit hash of ``identity`` (a
+    prompt id, a record index, or a tuple of them; anything JSON can write). The same
+    identity gets the same key in any batch, bucket, resume or host."""
+    digest = hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=8).digest()
+    high, low = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+    return jax.random.fold_in(jax.random.fold_in(root, high), low)
+
+
 def encode_prompts(
-    tokenizer: Tokenizer, prompts: Sequence[Prompt], max_prompt_len: int
+    tokenizer: Tokenizer,
+    prompts: Sequence[Prompt],
+    max_prompt_len: int,
+    *,
+    use_chat_template: bool = True,
+    max_prompt_tokens: int | None = None,
 ) -> list[list[int]]:
-    """Token ids of each prompt; an empty or too long prompt is an error naming its index."""
+    """Token ids of each prompt; an empty or too long prompt is an error naming its index.
+
+    ``use_chat_template`` and ``max_prompt_tokens`` (keep the last that many tokens) encode a
+    prompt exactly as :mod:`jaxalign.data.pairs` does for judging and training, so a response
+    is trained under the prompt it was sampled from.
+    """
     encoded = []
     for i, prompt in enumerate(prompts):
         if (isinstance(prompt, str) and not prompt.strip()) or (
             isinstance(prompt, list) and not prompt
         ):
             raise ValueError(f"prompt {i} is empty; remove it or give it some text")
-        ids = tokenizer.encode_prompt(prompt)
+        ids = tokenizer.encode_prompt(prompt, use_chat_template=use_chat_template)
+        if max_prompt_tokens is not None:
+            ids = ids[max(len(ids) - max_prompt_tokens, 0) :]
         if not ids:
             raise ValueError(f"prompt {i} encodes to no tokens; give it some text")
         if len(ids) > max_prompt_len:
@@ -139,11 +162,18 @@ def iter_sample_batches(
     progress: bool = True,
     stop_strings: Sequence[str] = (),
     stats: GenerationStats | None = None,
+    identities: Sequence | None = None,
+    use_chat_template: bool = True,
+    max_prompt_tokens: int | None = None,
 ) -> Iterator[tuple[list[int], list[list[Completion]]]]:
     """Yields ``(prompt indices, their completions)`` one decoded batch at a time.
 
-    Batch ``b`` of the run uses the PRNG key ``fold_in(key(seed), b)``. When
-    ``config.eos_token_ids`` is empty, the tokenizer's EOS and end-of-turn ids are used.
+    Prompt ``i`` samples with :func:`prompt_key` ``(key(seed), identities[i])`` (default
+    identity: its index ``i``), so its responses are the same whatever batch, bucket,
+    resume point or host it is decoded in; pass stable ids (record ids) as ``identities``
+    when the prompt list may change between runs. When ``config.eos_token_ids`` is empty,
+    the tokenizer's EOS and end-of-turn ids are used. ``use_chat_template`` and
+    ``max_prompt_tokens``: see :func:`encode_prompts`.
     """
     from tqdm.auto import tqdm
 
@@ -158,21 +188,33 @@ def iter_sample_batches(
             f"max_new_tokens {config.max_new_tokens} leaves no room for a prompt in the "
             f"model's context of {context} tokens"
         )
-    encoded = encode_prompts(tokenizer, prompts, max_prompt_len)
+    encoded = encode_prompts(
+        tokenizer,
+        prompts,
+        max_prompt_len,
+        use_chat_template=use_chat_template,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    if identities is None:
+        identities = range(len(prompts))
+    elif len(identities) != len(prompts):
+        raise ValueError(f"{len(identities)} identities for {len(prompts)} prompts")
     batches = _plan_batches([len(e) for e in encoded], batch_size, max_prompt_len)
     stats = stats if stats is not None else GenerationStats()
     root = jax.random.key(seed)
+    keys = [prompt_key(root, identity) for identity in identities]
     bar = tqdm(total=len(prompts) * config.n, unit="sample", disable=not progress, desc="sampling")
     try:
-        for number, members in enumerate(batches):
+        for members in batches:
             rows = [encoded[i] for i in members]
             width = min(bucket_length(max(len(r) for r in rows)), max_prompt_len)
-            rows += [rows[-1]] * (batch_size - len(rows))  # dummy rows, discarded below
+            dummies = batch_size - len(rows)  # rows that fill the batch, discarded below
+            rows += [rows[-1]] * dummies
             ids, mask = pad_left(rows, width, tokenizer.pad_token_id)
+            batch_keys = jnp.stack([keys[i] for i in members] + [keys[members[-1]]] * dummies)
             traces = sampling.trace_count()
             start = time.perf_counter()
-            key = jax.random.fold_in(root, number)
-            out = sampling.generate(model, ids, mask, key, config, mesh=mesh)
+            out = sampling.generate(model, ids, mask, batch_keys, config, mesh=mesh)
             tokens, lengths, finished = (
                 parallel.to_host(x) for x in (out.tokens, out.lengths, out.finished)
             )
@@ -217,10 +259,15 @@ def sample_texts(
     progress: bool = True,
     stop_strings: Sequence[str] = (),
     stats: GenerationStats | None = None,
+    identities: Sequence | None = None,
+    use_chat_template: bool = True,
+    max_prompt_tokens: int | None = None,
 ) -> list[list[Completion]]:
     """``config.n`` completions for each prompt (a string, or chat messages), in order.
 
     Pass a :class:`GenerationStats` as ``stats`` to read the compile count and times.
+    ``identities`` (e.g. record ids) key each prompt's randomness; see
+    :func:`iter_sample_batches`.
     """
     results: list[list[Completion] | None] = [None] * len(prompts)
     for members, completions in iter_sample_batches(
@@ -234,6 +281,9 @@ def sample_texts(
         progress=progress,
         stop_strings=stop_strings,
         stats=stats,
+        identities=identities,
+        use_chat_template=use_chat_template,
+        max_prompt_tokens=max_prompt_tokens,
     ):
         for i, group in zip(members, completions, strict=True):
             results[i] = group
@@ -335,6 +385,7 @@ def generate_file(
             progress=progress,
             stop_strings=stop_strings,
             stats=stats,
+            identities=[r["id"] for r in todo],
         ):
             for i, group in zip(members, completions, strict=True):
                 record = {

@@ -18,6 +18,7 @@ log-prob function as an argument, so this module holds no model code.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -63,7 +64,9 @@ class Candidate:
 
 @dataclasses.dataclass(frozen=True)
 class JudgedPair:
-    """A labelled pair; ``margin = r_chosen − r_rejected ≥ 0`` and ``p = σ(margin)``."""
+    """A labelled pair: ``margin = r_chosen − r_rejected`` and ``p = σ(margin)``, both from
+    the rewards (``margin ≥ 0``), unless a rule decided the label (``rule``; then ``p = 1``
+    and the margin may be negative)."""
 
     id: str
     prompt: object
@@ -75,6 +78,7 @@ class JudgedPair:
     p: float
     chosen_eos: bool = True  # the response ended by itself (EOS or a stop string)
     rejected_eos: bool = True
+    rule: str | None = None  # set when a rule, not the rewards, decided the label
 
     def to_record(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,26 +94,76 @@ class PairCounts:
     empty: int = 0
     truncated: int = 0
     tied: int = 0
+    by_rule: int = 0  # kept pairs whose label a rule decided (not a skip reason)
 
     @property
     def skipped(self) -> int:
         return self.identical + self.empty + self.truncated + self.tied
 
 
-def degenerate_reason(a: Candidate, b: Candidate, skip_truncated: bool) -> str | None:
-    """Why a candidate pair cannot become a preference pair, or None.
+TRUNCATED_POLICIES = ("keep", "skip", "reject")
 
-    Identical responses carry no preference, and an empty response is not an
-    answer; both are skipped. A response cut at the token limit without EOS is
-    kept by default (the paper keeps them) or skipped when asked.
+
+def _distinct(indices: Sequence[int], candidates: Sequence[Candidate]) -> list[int]:
+    """``indices`` without later candidates whose text repeats an earlier one's."""
+    seen, kept = set(), []
+    for i in indices:
+        text = candidates[i].text.strip()
+        if text not in seen:
+            seen.add(text)
+            kept.append(i)
+    return kept
+
+
+def select_pair(
+    candidates: Sequence[Candidate], rewards: Sequence[float], truncated_policy: str = "keep"
+) -> tuple[int, int, str | None] | str:
+    """Which two of one prompt's candidates form its pair: ``(chosen, rejected, rule)``, or
+    the reason there is none (``"empty"``, ``"identical"``, ``"truncated"``, ``"tied"``).
+
+    The pair is the highest-reward candidate against the lowest-reward one among distinct,
+    non-empty responses (with two samples per prompt, as in SPA, just those two; with more,
+    the SPA authors' ``min_max`` selection). Ties between equal rewards go to the earlier
+    candidate, so the result depends only on the candidates and their rewards.
+    ``truncated_policy`` says what happens to a response cut at the token limit (no EOS):
+
+    - ``"keep"`` (the paper): it competes like any other;
+    - ``"skip"``: it is left out, and a prompt needs two finished responses to form a pair;
+    - ``"reject"``: a finished response always beats a cut one (an unfinished answer is an
+      incomplete answer): with both kinds present, the pair is the best finished response
+      against the worst cut one, decided by that rule (``rule = "finished_over_truncated"``);
+      with only cut responses, the prompt forms no pair.
     """
-    if not a.text.strip() or not b.text.strip():
+    if truncated_policy not in TRUNCATED_POLICIES:
+        raise ValueError(
+            f"truncated_policy must be one of {', '.join(TRUNCATED_POLICIES)}, "
+            f"got {truncated_policy!r}"
+        )
+    if len(candidates) != len(rewards):
+        raise ValueError(f"{len(candidates)} candidates but {len(rewards)} rewards")
+    usable = [i for i, c in enumerate(candidates) if c.text.strip()]
+    if len(usable) < 2:
         return "empty"
-    if a.text.strip() == b.text.strip():
+    usable = _distinct(usable, candidates)
+    if len(usable) < 2:
         return "identical"
-    if skip_truncated and not (a.finished and b.finished):
+    finished = [i for i in usable if candidates[i].finished]
+    cut = [i for i in usable if not candidates[i].finished]
+    if truncated_policy == "skip" or (truncated_policy == "reject" and not cut):
+        usable = finished
+    elif truncated_policy == "reject":
+        if not finished:
+            return "truncated"
+        best = max(finished, key=lambda i: (rewards[i], -i))
+        worst = min(cut, key=lambda i: (rewards[i], i))
+        return best, worst, "finished_over_truncated"
+    if len(usable) < 2:
         return "truncated"
-    return None
+    best = max(usable, key=lambda i: (rewards[i], -i))
+    worst = min(usable, key=lambda i: (rewards[i], i))
+    if rewards[best] == rewards[worst]:
+        return "tied"
+    return best, worst, None
 
 
 def label_pair(
@@ -125,18 +179,24 @@ def label_pair(
     (chosen, r_c), (rejected, r_r) = sorted(
         [(a, float(reward_a)), (b, float(reward_b))], key=lambda t: -t[1]
     )
-    margin = r_c - r_r
+    return _judged(pair_id, prompt, chosen, rejected, r_c, r_r)
+
+
+def _judged(pair_id, prompt, chosen: Candidate, rejected: Candidate, r_c, r_r, rule=None):
+    margin = float(r_c) - float(r_r)
     return JudgedPair(
         id=pair_id,
         prompt=prompt,
         chosen=chosen.text,
         rejected=rejected.text,
-        reward_chosen=r_c,
-        reward_rejected=r_r,
+        reward_chosen=float(r_c),
+        reward_rejected=float(r_r),
         margin=margin,
-        p=float(preference_probability(r_c, r_r)),
+        # A pair decided by a rule is certain; otherwise Bradley-Terry on the rewards.
+        p=1.0 if rule else float(preference_probability(r_c, r_r)),
         chosen_eos=chosen.finished,
         rejected_eos=rejected.finished,
+        rule=rule,
     )
 
 
@@ -146,9 +206,9 @@ def make_pairs(
     candidates: Sequence[Sequence[Candidate]],
     rewards: Sequence[Sequence[float]],
     *,
-    skip_truncated: bool = False,
+    truncated_policy: str = "keep",
 ) -> tuple[list[JudgedPair], PairCounts]:
-    """Turns each prompt's first two candidates and their rewards into a pair.
+    """One labelled pair per prompt from its candidates and their rewards (:func:`select_pair`).
 
     Returns the pairs and the counts of what was kept and why the rest was skipped.
     """
@@ -158,18 +218,26 @@ def make_pairs(
         if len(cands) < 2:
             raise ValueError(f"prompt {pid}: need 2 candidates to form a pair, got {len(cands)}")
         counts.considered += 1
-        a, b = cands[0], cands[1]
-        reason = degenerate_reason(a, b, skip_truncated)
-        if reason is not None:
-            setattr(counts, reason, getattr(counts, reason) + 1)
+        picked = select_pair(cands, [float(r) for r in rs], truncated_policy)
+        if isinstance(picked, str):
+            setattr(counts, picked, getattr(counts, picked) + 1)
             continue
-        pair = label_pair(pid, prompt, a, b, rs[0], rs[1])
-        if pair is None:
-            counts.tied += 1
-            continue
+        i, j, rule = picked
         counts.kept += 1
-        pairs.append(pair)
+        counts.by_rule += int(rule is not None)
+        pairs.append(_judged(pid, prompt, cands[i], cands[j], rs[i], rs[j], rule))
     return pairs, counts
+
+
+def most_confident(pairs: Sequence[JudgedPair], fraction: float) -> list[JudgedPair]:
+    """The ``fraction`` of ``pairs`` with the largest judged margins, in their original order
+    (pairs decided by a rule count as most confident). ``fraction = 1`` keeps all."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    keep = math.ceil(fraction * len(pairs))
+    ranked = sorted(range(len(pairs)), key=lambda k: (pairs[k].rule is None, -pairs[k].margin, k))
+    chosen = set(ranked[:keep])
+    return [p for k, p in enumerate(pairs) if k in chosen]
 
 
 # ----------------------------------------------------------------------------- rule judges

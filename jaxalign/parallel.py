@@ -314,62 +314,232 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-_PROCESS_COUNT_VARS = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+# Batch schedulers whose variables JAX's own cluster detection reads (SLURM, Open MPI).
+_SCHEDULER_COUNT_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+# Hosts of a TPU slice on GKE, in the order JAX's GkeTpuCluster reads them.
+_TPU_HOST_LIST_VARS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 _METADATA_TIMEOUT_S = 2.0
+_METADATA_TRIES = 3
+_METADATA_IP = "169.254.169.254"
+
+
+class MetadataUnavailable(RuntimeError):
+    """The GCE metadata server did not answer (timed out, refused, or an HTTP error)."""
 
 
 def local_tpu_chips() -> int:
-    """How many TPU chips this machine has on its PCI bus (0 on anything but a TPU VM).
+    """How many TPU chips this machine has (0 on anything but a TPU VM).
 
-    Reads ``/sys/bus/pci`` (as JAX's TPU start-up does) or, failing that, counts
-    ``/dev/accel*``: no network, no TPU runtime start.
+    JAX's own count of Google TPU devices on the PCI bus (v2 to TPU7x), the one
+    its TPU start-up uses; where ``/sys/bus/pci`` cannot be read, the TPU device
+    files: ``/dev/accel<n>`` (v2-v4) and ``/dev/vfio/<n>`` (v5e, v5p, v6e). No
+    network, no TPU runtime start.
     """
     try:
         from jax._src import hardware_utils
 
         return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
     except (ImportError, AttributeError, OSError):
-        return len(glob.glob("/dev/accel[0-9]*"))
+        return len(glob.glob("/dev/accel[0-9]*")) + len(glob.glob("/dev/vfio/[0-9]*"))
 
 
-def gce_metadata_attribute(name: str, timeout: float = _METADATA_TIMEOUT_S) -> str | None:
-    """One instance attribute from the GCE metadata server, or ``None`` if it cannot be read.
+def gce_metadata_attribute(
+    name: str, timeout: float = _METADATA_TIMEOUT_S, tries: int = _METADATA_TRIES
+) -> str | None:
+    """One instance attribute from the GCE metadata server; ``None`` if the server says
+    it does not exist (HTTP 404).
 
     Uses the server's link-local IP (``GCE_METADATA_IP`` overrides it), so no DNS
-    lookup can hang, and gives up after ``timeout`` seconds.
+    lookup can hang, and makes ``tries`` attempts of ``timeout`` seconds each.
+    Raises :class:`MetadataUnavailable` when none of them gets an answer.
     """
+    import time
     import urllib.error
     import urllib.request
 
-    host = os.environ.get("GCE_METADATA_IP", "169.254.169.254")
+    host = os.environ.get("GCE_METADATA_IP", _METADATA_IP)
     request = urllib.request.Request(
         f"http://{host}/computeMetadata/v1/instance/attributes/{name}",
         headers={"Metadata-Flavor": "Google"},
     )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if response.status != 200:
+    failure = ""
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(0.5)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read().decode("utf-8", "replace").strip()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
                 return None
-            return response.read().decode("utf-8", "replace").strip()
-    except (OSError, urllib.error.URLError, ValueError):
-        return None
+            failure = f"HTTP {e.code}"
+        except (OSError, ValueError) as e:
+            failure = f"{type(e).__name__}: {e}"
+    raise MetadataUnavailable(
+        f"the GCE metadata server at {host} gave no {name!r} "
+        f"({tries} tries of {timeout:g} s; last: {failure})"
+    )
 
 
-def tpu_vm_worker_count(tpu_chips=local_tpu_chips, metadata=gce_metadata_attribute) -> int:
-    """The number of hosts of the Cloud TPU slice this machine belongs to (1 if not a TPU VM).
+def _slice_count(value: str | None, where: str) -> int:
+    if value is None or not value.strip():
+        return 1
+    value = value.strip().strip("'\"")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MEGASCALE_NUM_SLICES={value!r} ({where}) is not a positive whole number")
+    return int(value)
 
-    Decides as JAX's own GCE TPU cluster detection does, but cheaply: no TPU
-    chips on the PCI bus (or ``TPU_SKIP_MDS_QUERY`` set) means no metadata query
-    at all; otherwise the ``worker-network-endpoints`` attribute lists the slice's
-    hosts (``host,host,...`` or ``name:id:ip,...``). An unreadable attribute
-    counts as one host. ``tpu_chips`` and ``metadata`` are injectable for tests.
+
+def _tpu_env_value(tpu_env: str | None, key: str) -> str | None:
+    """``key``'s value in the ``tpu-env`` metadata attribute (lines like ``KEY: 'value'``)."""
+    for line in (tpu_env or "").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            return value.strip().strip("'\"")
+    return None
+
+
+def tpu_vm_process_count(
+    tpu_chips=local_tpu_chips, metadata=gce_metadata_attribute, environ=None
+) -> int:
+    """The number of processes (one per host) of the Cloud TPU slice(s) this machine is in.
+
+    1 when this is not a Cloud TPU VM: no TPU chips (:func:`local_tpu_chips`) or
+    ``TPU_SKIP_MDS_QUERY`` set, and then no metadata query at all. Otherwise the
+    hosts listed in the ``worker-network-endpoints`` metadata attribute
+    (``host,host,...`` or ``name:id:ip,...``) times the number of slices of a
+    multi-slice run (``MEGASCALE_NUM_SLICES``, from the environment or else from the
+    ``tpu-env`` attribute), as JAX's own ``GceTpuCluster`` counts them. A metadata
+    server that does not answer is an error (:class:`MetadataUnavailable`), never a
+    guess of one host: a guess that differs between hosts hangs the slice.
+    ``tpu_chips``, ``metadata`` and ``environ`` are injectable for tests.
     """
-    if os.environ.get("TPU_SKIP_MDS_QUERY") or tpu_chips() == 0:
+    env = os.environ if environ is None else environ
+    if env.get("TPU_SKIP_MDS_QUERY") or tpu_chips() == 0:
         return 1
     endpoints = metadata("worker-network-endpoints")
-    if not endpoints:
+    if endpoints is None:  # the server answers, but this VM is not part of a TPU slice
         return 1
-    return max(1, len([w for w in endpoints.split(",") if w.strip()]))
+    hosts = max(1, len([w for w in endpoints.split(",") if w.strip()]))
+    if "MEGASCALE_NUM_SLICES" in env:
+        slices = _slice_count(env["MEGASCALE_NUM_SLICES"], "environment")
+    else:
+        tpu_env = metadata("tpu-env")
+        slices = _slice_count(_tpu_env_value(tpu_env, "MEGASCALE_NUM_SLICES"), "tpu-env metadata")
+    return hosts * slices
+
+
+def _whole_number(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{name}={value!r} is not a whole number; set it to one or unset it")
+    return int(value)
+
+
+_ENV_FIX = (
+    "set, on every machine, JAX_COORDINATOR_ADDRESS=HOST:PORT (the same everywhere: the "
+    "machine with process id 0 and a free port, e.g. 10.0.0.2:8476), JAX_NUM_PROCESSES "
+    "(the number of machines) and JAX_PROCESS_ID (0, 1, ..., a different one on each)"
+)
+
+
+def _metadata_error(chips: int, error: MetadataUnavailable) -> RuntimeError:
+    return RuntimeError(
+        f"this machine has {chips} TPU chip(s), but {error}, so jaxalign cannot tell whether "
+        "it is one host of a multi-host TPU slice (guessing one host would leave the slice's "
+        "other hosts waiting for it). Fix: retry once the metadata server answers (check with "
+        "curl -s -H Metadata-Flavor:Google "
+        f"http://{_METADATA_IP}/computeMetadata/v1/instance/attributes/worker-network-endpoints); "
+        "on a single TPU host without a metadata server set TPU_SKIP_MDS_QUERY=1; on several "
+        f"hosts without one {_ENV_FIX}."
+    )
+
+
+def distributed_settings(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    tpu_processes=tpu_vm_process_count,
+    tpu_chips=local_tpu_chips,
+) -> dict | None:
+    """The arguments for ``jax.distributed.initialize``, or ``None`` for a single process.
+
+    Decides, in this order, from
+
+    1. the arguments and ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+       ``JAX_PROCESS_ID`` (jax 0.10 reads only the first of these itself, so all
+       three are read here and passed on);
+    2. SLURM (``SLURM_NTASKS``) or Open MPI (``OMPI_COMM_WORLD_SIZE``): JAX's cluster
+       detection then finds the coordinator and this process's id;
+    3. a TPU slice on GKE (``TPU_PROCESS_ADDRESSES``, else ``TPU_WORKER_HOSTNAMES``,
+       times ``MEGASCALE_NUM_SLICES``);
+    4. a Cloud TPU VM (:func:`tpu_vm_process_count`, a bounded metadata query).
+
+    In cases 2-4 the arguments left ``None`` are JAX's to detect: this function only
+    decides whether there is more than one process, so that a single host never
+    starts the distributed runtime. Incomplete settings are an error that says what
+    to set.
+    """
+    env = os.environ if environ is None else environ
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None:
+        num_processes = _whole_number(env, "JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _whole_number(env, "JAX_PROCESS_ID")
+    settings = {
+        "coordinator_address": coordinator,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    scheduled = [_whole_number(env, v) for v in _SCHEDULER_COUNT_VARS]
+    scheduled = [n for n in scheduled if n is not None]
+    tpu_hosts = next((env[v] for v in _TPU_HOST_LIST_VARS if env.get(v) is not None), None)
+    detectable = bool(scheduled) or tpu_hosts is not None
+
+    if num_processes is not None:
+        if num_processes < 1:
+            raise ValueError(f"JAX_NUM_PROCESSES (or num_processes) is {num_processes}; {_ENV_FIX}")
+        if num_processes == 1:
+            return None
+        if process_id is not None and not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"JAX_PROCESS_ID={process_id} is outside 0..{num_processes - 1} for "
+                f"JAX_NUM_PROCESSES={num_processes}; give each machine its own id in that range"
+            )
+        missing = [
+            name
+            for name, value in (
+                ("JAX_COORDINATOR_ADDRESS", coordinator),
+                ("JAX_PROCESS_ID", process_id),
+            )
+            if value is None
+        ]
+        if missing and not detectable:
+            raise ValueError(
+                f"JAX_NUM_PROCESSES={num_processes} is set but {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not: {_ENV_FIX}"
+            )
+        return settings
+    if coordinator is not None or process_id is not None:
+        if not detectable:
+            given = "JAX_COORDINATOR_ADDRESS" if coordinator is not None else "JAX_PROCESS_ID"
+            raise ValueError(f"{given} is set but JAX_NUM_PROCESSES is not: {_ENV_FIX}")
+        return settings
+    if scheduled:
+        return settings if max(scheduled) > 1 else None
+    if tpu_hosts is not None:
+        hosts = max(1, len([h for h in tpu_hosts.split(",") if h.strip()]))
+        slices = _slice_count(env.get("MEGASCALE_NUM_SLICES"), "environment")
+        return settings if hosts * slices > 1 else None
+    try:
+        processes = tpu_processes()
+    except MetadataUnavailable as e:
+        raise _metadata_error(tpu_chips(), e) from None
+    return settings if processes > 1 else None
 
 
 def initialize_distributed(
@@ -377,37 +547,22 @@ def initialize_distributed(
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
-    tpu_worker_count=tpu_vm_worker_count,
+    tpu_processes=tpu_vm_process_count,
 ) -> bool:
     """Starts JAX's multi-process runtime when more than one process takes part.
 
-    Multi-process is detected, in this order, from the arguments; from
-    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / SLURM / Open MPI
-    variables; from ``TPU_WORKER_HOSTNAMES`` listing several hosts; and, when no
-    such variable is set, from the Cloud TPU VM metadata
-    (:func:`tpu_vm_worker_count`, a bounded query made only on a machine with TPU
-    chips). ``jax.distributed.initialize`` then finds whatever was not given.
-    Returns whether the runtime is running; a single process does nothing and
-    returns ``False``. Call it before anything else touches JAX's devices.
+    :func:`distributed_settings` decides whether, and with what; on a Cloud TPU
+    VM, SLURM or Open MPI ``jax.distributed.initialize`` detects the coordinator,
+    the process count and this process's id itself. Returns whether the runtime
+    is running; a single process does nothing and returns ``False``. Call it
+    before anything else touches JAX's devices.
     """
     if jax.distributed.is_initialized():
         return True
-    counts = [num_processes] if num_processes is not None else []
-    counts += [int(os.environ[v]) for v in _PROCESS_COUNT_VARS if os.environ.get(v, "").isdigit()]
-    tpu_hosts_var = os.environ.get("TPU_WORKER_HOSTNAMES")
-    tpu_hosts = [h for h in (tpu_hosts_var or "").split(",") if h]
-    coordinator_var = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
-    multi = (
-        any(c > 1 for c in counts)
-        or len(tpu_hosts) > 1
-        or (coordinator is not None and num_processes != 1)
-        or (coordinator_var and not counts)
+    settings = distributed_settings(
+        coordinator, num_processes, process_id, tpu_processes=tpu_processes
     )
-    if not multi and not counts and coordinator is None and tpu_hosts_var is None:
-        multi = tpu_worker_count() > 1
-    if not multi:
+    if settings is None:
         return False
-    jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
-    )
+    jax.distributed.initialize(**settings)
     return True

@@ -49,12 +49,25 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxalign import parallel
 from jaxalign.models.llama import (
+    DTYPE_NAMES,
     KVCache,
     Transformer,
     dtype_from_name,
     init_cache,
     rope_frequencies,
     rope_tables,
+)
+from jaxalign.validation import (
+    BOOLEAN,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    check_fields,
+    list_of,
+    number,
+    one_of,
+    optional,
 )
 
 
@@ -77,34 +90,25 @@ class SamplingConfig:
     cache_dtype: str | None = None  # None: the model's activation dtype; "bfloat16" (TPU/GPU)
 
     def __post_init__(self):
-        def fail(field: str, expected: str):
-            value = getattr(self, field)
-            raise ValueError(f"SamplingConfig.{field} must be {expected}, got {value!r}")
-
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            fail("max_new_tokens", "a positive integer")
-        if not self.greedy and not (
-            isinstance(self.temperature, int | float)
-            and math.isfinite(self.temperature)
-            and self.temperature > 0
-        ):
-            fail("temperature", "a positive number (use greedy=True for argmax decoding)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            fail("top_k", "an integer >= 0 (0 disables top-k)")
-        if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", "in (0, 1] (1.0 disables top-p)")
-        if not 0.0 <= self.min_p <= 1.0:
-            fail("min_p", "in [0, 1] (0 disables min-p)")
-        if not isinstance(self.n, int) or self.n < 1:
-            fail("n", "a positive integer")
-        if isinstance(self.eos_token_ids, list):  # as YAML and JSON give it
-            object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
-        if not isinstance(self.eos_token_ids, tuple) or not all(
-            isinstance(t, int) and t >= 0 for t in self.eos_token_ids
-        ):
-            fail("eos_token_ids", "a list of non-negative token ids")
-        if self.cache_dtype is not None:
-            dtype_from_name(self.cache_dtype)
+        greedy = self.greedy is True
+        check_fields(
+            self,
+            "sampling",
+            {
+                "max_new_tokens": POSITIVE_INT,
+                # softmax(logits / T) needs T > 0; greedy ignores T, so 0 is fine there.
+                "temperature": NON_NEGATIVE if greedy else POSITIVE,
+                "top_k": NON_NEGATIVE_INT,  # 0: off
+                "top_p": number(0, 1, low_open=True),  # a probability mass; 0 would keep nothing
+                "min_p": number(0, 1),  # a fraction of the top probability; 0: off
+                "n": POSITIVE_INT,
+                "greedy": BOOLEAN,
+                "eos_token_ids": list_of(NON_NEGATIVE_INT),  # empty: the tokenizer's
+                "return_logprobs": BOOLEAN,
+                "pad_token_id": NON_NEGATIVE_INT,
+                "cache_dtype": optional(one_of(*DTYPE_NAMES)),
+            },
+        )
 
     def replace(self, **changes) -> SamplingConfig:
         return dataclasses.replace(self, **changes)
@@ -199,6 +203,25 @@ def _first_above(cumulative: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.sum(cumulative <= target, axis=-1, dtype=jnp.int32)
 
 
+def row_uniforms(keys: jax.Array, count: int) -> jax.Array:
+    """``[B, count]`` uniform numbers in [0, 1): row ``b`` drawn from ``keys[b]`` alone, so a
+    row's draw does not depend on which other rows share its batch. ``keys``: ``[B]`` keys,
+    or one key (then row ``b`` uses ``fold_in(key, b)``)."""
+    if keys.ndim == 0:
+        raise ValueError("row_uniforms needs one key per row; see per_row_keys")
+    return jax.vmap(lambda k: jax.random.uniform(k, (count,)))(keys)
+
+
+def per_row_keys(key: jax.Array, rows: int) -> jax.Array:
+    """``[rows]`` keys: ``key`` itself when it already holds one key per row, else
+    ``fold_in(key, b)`` for row ``b``."""
+    if key.ndim == 1:
+        if key.shape[0] != rows:
+            raise ValueError(f"{key.shape[0]} keys for {rows} rows")
+        return key
+    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(rows))
+
+
 def categorical(key: jax.Array, logits: jax.Array, block: int = SAMPLING_BLOCK) -> jax.Array:
     """An exact draw from ``softmax(logits)`` per row, ``[B, V] -> [B] int32``.
 
@@ -208,13 +231,15 @@ def categorical(key: jax.Array, logits: jax.Array, block: int = SAMPLING_BLOCK) 
     the vocabulary and two short cumulative sums, and needs two random numbers per
     row; Gumbel-max (``jax.random.categorical``) needs ``V`` of them, which on CPU
     costs more than the 49152-wide output layer's share of a SmolLM2 decode step.
+    ``key``: one key per row ``[B]`` (row ``b``'s draw depends on ``key[b]`` and its own
+    logits only), or a single key (see :func:`per_row_keys`).
     """
     grouped = _blocks(logits.astype(jnp.float32), block)
     weights = jnp.exp(grouped - jnp.max(grouped, axis=(1, 2), keepdims=True))
-    u = jax.random.uniform(key, (2, logits.shape[0], 1))
-    block_index = _first_above(jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1), u[0])
+    u = row_uniforms(per_row_keys(key, logits.shape[0]), 2)
+    block_index = _first_above(jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1), u[:, :1])
     inside = jnp.take_along_axis(weights, block_index[:, None, None], axis=1)[:, 0]
-    token_index = _first_above(jnp.cumsum(inside, axis=-1), u[1])
+    token_index = _first_above(jnp.cumsum(inside, axis=-1), u[:, 1:])
     return block_index * block + token_index
 
 
@@ -230,7 +255,8 @@ def argmax(logits: jax.Array, block: int = SAMPLING_BLOCK) -> jax.Array:
 
 def sample_tokens(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
     """One token per row from ``[B, V]`` raw logits: argmax when greedy, otherwise a
-    draw from ``softmax(filter_logits(logits))``. Returns ``[B] int32``."""
+    draw from ``softmax(filter_logits(logits))``. Returns ``[B] int32``. ``key``: one key
+    per row, or a single key (:func:`categorical`)."""
     if config.greedy:
         return argmax(logits)
     return categorical(key, filter_logits(logits, config))
@@ -380,9 +406,11 @@ def _decode(
     next_position = jnp.repeat(lengths_in, n)  # position of generated token 0
     eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
     layers = layer_weights(model)
+    row_keys = sample_keys(key, batch, n)  # [rows]: sample j of prompt i
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
     def pick(logits, step, finished):
-        token = sample_tokens(logits, jax.random.fold_in(key, step), config)
+        token = sample_tokens(logits, step_keys(row_keys, step), config)
         token = jnp.where(finished, config.pad_token_id, token)
         logprob = token_logprobs(logits, token) if config.return_logprobs else None
         return token, logprob
@@ -422,6 +450,17 @@ def _decode(
         finished=finished,
         logprobs=logprobs if config.return_logprobs else None,
     )
+
+
+def sample_keys(key: jax.Array, prompts: int, n: int) -> jax.Array:
+    """The key of every decoded row, ``[prompts * n]``: row ``i*n + j`` (sample ``j`` of
+    prompt ``i``) gets ``fold_in(k_i, j)``, where ``k_i = key[i]`` for a batch of per-prompt
+    keys ``[prompts]`` and ``fold_in(key, i)`` for a single key. Step ``t`` of a row then
+    draws from ``fold_in(row key, t)``, so a sample's text depends only on its own key."""
+    prompt_keys = per_row_keys(key, prompts)
+    samples = jnp.arange(n)
+    rows = jax.vmap(lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(samples))(prompt_keys)
+    return rows.reshape((prompts * n, *rows.shape[2:]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -468,9 +507,11 @@ def generate(
     """Samples ``config.n`` continuations of each left-padded prompt.
 
     ``prompt_ids [B, P] int32`` and ``prompt_mask [B, P]`` (1 on real tokens) are
-    left-padded; ``key`` is a PRNG key, and the output is a deterministic function
-    of it. Returns :class:`Samples` with ``B * n`` rows, sample ``j`` of prompt ``i``
-    at row ``i*n + j``. With a ``mesh`` (``jaxalign.parallel.make_mesh``) the rows
+    left-padded. ``key`` is a PRNG key, or ``[B]`` keys, one per prompt: the output is a
+    deterministic function of them, and with per-prompt keys a prompt's samples do not
+    depend on the other prompts of the batch, their number or their order (see
+    :func:`sample_keys`). Returns :class:`Samples` with ``B * n`` rows, sample ``j`` of
+    prompt ``i`` at row ``i*n + j``. With a ``mesh`` (``jaxalign.parallel.make_mesh``) the rows
     are split over its ``data`` and ``fsdp`` axes (``B`` must divide evenly);
     parameters already placed on the mesh (``parallel.shard_model_state``) keep their
     sharding, others are replicated.
@@ -489,7 +530,13 @@ def generate(
             f"exceeds the model's context of {model.config.max_position_embeddings} tokens; "
             "shorten the prompts or lower max_new_tokens"
         )
+    if key.ndim not in (0, 1) or (key.ndim == 1 and key.shape[0] != prompt_ids.shape[0]):
+        raise ValueError(
+            f"key must be one PRNG key or one per prompt ([{prompt_ids.shape[0]}]), "
+            f"got shape {key.shape}"
+        )
     graphdef, state = nnx.split(model)
     if mesh is not None:
         state, prompt_ids, prompt_mask = _place_on_mesh(state, prompt_ids, prompt_mask, mesh)
+        key = jax.device_put(key, parallel.replicated(mesh))
     return _compiled(graphdef, config)(state, prompt_ids, prompt_mask, key)

@@ -56,11 +56,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign import losses
 from jaxalign.models.llama import (
+    DTYPE_NAMES,
+    REMAT_POLICIES,
     ModelConfig,
     Transformer,
     dense,
     positions_from_mask,
-    remat_policy,
 )
 from jaxalign.parallel import (
     BATCH_AXES,
@@ -68,6 +69,18 @@ from jaxalign.parallel import (
     batch_sharding,
     model_shardings,
     replicated,
+)
+from jaxalign.validation import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    Rule,
+    check_fields,
+    number,
+    one_of,
+    optional,
+    require,
 )
 
 PAIR_FIELDS = (
@@ -119,31 +132,41 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.loss not in LOSS_NAMES:
-            raise ValueError(f"train.loss must be one of {list(LOSS_NAMES)}, got {self.loss!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(
-                f"train.schedule must be cosine, linear or constant, got {self.schedule!r}"
-            )
-        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
-            raise ValueError(
-                f"train.batch_size ({self.batch_size}) must be a positive multiple of "
-                f"train.micro_batches ({self.micro_batches})"
-            )
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(
-                "train.compute_dtype must be null, float32, bfloat16 or float16, "
-                f"got {self.compute_dtype!r}"
-            )
-        if self.remat is not None:
-            try:
-                remat_policy(self.remat)
-            except ValueError as e:
-                raise ValueError(f"train.remat: {e}") from None
-        if self.logp_chunk_size < 1:
-            raise ValueError(f"train.logp_chunk_size must be positive, got {self.logp_chunk_size}")
+        check_fields(
+            self,
+            "train",
+            {
+                "learning_rate": POSITIVE,  # the AdamW step size; 0 trains nothing
+                "warmup_ratio": number(0, 1),  # a share of the run's steps
+                "schedule": one_of("cosine", "linear", "constant"),
+                "weight_decay": NON_NEGATIVE,  # decoupled decay; negative grows the weights
+                # Adam's bias correction divides by 1 - b^t, which b = 1 makes 0.
+                "adam_b1": number(0, 1, high_open=True),
+                "adam_b2": number(0, 1, high_open=True),
+                "adam_eps": POSITIVE,  # keeps the update finite where the second moment is 0
+                "max_grad_norm": POSITIVE,  # clipping to a norm of 0 zeroes every gradient
+                "batch_size": POSITIVE_INT,
+                "micro_batches": POSITIVE_INT,
+                "beta": POSITIVE,  # the KL strength β scales the log-ratio; IPO divides by it
+                "loss": one_of(*LOSS_NAMES),
+                # RRHF's hinge max(0, m - d): m < 0 would accept the rejected response ranked
+                # above the chosen one by up to |m|.
+                "ranking_margin": NON_NEGATIVE,
+                "epochs": POSITIVE_INT,
+                "logp_chunk_size": POSITIVE_INT,
+                "compute_dtype": optional(one_of(*DTYPE_NAMES)),
+                "remat": Rule(
+                    lambda v: v is None or isinstance(v, bool) or v in REMAT_POLICIES,
+                    f"null, true, false or one of {', '.join(REMAT_POLICIES)}",
+                ),
+                "seed": SEED,
+            },
+        )
+        require(
+            self.batch_size % self.micro_batches == 0,
+            f"train.batch_size must be a multiple of train.micro_batches "
+            f"({self.micro_batches}), got {self.batch_size}",
+        )
 
 
 @flax.struct.dataclass

@@ -5,6 +5,11 @@ import os
 # Must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs's default file system first asks the gRPC Storage Control API for a bucket's layout
+# (zonal or hierarchical buckets); the local Cloud Storage emulator of the gs:// tests speaks
+# only the JSON API, which is what gcsfs uses for a standard bucket, so the tests take gcsfs's
+# JSON-API file system directly. Read when gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import pytest  # noqa: E402
 
@@ -42,27 +47,66 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
+class EmulatedBucket:
+    """What a Cloud Storage bucket served by gcp-storage-emulator holds, read over its JSON API
+    with plain HTTP (not through gcsfs or etils, the code under test)."""
+
+    def __init__(self, host: str, name: str):
+        self.host, self.name = host, name
+
+    def _get(self, path: str) -> bytes:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.host}{path}", timeout=30) as response:
+            return response.read()
+
+    def names(self) -> list[str]:
+        """Every object's name (``runs/spa/state.json``), sorted."""
+        import json
+
+        listing = json.loads(self._get(f"/storage/v1/b/{self.name}/o"))
+        return sorted(item["name"] for item in listing.get("items", []))
+
+    def read(self, name: str) -> bytes:
+        from urllib.parse import quote
+
+        return self._get(f"/download/storage/v1/b/{self.name}/o/{quote(name, safe='')}?alt=media")
+
+
 @pytest.fixture
-def fake_gcs(monkeypatch):
-    """``gs://`` paths of ``etils.epath`` served from memory for the length of one test
-    (an fsspec memory file system registered for the gs and gcs protocols, as gcsfs is).
-    Yields the store: ``{"gs://bucket/path": file object}``."""
+def gcs_bucket(monkeypatch):
+    """``gs://bucket`` for one test, on an in-memory Cloud Storage server on 127.0.0.1
+    (gcp-storage-emulator), reached as a run without TensorFlow reaches a real bucket:
+    ``etils.epath`` -> fsspec -> gcsfs -> the Cloud Storage JSON API over HTTP. gcsfs sends
+    its requests to ``STORAGE_EMULATOR_HOST`` with an anonymous token. Yields an
+    :class:`EmulatedBucket` to check what landed in the bucket."""
+    import socket
+
     import fsspec
+    import gcsfs
     from etils.epath import backend, gpath
-    from fsspec.implementations.memory import MemoryFileSystem
+    from gcp_storage_emulator.server import create_server
 
-    class FakeGCS(MemoryFileSystem):
-        protocol = ("gs", "gcs")
-        store: dict = {}
-        pseudo_dirs: list = [""]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
+    server.start()
+    host = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
+    monkeypatch.setitem(fsspec.config.conf, "gs", {"token": "anon"})
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # the fsspec path, always
 
-    for name in ("gs", "gcs"):
-        fsspec.register_implementation(name, FakeGCS, clobber=True)
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
-    backend.fsspec_backend._get_filesystem.cache_clear()
-    yield FakeGCS.store
-    backend.fsspec_backend._get_filesystem.cache_clear()
-    FakeGCS.store.clear()
+    def fresh_clients():
+        backend.fsspec_backend._get_filesystem.cache_clear()
+        gcsfs.GCSFileSystem.clear_instance_cache()
+
+    fresh_clients()
+    try:
+        yield EmulatedBucket(host, "bucket")
+    finally:
+        fresh_clients()
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -75,14 +75,14 @@ def test_resumed_run_matches_uninterrupted(tmp_path):
 @pytest.mark.parametrize("where", ["local", "gs"])
 def test_reference_cache_is_keyed_by_record_index(tmp_path, monkeypatch, request, where):
     """The cache is reused, or recomputed for other rows; in a local run directory or a
-    ``gs://`` one (the in-memory stand-in for a bucket)."""
+    ``gs://`` one (gcsfs against an in-memory Cloud Storage server)."""
     model = Transformer(TINY, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     calls = []
     real = dpo.with_reference_logps
     monkeypatch.setattr(dpo, "with_reference_logps", lambda *a: calls.append(1) or real(*a))
     if where == "gs":
-        store = request.getfixturevalue("fake_gcs")
+        bucket = request.getfixturevalue("gcs_bucket")
         cache = f"gs://bucket/run/{dpo.reference_cache_name()}"
     else:
         cache = tmp_path / dpo.reference_cache_name()
@@ -90,7 +90,7 @@ def test_reference_cache_is_keyed_by_record_index(tmp_path, monkeypatch, request
     again = dpo.reference_logps(graphdef, params, _batches(), cache, CONFIG, False)
     assert len(calls) == 1
     if where == "gs":
-        assert any(k.endswith("run/reference_logps.npz") for k in store)
+        assert f"run/{dpo.reference_cache_name()}" in bucket.names()
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["ref_chosen_logps"], b["ref_chosen_logps"])
     # Same shapes, other records (e.g. another host's rows): recomputed, not misread.

@@ -310,3 +310,26 @@ def test_eval_command_end_to_end(tiny_model_dir, tmp_path, capsys):
         ]
     )
     assert rc == 1 and "missing.jsonl not found" in capsys.readouterr().err
+
+
+def test_paired_bootstrap_matches_normal_theory_and_pairs():
+    from jaxalign.evaluation import bootstrap_statistic, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    x = rng.choice([0.0, 0.5, 1.0], size=400, p=[0.3, 0.2, 0.5])
+    low, high = paired_bootstrap(x, resamples=4000)
+    half = 1.96 * x.std(ddof=1) / np.sqrt(x.size)  # the normal interval for a mean
+    assert abs(low - (x.mean() - half)) < 0.01 and abs(high - (x.mean() + half)) < 0.01
+    assert paired_bootstrap(np.full(50, 0.25)) == (0.25, 0.25)
+    # Paired by prompt: a shared per-prompt difficulty cancels in the difference, so the
+    # interval of the mean difference is far narrower than one from independent draws.
+    difficulty = rng.normal(size=300)
+    a, b = difficulty + 0.1, difficulty + rng.normal(scale=0.1, size=300)
+    paired = paired_bootstrap(a - b, resamples=2000)
+    unpaired = bootstrap_statistic(
+        lambda i: a[i].mean() - b[rng.integers(0, 300, 300)].mean(), 300, resamples=2000
+    )
+    assert paired[0] < (a - b).mean() < paired[1] and abs((a - b).mean() - 0.1) < 0.03
+    assert (paired[1] - paired[0]) * 5 < unpaired[1] - unpaired[0]
+    with pytest.raises(ValueError, match="one-dimensional"):
+        paired_bootstrap(np.zeros((2, 2)))

@@ -30,7 +30,7 @@ class CharTokenizer:
     eos_token_ids = (EOS,)
     pad_token_id = PAD
 
-    def encode_prompt(self, prompt):
+    def encode_prompt(self, prompt, use_chat_template=True):
         if isinstance(prompt, list):
             prompt = "\n".join(m["content"] for m in prompt)
         return [ord(c) - 30 for c in prompt if 32 <= ord(c) < 127]
@@ -186,6 +186,50 @@ def test_generate_file_resumes_after_a_kill(model, tokenizer, tmp_path):
     assert summary["written"] == 0 and len(read_jsonl(out)) == 6
 
 
+def test_sampled_output_is_the_same_after_a_kill_and_with_other_batch_sizes(
+    model, tokenizer, tmp_path
+):
+    """Each prompt's randomness is keyed by its id, so a resumed run (here with another batch
+    size) writes the same bytes as an uninterrupted one."""
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"id": f"q{i}", "prompt": p} for i, p in enumerate(PROMPTS * 2)])
+    config = SamplingConfig(max_new_tokens=6, temperature=1.0, n=2)
+    full = tmp_path / "full.jsonl"
+    generate_file(model, tokenizer, prompts, full, config, seed=3, batch_size=2, progress=False)
+    killed = tmp_path / "killed.jsonl"
+    lines = full.read_text().splitlines(keepends=True)
+    killed.write_text("".join(lines[:4]) + lines[4][:7])  # cut inside the 5th line
+    generate_file(model, tokenizer, prompts, killed, config, seed=3, batch_size=3, progress=False)
+    assert killed.read_bytes() == full.read_bytes()
+    texts = {r["id"]: [x["text"] for x in r["responses"]] for r in read_jsonl(full)}
+    assert len({t for group in texts.values() for t in group}) > len(texts)  # really sampled
+    other_seed = tmp_path / "other.jsonl"
+    generate_file(model, tokenizer, prompts, other_seed, config, seed=4, progress=False)
+    assert other_seed.read_bytes() != full.read_bytes()
+
+
+def test_samples_depend_on_the_prompt_identity_not_on_its_batch(model, tokenizer):
+    config = SamplingConfig(max_new_tokens=6, temperature=1.0, n=2)
+    ids = [f"p{i}" for i in range(len(PROMPTS))]
+    ordered = sample_texts(model, tokenizer, PROMPTS, config, seed=5, batch_size=4,
+                           progress=False, identities=ids)  # fmt: skip
+    order = [3, 0, 4, 2, 1]
+    shuffled = sample_texts(
+        model, tokenizer, [PROMPTS[i] for i in order], config,
+        seed=5, batch_size=1, progress=False, identities=[ids[i] for i in order],
+    )  # fmt: skip
+    for k, i in enumerate(order):
+        assert [c.token_ids for c in shuffled[k]] == [c.token_ids for c in ordered[i]]
+    # Other identities, other samples.
+    renamed = sample_texts(
+        model, tokenizer, PROMPTS, config,
+        seed=5, batch_size=4, progress=False, identities=[f"x{i}" for i in range(len(PROMPTS))],
+    )  # fmt: skip
+    assert [[c.token_ids for c in g] for g in renamed] != [
+        [c.token_ids for c in g] for g in ordered
+    ]
+
+
 def test_damaged_output_before_the_last_line_is_an_error(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "a"}\n{"id": \n{"id": "c"}\n')
@@ -304,6 +348,6 @@ def test_cli_generate_rejects_bad_settings(tmp_path, capsys):
 
     argv = ["generate", "--prompts", str(tmp_path / "missing.jsonl"), "--out", "x.jsonl"]
     assert main(argv + ["--temperature", "-1"]) == 2
-    assert "SamplingConfig.temperature" in capsys.readouterr().err
+    assert "argument --temperature: must be a finite number > 0" in capsys.readouterr().err
     assert main(argv + ["--max-new-tokens", "2"]) == 1
     assert "missing.jsonl not found" in capsys.readouterr().err

@@ -46,8 +46,70 @@ def test_make_pairs_counts_every_candidate_pair():
     assert (pairs[1].chosen, pairs[1].chosen_eos, pairs[1].rejected_eos) == ("y", True, False)
     assert (counts.identical, counts.empty, counts.tied, counts.truncated) == (1, 1, 1, 0)
     assert counts.considered == counts.kept + counts.skipped == 5
-    pairs, counts = judging.make_pairs(ids, prompts, cands, rewards, skip_truncated=True)
+    pairs, counts = judging.make_pairs(ids, prompts, cands, rewards, truncated_policy="skip")
     assert [p.id for p in pairs] == ["a"] and counts.truncated == 1
+    pairs, counts = judging.make_pairs(ids, prompts, cands, rewards, truncated_policy="reject")
+    assert [p.id for p in pairs] == ["a", "d"] and counts.by_rule == 1  # d: decided by the rule
+
+
+def _cands(*specs):
+    """Candidates from ``"text"`` (finished) or ``"text~"`` (cut at the token limit)."""
+    return [Candidate(s.rstrip("~"), finished=not s.endswith("~")) for s in specs]
+
+
+@pytest.mark.parametrize(
+    ("specs", "rewards", "policy", "expected"),
+    [
+        # best against worst by reward among distinct non-empty responses
+        (("a", "b", "c", "d"), (0.1, 0.9, -0.3, 0.2), "keep", (1, 2, None)),
+        (("a", "b", " b ", "c"), (0.0, 0.5, 0.9, 0.1), "keep", (1, 0, None)),  # a repeat drops
+        (("a", "", "", ""), (0.0, 1.0, 2.0, 3.0), "keep", "empty"),
+        (("a", "a", " a"), (0.0, 1.0, 2.0), "keep", "identical"),
+        (("a", "b", "c"), (0.5, 0.5, 0.5), "keep", "tied"),
+        (("a", "b", "c"), (0.5, 0.7, 0.7), "keep", (1, 0, None)),  # a tie goes to the first
+        # a cut response competes (keep), is left out (skip), or always loses (reject)
+        (("a~", "b", "c"), (0.9, 0.1, 0.0), "keep", (0, 2, None)),
+        (("a~", "b", "c"), (0.9, 0.1, 0.0), "skip", (1, 2, None)),
+        (("a~", "b", "c~"), (0.9, 0.1, 0.0), "skip", "truncated"),
+        (("a~", "b", "c"), (0.9, 0.1, 0.0), "reject", (1, 0, "finished_over_truncated")),
+        (("a~", "b~", "c"), (0.9, 0.1, 0.0), "reject", (2, 1, "finished_over_truncated")),
+        (("a~", "b~"), (0.9, 0.1), "reject", "truncated"),
+        (("a", "b"), (0.9, 0.1), "reject", (0, 1, None)),
+    ],
+)
+def test_select_pair(specs, rewards, policy, expected):
+    assert judging.select_pair(_cands(*specs), rewards, policy) == expected
+
+
+def test_rule_decided_pairs_are_certain():
+    pairs, counts = judging.make_pairs(
+        ["q"], ["p"], [_cands("long run-on~", "short")], [[2.0, -1.0]], truncated_policy="reject"
+    )
+    (pair,) = pairs
+    assert (pair.chosen, pair.rejected, pair.rule) == (
+        "short",
+        "long run-on",
+        "finished_over_truncated",
+    )
+    assert pair.margin == -3.0 and pair.p == 1.0 and counts.by_rule == 1
+    with pytest.raises(ValueError, match="truncated_policy must be one of keep, skip, reject"):
+        judging.select_pair(_cands("a", "b"), [0.0, 1.0], "drop")
+
+
+def test_most_confident_keeps_the_largest_margins_in_order():
+    pairs, _ = judging.make_pairs(
+        list("abcde"),
+        ["p"] * 5,
+        [_cands("x", "y")] * 4 + [_cands("x~", "y")],
+        [[0.3, 0.0], [0.0, 0.1], [0.5, 0.0], [0.0, 0.2], [9.0, 0.0]],
+        truncated_policy="reject",
+    )
+    margins = {p.id: round(p.margin, 6) for p in pairs}
+    assert margins == {"a": 0.3, "b": 0.1, "c": 0.5, "d": 0.2, "e": -9.0}
+    assert [p.id for p in judging.most_confident(pairs, 0.6)] == ["a", "c", "e"]  # e: by rule
+    assert [p.id for p in judging.most_confident(pairs, 1.0)] == list("abcde")
+    with pytest.raises(ValueError, match="fraction must be in"):
+        judging.most_confident(pairs, 0.0)
 
 
 def test_answer_checker_scores():

@@ -415,6 +415,27 @@ def _worker(task: str, pid: int, port: int, out_dir: pathlib.Path, args: list[st
         raise SystemExit(f"unknown task {task!r}")
 
 
+def join_from_environment(out_dir: pathlib.Path) -> None:
+    """What ``jaxalign run`` does first on each machine: ``initialize_distributed()`` with no
+    arguments, configured only by the environment; then a cross-process gather."""
+    import jax
+
+    from jaxalign import parallel
+
+    assert parallel.initialize_distributed() is True
+    facts = {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "gathered": parallel.allgather_json({"id": os.environ["JAX_PROCESS_ID"]}),
+    }
+    (out_dir / f"env_{jax.process_index()}.json").write_text(json.dumps(facts))
+
+
+# Variables that would tell jax.distributed or jaxalign about a cluster.
+_CLUSTER_VAR_PREFIXES = ("JAX_", "SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_")
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -678,6 +699,48 @@ def test_ple_iteration_on_two_processes_matches_one(spa_inputs, tmp_path):
     assert "[round_0/train]" not in (tmp_path / "worker_1.log").read_text()
 
 
+def test_two_processes_join_from_the_three_jax_variables_alone(tmp_path):
+    """Two machines as the guide sets them up: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID, nothing else about the cluster, and jax.distributed not stubbed."""
+    port = _free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(_CLUSTER_VAR_PREFIXES)}
+    base.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]),
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES=str(PROCESSES),
+    )
+    procs = []
+    for pid in range(PROCESSES):
+        env = {**base, "JAX_PROCESS_ID": str(pid)}
+        cmd = [sys.executable, str(HERE), "join_from_environment", str(tmp_path)]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * PROCESSES, "\n".join(outputs)
+    for pid in range(PROCESSES):
+        facts = json.loads((tmp_path / f"env_{pid}.json").read_text())
+        assert facts == {
+            "process_index": pid,
+            "process_count": PROCESSES,
+            "device_count": 2 * PROCESSES,
+            "gathered": [{"id": str(q)} for q in range(PROCESSES)],
+        }
+
+
 if __name__ == "__main__":
-    _task, _pid, _port, _out, *_rest = sys.argv[1:]
-    _worker(_task, int(_pid), int(_port), pathlib.Path(_out), _rest)
+    if sys.argv[1] == "join_from_environment":
+        join_from_environment(pathlib.Path(sys.argv[2]))
+    else:
+        _task, _pid, _port, _out, *_rest = sys.argv[1:]
+        _worker(_task, int(_pid), int(_port), pathlib.Path(_out), _rest)

@@ -102,30 +102,6 @@ def test_make_global_batch_splits_rows_over_data_and_fsdp():
         parallel.make_global_batch({"ids": np.zeros((6, 3))}, mesh)
 
 
-def test_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
-    for var in (
-        "JAX_COORDINATOR_ADDRESS",
-        "JAX_NUM_PROCESSES",
-        "SLURM_NTASKS",
-        "OMPI_COMM_WORLD_SIZE",
-        "TPU_WORKER_HOSTNAMES",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    assert parallel.initialize_distributed() is False
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert parallel.initialize_distributed(num_processes=1) is False
-
-
-def test_initialize_distributed_starts_runtime_for_many_processes(monkeypatch):
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
-    assert parallel.initialize_distributed("10.0.0.1:1234", 4, 2) is True
-    assert calls == [{"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}]
-    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1,t2,t3,t4")
-    assert parallel.initialize_distributed() is True
-
-
 def test_one_process_feeds_every_row_and_global_rows_is_checked():
     mesh = parallel.make_mesh(2, 2, 2)
     assert parallel.process_row_blocks(mesh, 8) == [(0, 2), (2, 4), (4, 6), (6, 8)]
@@ -147,62 +123,171 @@ def test_to_host_copies_local_arrays():
     np.testing.assert_array_equal(out["x"], np.arange(8.0))
 
 
-def _clear_process_vars(monkeypatch):
-    for var in (
-        "JAX_COORDINATOR_ADDRESS",
-        "JAX_NUM_PROCESSES",
-        "SLURM_NTASKS",
-        "OMPI_COMM_WORLD_SIZE",
-        "TPU_WORKER_HOSTNAMES",
-        "TPU_SKIP_MDS_QUERY",
-    ):
+PROCESS_VARS = (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_PROCESS_ADDRESSES",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_NUM_SLICES",
+    "TPU_SKIP_MDS_QUERY",
+)
+
+
+def _no_tpu():
+    raise AssertionError("the TPU metadata must not be queried here")
+
+
+def settings(env, **kwargs):
+    kwargs.setdefault("tpu_processes", _no_tpu)
+    return parallel.distributed_settings(environ=env, **kwargs)
+
+
+def test_initialize_distributed_is_a_no_op_for_one_process(monkeypatch):
+    for var in PROCESS_VARS:
         monkeypatch.delenv(var, raising=False)
+    # This machine has no TPU chips: no metadata query, one process.
+    assert parallel.initialize_distributed() is False
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert parallel.initialize_distributed() is False
+    assert parallel.initialize_distributed(num_processes=1) is False
 
 
-def test_tpu_vm_worker_count_asks_the_metadata_server_only_on_a_tpu_vm(monkeypatch):
-    _clear_process_vars(monkeypatch)
+def test_the_three_jax_variables_are_all_passed_on():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:8476", "JAX_NUM_PROCESSES": "2"}
+    assert settings({**env, "JAX_PROCESS_ID": "1"}) == {
+        "coordinator_address": "10.0.0.2:8476",
+        "num_processes": 2,
+        "process_id": 1,
+    }
+    # Arguments win over the variables.
+    assert settings({**env, "JAX_PROCESS_ID": "1"}, process_id=0)["process_id"] == 0
+    assert settings({"JAX_NUM_PROCESSES": "1"}) is None
+    assert settings({}, tpu_processes=lambda: 1) is None
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"JAX_NUM_PROCESSES": "2"}, "JAX_COORDINATOR_ADDRESS and JAX_PROCESS_ID are not"),
+        (
+            {"JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "h:1"},
+            "but JAX_PROCESS_ID is not",
+        ),
+        ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_NUM_PROCESSES is not"),
+        ({"JAX_PROCESS_ID": "0"}, "JAX_PROCESS_ID is set but JAX_NUM_PROCESSES is not"),
+        (
+            {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2", "JAX_COORDINATOR_ADDRESS": "h:1"},
+            "outside 0..1",
+        ),
+        ({"JAX_NUM_PROCESSES": "two"}, "'two' is not a whole number"),
+        ({"JAX_NUM_PROCESSES": "0"}, "is 0"),
+    ],
+)
+def test_incomplete_jax_variables_say_what_to_set(env, message):
+    with pytest.raises(ValueError, match=message) as e:
+        settings(env)
+    if "whole number" not in message and "outside" not in message:
+        assert "JAX_PROCESS_ID (0, 1, ..., a different one on each)" in str(e.value)
+
+
+def test_schedulers_and_gke_tpu_slices_leave_the_details_to_jax():
+    unset = {"coordinator_address": None, "num_processes": None, "process_id": None}
+    assert settings({"SLURM_NTASKS": "4"}) == unset
+    assert settings({"OMPI_COMM_WORLD_SIZE": "2"}) == unset
+    assert settings({"SLURM_NTASKS": "1"}) is None
+    # Under SLURM JAX finds the process id itself.
+    assert settings({"SLURM_NTASKS": "4", "JAX_NUM_PROCESSES": "4"})["num_processes"] == 4
+    # GKE: TPU_PROCESS_ADDRESSES is read before TPU_WORKER_HOSTNAMES, as JAX reads them.
+    assert settings({"TPU_PROCESS_ADDRESSES": "a,b", "TPU_WORKER_HOSTNAMES": "a"}) == unset
+    assert settings({"TPU_PROCESS_ADDRESSES": "a", "TPU_WORKER_HOSTNAMES": "a,b"}) is None
+    assert settings({"TPU_WORKER_HOSTNAMES": "a"}) is None
+    # One host per slice, two slices: two processes.
+    assert settings({"TPU_WORKER_HOSTNAMES": "a", "MEGASCALE_NUM_SLICES": "2"}) == unset
+
+
+def test_a_cloud_tpu_vm_is_asked_only_without_variables():
+    unset = {"coordinator_address": None, "num_processes": None, "process_id": None}
+    assert settings({}, tpu_processes=lambda: 4) == unset
+    assert settings({}, tpu_processes=lambda: 1) is None
+    assert settings({"JAX_NUM_PROCESSES": "1"}) is None  # _no_tpu: never asked
+
+
+def test_an_unreadable_tpu_metadata_server_is_an_error_with_the_fix():
+    def unreachable():
+        raise parallel.MetadataUnavailable("the GCE metadata server at 169.254.169.254 gave none")
+
+    with pytest.raises(RuntimeError) as e:
+        settings({}, tpu_processes=unreachable, tpu_chips=lambda: 4)
+    message = str(e.value)
+    assert message.startswith("this machine has 4 TPU chip(s), but the GCE metadata server")
+    for fix in ("TPU_SKIP_MDS_QUERY=1", "JAX_COORDINATOR_ADDRESS=HOST:PORT", "curl -s -H"):
+        assert fix in message
+
+
+def test_tpu_vm_process_count_asks_the_metadata_server_only_on_a_tpu_vm():
     asked = []
+    attributes = {"worker-network-endpoints": "t1:0:10.0.0.2,t2:1:10.0.0.3"}
 
     def metadata(name):
         asked.append(name)
-        return {"worker-network-endpoints": "t1:0:10.0.0.2,t2:1:10.0.0.3"}.get(name)
+        return attributes.get(name)
 
-    assert parallel.tpu_vm_worker_count(lambda: 0, metadata) == 1
-    assert asked == []  # no chips: never queried
-    assert parallel.tpu_vm_worker_count(lambda: 4, metadata) == 2
+    def count(chips, env=None, server=metadata):
+        return parallel.tpu_vm_process_count(lambda: chips, server, {} if env is None else env)
+
+    assert count(0) == 1 and asked == []  # no chips: never queried
+    assert count(4, {"TPU_SKIP_MDS_QUERY": "1"}) == 1 and asked == []
+    assert count(4) == 2
+    assert asked == ["worker-network-endpoints", "tpu-env"]  # tpu-env: the slice count
+    attributes["tpu-env"] = "ACCELERATOR_TYPE: 'v5litepod-16'\nMEGASCALE_NUM_SLICES: '2'\n"
+    assert count(4) == 4
+    asked.clear()
+    assert count(4, {"MEGASCALE_NUM_SLICES": "3"}) == 6
     assert asked == ["worker-network-endpoints"]
-    assert parallel.tpu_vm_worker_count(lambda: 4, lambda name: "10.0.0.2") == 1
-    assert parallel.tpu_vm_worker_count(lambda: 4, lambda name: None) == 1  # unreadable
-    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")
-    assert parallel.tpu_vm_worker_count(lambda: 4, metadata) == 1
+    assert count(4, server=lambda name: "10.0.0.2" if name != "tpu-env" else None) == 1
+    assert count(4, server=lambda name: None) == 1  # answered: not part of a TPU slice
+
+    def unreachable(name):
+        raise parallel.MetadataUnavailable("no answer")
+
+    with pytest.raises(parallel.MetadataUnavailable):
+        count(4, server=unreachable)
+    with pytest.raises(ValueError, match="MEGASCALE_NUM_SLICES='x'"):
+        count(4, {"MEGASCALE_NUM_SLICES": "x"})
 
 
-def test_initialize_distributed_detects_a_multi_host_tpu_vm_without_env_vars(monkeypatch):
-    _clear_process_vars(monkeypatch)
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    assert parallel.initialize_distributed(tpu_worker_count=lambda: 1) is False
-    assert parallel.initialize_distributed(tpu_worker_count=lambda: 4) is True
-    assert calls == [{"coordinator_address": None, "num_processes": None, "process_id": None}]
-    # Explicit variables win: no metadata look-up when they say "one process".
-    monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
-    looked = []
-    assert parallel.initialize_distributed(tpu_worker_count=lambda: looked.append(1) or 4) is False
-    assert looked == []
+def test_local_tpu_chips_without_pci_counts_accel_and_vfio_devices(monkeypatch):
+    from jax._src import hardware_utils
+
+    def unreadable():
+        raise OSError("no /sys/bus/pci")
+
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", unreadable)
+    devices = {"/dev/accel[0-9]*": [], "/dev/vfio/[0-9]*": ["/dev/vfio/0", "/dev/vfio/1"]}
+    monkeypatch.setattr(parallel.glob, "glob", lambda pattern: devices[pattern])
+    assert parallel.local_tpu_chips() == 2  # v5e / v5p / v6e
+    devices.update({"/dev/accel[0-9]*": ["/dev/accel0"] * 4, "/dev/vfio/[0-9]*": []})
+    assert parallel.local_tpu_chips() == 4  # v4
 
 
 def test_gce_metadata_attribute_sends_the_header_and_gives_up_in_time(monkeypatch):
     import http.server
     import socket
     import threading
+    import time
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            ok = self.headers.get("Metadata-Flavor") == "Google" and self.path.endswith(
-                "/instance/attributes/worker-network-endpoints"
-            )
-            body = b"w0,w1,w2,w3" if ok else b"denied"
-            self.send_response(200 if ok else 403)
+            if self.headers.get("Metadata-Flavor") != "Google":
+                code, body = 403, b"denied"
+            elif self.path.endswith("/instance/attributes/worker-network-endpoints"):
+                code, body = 200, b"w0,w1,w2,w3"
+            else:
+                code, body = 404, b"not found"
+            self.send_response(code)
             self.end_headers()
             self.wfile.write(body)
 
@@ -214,16 +299,19 @@ def test_gce_metadata_attribute_sends_the_header_and_gives_up_in_time(monkeypatc
     try:
         monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.server_port}")
         assert parallel.gce_metadata_attribute("worker-network-endpoints") == "w0,w1,w2,w3"
-        assert parallel.gce_metadata_attribute("accelerator-type") is None  # 403
+        assert parallel.gce_metadata_attribute("tpu-env") is None  # 404: no such attribute
     finally:
         server.shutdown()
         server.server_close()
-    # A server that accepts but never answers: the query gives up after its timeout.
+    # A server that accepts but never answers: an error after tries x timeout, not a guess.
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
-    silent.listen(1)
+    silent.listen(4)
     try:
         monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{silent.getsockname()[1]}")
-        assert parallel.gce_metadata_attribute("worker-network-endpoints", timeout=0.3) is None
+        start = time.monotonic()
+        with pytest.raises(parallel.MetadataUnavailable, match="2 tries of 0.3 s"):
+            parallel.gce_metadata_attribute("worker-network-endpoints", timeout=0.3, tries=2)
+        assert time.monotonic() - start < 5
     finally:
         silent.close()

@@ -138,7 +138,7 @@ def test_report_of_a_finished_run_has_every_plot(finished_run):
     assert "| round | win rate vs SFT |" in markdown
 
 
-def test_report_of_a_run_on_gs(finished_run, fake_gcs):
+def test_report_of_a_run_on_gs(finished_run, gcs_bucket):
     """A run directory in a bucket: read through etils.epath, the report written beside it."""
     from etils import epath
 
@@ -151,8 +151,9 @@ def test_report_of_a_run_on_gs(finished_run, fake_gcs):
             target.write_bytes(path.read_bytes())
     page = write_report(url).read_text()
     local = write_report(finished_run, finished_run / "local_report").read_text(encoding="utf-8")
-    assert f"{url}/report/report.html" in fake_gcs
-    assert bytes(fake_gcs[f"{url}/report/margins.png"].getvalue()).startswith(PNG_MAGIC)
+    prefix = f"runs/{finished_run.name}/report"
+    assert f"{prefix}/report.html" in gcs_bucket.names()
+    assert gcs_bucket.read(f"{prefix}/margins.png").startswith(PNG_MAGIC)
     strip = re.compile(r"src='data:image/png;base64,[^']+'")  # PNG bytes may differ by run path
     assert strip.sub("", page).replace(url, "RUN") == strip.sub("", local).replace(
         str(finished_run), "RUN"

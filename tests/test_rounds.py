@@ -35,7 +35,8 @@ def test_the_epath_write_path_on_a_local_directory(tmp_path):
         rounds.read_jsonl(epath.Path(tmp_path) / "bad.jsonl")
 
 
-def test_a_run_directory_on_gs_resumes_from_its_state(fake_gcs):
+def test_a_run_directory_on_gs_resumes_from_its_state(gcs_bucket):
+    """RoundRunner, atomic writes and read_jsonl on gs:// through etils.epath and gcsfs."""
     calls = []
 
     def sample(out):
@@ -49,8 +50,12 @@ def test_a_run_directory_on_gs_resumes_from_its_state(fake_gcs):
     assert result == {"candidates": "gs://bucket/runs/spa/round_1/candidates.jsonl"}
     assert calls == ["gs://bucket/runs/spa/round_1"]
     assert rounds.read_jsonl(result["candidates"]) == [{"id": 1, "text": "a"}]
-    assert "gs://bucket/runs/spa/config.yaml" in fake_gcs  # the objects sit in the bucket
-    state = json.loads(bytes(fake_gcs["gs://bucket/runs/spa/state.json"].getvalue()))
+    # The objects sit in the bucket, as the server itself lists them.
+    names = gcs_bucket.names()
+    assert {"runs/spa/config.yaml", "runs/spa/state.json"} <= set(names)
+    assert "runs/spa/round_1/candidates.jsonl" in names
+    assert gcs_bucket.read("runs/spa/round_1/candidates.jsonl") == b'{"id": 1, "text": "a"}\n'
+    state = json.loads(gcs_bucket.read("runs/spa/state.json"))
     assert "round_1/sample" in state["stages"]
 
     again = rounds.RoundRunner("gs://bucket/runs/spa", {"a": 1}, log=lambda m: None)
@@ -59,16 +64,17 @@ def test_a_run_directory_on_gs_resumes_from_its_state(fake_gcs):
         rounds.RoundRunner("gs://bucket/runs/spa", {"a": 2}, log=lambda m: None)
 
 
-def test_atomic_directory_on_gs_replaces_old_contents(fake_gcs):
+def test_atomic_directory_on_gs_replaces_old_contents(gcs_bucket):
     with rounds.atomic_directory("gs://bucket/model") as d:
         rounds.atomic_write_text(d / "old.txt", "old")
     with rounds.atomic_directory("gs://bucket/model") as d:
         rounds.atomic_write_text(d / "new.txt", "new")
     names = sorted(p.name for p in epath.Path("gs://bucket/model").iterdir())
     assert names == ["new.txt"]
+    assert [n for n in gcs_bucket.names() if n.startswith("model/")] == ["model/new.txt"]
 
 
-def test_metrics_on_gs_keep_every_line(fake_gcs):
+def test_metrics_on_gs_keep_every_line(gcs_bucket):
     from jaxalign.report import MetricsWriter
 
     writer = MetricsWriter("gs://bucket/runs/spa/metrics.jsonl")

@@ -350,7 +350,7 @@ def test_sharded_batch_must_divide():
         ("top_p", 1.5, "top_p"),
         ("min_p", -0.1, "min_p"),
         ("top_k", -1, "top_k"),
-        ("n", 0, "SamplingConfig.n"),
+        ("n", 0, "sampling.n"),
         ("eos_token_ids", [-2], "eos_token_ids"),
         ("eos_token_ids", "2", "eos_token_ids"),
         ("cache_dtype", "int4", "dtype"),

@@ -173,3 +173,24 @@ tpu_scp() {
 info() {
   echo "$*" >&2
 }
+
+# script_hint SCRIPT ARGS...: the command line of another of these scripts for the same
+# VM (--name, --zone and, when given, --project), for "next:" notes.
+script_hint() {
+  local script="$1"
+  shift
+  local words=(bash "tpu_scripts/$script" --name "$NAME" --zone "$ZONE")
+  if [ -n "$PROJECT" ]; then
+    words+=(--project "$PROJECT")
+  fi
+  quote_words "${words[@]}" "$@"
+}
+
+# gcloud_hint ARGS...: a gcloud command line for the user to run, with --project when given.
+gcloud_hint() {
+  if [ -n "$PROJECT" ]; then
+    quote_words gcloud "$@" "--project=$PROJECT"
+  else
+    quote_words gcloud "$@"
+  fi
+}

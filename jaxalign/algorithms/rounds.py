@@ -55,6 +55,31 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
+# URL schemes and the package that etils.epath reaches them through (without TensorFlow).
+_FILE_SYSTEM_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs"}
+
+
+def require_file_system(path: str | os.PathLike, what: str = "run.output_dir") -> None:
+    """Fails at once, saying what to install, when ``path`` is a URL whose file system
+    package is missing (``gs://`` needs gcsfs where TensorFlow is not installed); else
+    ``etils.epath`` would fail at the first file the run touches, on every host."""
+    import importlib.util
+
+    if not is_remote(path):
+        return
+    scheme = os.fspath(path).split("://", 1)[0]
+    package = _FILE_SYSTEM_PACKAGES.get(scheme)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return
+    if importlib.util.find_spec("tensorflow") is not None:
+        return  # etils.epath goes through tf.io.gfile then
+    extra = " (the 'gcs' extra: pip install 'jaxalign[gcs]'; 'tpu' includes it)"
+    raise ValueError(
+        f"{what}={os.fspath(path)}: {scheme}:// needs the {package} package, which is not "
+        f"installed; pip install {package}{extra if package == 'gcsfs' else ''} on every machine"
+    )
+
+
 def _through_epath(path: str | os.PathLike) -> bool:
     return isinstance(path, epath.Path) or is_remote(path)
 

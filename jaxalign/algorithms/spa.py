@@ -239,7 +239,7 @@ def judge_candidates(
             for r in candidates
         ],
         rewards.tolist(),
-        skip_truncated=cfg.spa.truncated_policy == "skip",
+        truncated_policy=cfg.spa.truncated_policy,
     )
     answers = {r["id"]: r["answer"] for r in candidates if "answer" in r}
     records = [

@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns its exit status (2: a bad flag, config or usage)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv:
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         module = importlib.import_module(COMMANDS[argv[0]][0])
         module.add_arguments(sub_parser)
-        args = sub_parser.parse_args(argv[1:])
+        try:
+            args = sub_parser.parse_args(argv[1:])
+        except SystemExit as e:  # a usage error (2) or --help (0), already printed
+            return int(e.code or 0)
         return int(module.main(args) or 0)
     parser.parse_args(argv)  # prints help or a usage error
     return 2

@@ -19,6 +19,7 @@ import json
 import pathlib
 import sys
 
+from jaxalign.cli import flags
 from jaxalign.data.layouts import LAYOUTS
 
 _DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -37,23 +38,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokenizer: registered model name, Hugging Face folder, .gguf file, or 'none' "
         "(no token statistics) (default: %(default)s)",
     )
-    inspect.add_argument("--max-prompt-tokens", type=int, default=512)
-    inspect.add_argument("--max-response-tokens", type=int, default=512)
-    inspect.add_argument("--max-chars", type=int, default=None, help="skip longer texts")
-    inspect.add_argument("--bins", type=int, default=10, help="histogram bins")
-    inspect.add_argument("--examples", type=int, default=2, help="rendered examples to show")
+    inspect.add_argument("--max-prompt-tokens", type=flags.positive_int, default=512)
+    inspect.add_argument("--max-response-tokens", type=flags.positive_int, default=512)
     inspect.add_argument(
-        "--limit", type=int, default=None, help="tokenise only the first N kept records"
+        "--max-chars", type=flags.positive_int, default=None, help="skip longer texts"
+    )
+    inspect.add_argument("--bins", type=flags.positive_int, default=10, help="histogram bins")
+    inspect.add_argument(
+        "--examples", type=flags.non_negative_int, default=2, help="rendered examples to show"
+    )
+    inspect.add_argument(
+        "--limit",
+        type=flags.positive_int,
+        default=None,
+        help="tokenise only the first N kept records",
     )
 
     split = actions.add_parser("split", help="SPA seed pairs + disjoint per-round prompt sets")
     split.add_argument("--pairs", required=True, help="preference file ('demo': demo pairs)")
     split.add_argument("--layout", default="pairs", help=f"record layout: {layouts}")
-    split.add_argument("--seed-fraction", type=float, default=0.033, help="paper: 0.033")
     split.add_argument(
-        "--rounds", default="8000,20000,30000", help="prompts per round (paper: %(default)s)"
+        "--seed-fraction", type=flags.open_fraction, default=0.033, help="paper: 0.033"
     )
-    split.add_argument("--seed", type=int, default=0)
+    split.add_argument(
+        "--rounds",
+        type=flags.positive_int_list,
+        default=(8000, 20000, 30000),
+        help="prompts per round, comma-separated (paper: 8000,20000,30000)",
+    )
+    split.add_argument("--seed", type=flags.seed, default=0)
     split.add_argument("--out", required=True, help="output folder")
     split.add_argument("--on-bad-record", default="error", choices=("error", "skip"))
 
@@ -65,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--layout", default="pairs", help=f"record layout: {layouts}")
     build.add_argument("--name", default="local", help="dataset name (letters, digits, _)")
     build.add_argument("--out", required=True, help="TFDS data_dir")
-    build.add_argument("--max-chars", type=int, default=None)
+    build.add_argument(
+        "--max-chars", type=flags.positive_int, default=None, help="skip longer texts"
+    )
     build.add_argument("--on-bad-record", default="error", choices=("error", "skip"))
 
 
@@ -144,12 +159,7 @@ def split(args: argparse.Namespace, out=sys.stdout) -> int:
     from jaxalign.data.records import read_preference_records
     from jaxalign.data.splits import split_seed_and_rounds, write_split
 
-    try:
-        sizes = [int(s) for s in args.rounds.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(
-            f"--rounds must be comma-separated integers, got {args.rounds!r}"
-        ) from None
+    sizes = list(args.rounds)
     pairs, report = read_preference_records(args.pairs, args.on_bad_record, layout=args.layout)
     print(report.summary(), file=out)
     result = split_seed_and_rounds(pairs, args.seed_fraction, sizes, args.seed)

@@ -28,6 +28,7 @@ import jax
 from jaxalign import parallel
 from jaxalign.algorithms.dpo import host_pair_batches, read_host_pairs, train_dpo
 from jaxalign.algorithms.rounds import run_path
+from jaxalign.cli import flags
 from jaxalign.data.pairs import pair_batches
 
 
@@ -40,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output-dir", default=None, help="run directory (default: the config's run.output_dir)"
     )
     parser.add_argument(
-        "--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)"
+        "--save-every",
+        type=flags.non_negative_int,
+        default=100,
+        help="checkpoint every N steps and at the end (0: at the end only)",
     )
     parser.add_argument(
         "overrides",
@@ -51,16 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from jaxalign.algorithms.rounds import require_file_system
     from jaxalign.config import ConfigError, load_config
     from jaxalign.data.records import DataError, read_preference_records
     from jaxalign.loading import load
 
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        require_file_system(args.output_dir or config.run.output_dir, "--output-dir")
+        parallel.initialize_distributed()
+    except (ConfigError, ValueError, RuntimeError) as e:
         print(f"jaxalign dpo: {e}", file=sys.stderr)
         return 2
-    parallel.initialize_distributed()
     # Process 0 speaks for every host: the reports are summed over hosts, and every
     # host runs the same steps (the others would print the same lines again).
     if parallel.is_primary_process():

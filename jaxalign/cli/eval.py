@@ -33,8 +33,12 @@ import logging
 import pathlib
 import sys
 
+from jaxalign.cli import flags
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxalign.models.llama import DTYPE_NAMES
+
     parser.add_argument("--model", required=True, help="model A: registered name, HF folder, .gguf")
     parser.add_argument("--baseline", required=True, help="model B, the reference (e.g. the SFT)")
     parser.add_argument(
@@ -47,19 +51,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "reward:FOLDER (a local reward model); "
         "without one, no win rate is computed",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=flags.positive_int, default=128)
     decoding = parser.add_mutually_exclusive_group()
     decoding.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    decoding.add_argument("--temperature", type=float, default=None, help="sample at T instead")
-    parser.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts")
+    decoding.add_argument(
+        "--temperature", type=flags.positive_number, default=None, help="sample at T instead"
+    )
+    parser.add_argument(
+        "--max-prompts", type=flags.positive_int, default=None, help="use the first N prompts"
+    )
     parser.add_argument(
         "--kl-samples",
-        type=int,
+        type=flags.non_negative_int,
         default=1,
         help="samples of the model per prompt (temperature 1) for the KL estimate; 0 skips it",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per decode batch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--batch-size", type=flags.positive_int, default=8, help="prompts per decode batch"
+    )
+    parser.add_argument("--seed", type=flags.seed, default=0)
     parser.add_argument("--out", default=None, help="folder for answers, eval.json and exports")
     parser.add_argument(
         "--export",
@@ -75,9 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="reuse the answers.jsonl of an earlier `jaxalign eval` instead of generating",
     )
-    parser.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
-    )
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute dtype")
     parser.add_argument("--on-bad-record", default="error", choices=("error", "skip"))
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -139,8 +147,6 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.export and not args.out:
         raise ValueError("--export needs --out DIR to write the files to")
-    if args.kl_samples < 0:
-        raise ValueError(f"--kl-samples must be >= 0, got {args.kl_samples}")
     records, report = read_prompt_records(args.prompts, args.on_bad_record, kind="eval")
     records = records[: args.max_prompts] if args.max_prompts else records
     if not records:
@@ -317,6 +323,9 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from jaxalign.data.records import DataError
 
+    if args.export and not args.out:  # a usage error: refused like a bad flag, nothing run
+        print("jaxalign eval: --export needs --out DIR to write the files to", file=sys.stderr)
+        return 2
     try:
         summary = run(args)
     except (DataError, ValueError, FileNotFoundError, RuntimeError) as e:

@@ -15,8 +15,12 @@ import argparse
 import logging
 import sys
 
+from jaxalign.cli import flags
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxalign.models.llama import DTYPE_NAMES
+
     defaults = _defaults()
     parser.add_argument(
         "--model",
@@ -25,21 +29,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompts", required=True, help="input JSONL with a 'prompt' per line")
     parser.add_argument("--out", required=True, help="output JSONL (appended; resumable)")
-    parser.add_argument("--n", type=int, default=2, help="responses per prompt (SPA: 2)")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables top-k")
-    parser.add_argument("--min-p", type=float, default=defaults.min_p, help="0 disables min-p")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument(
+        "--n", type=flags.positive_int, default=2, help="responses per prompt (SPA: 2)"
+    )
+    parser.add_argument("--temperature", type=flags.positive_number, default=defaults.temperature)
+    parser.add_argument(
+        "--top-p", type=flags.positive_fraction, default=defaults.top_p, help="1 disables top-p"
+    )
+    parser.add_argument(
+        "--top-k", type=flags.non_negative_int, default=defaults.top_k, help="0 disables top-k"
+    )
+    parser.add_argument(
+        "--min-p", type=flags.fraction, default=defaults.min_p, help="0 disables min-p"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=flags.positive_int, default=defaults.max_new_tokens
+    )
     parser.add_argument("--greedy", action="store_true", help="argmax decoding")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per decode batch")
+    parser.add_argument("--seed", type=flags.seed, default=0)
+    parser.add_argument(
+        "--batch-size", type=flags.positive_int, default=16, help="prompts per decode batch"
+    )
     parser.add_argument(
         "--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)"
     )
-    parser.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
-    )
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute dtype")
     parser.add_argument(
         "--on-bad-record",
         default="error",

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPE_NAMES = tuple(_DTYPES)  # what every dtype setting (model, compute, KV cache) accepts
 
 
 def dtype_from_name(name: str) -> Any:
