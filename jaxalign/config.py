@@ -133,19 +133,26 @@ class SPAConfig:
     refine: bool = True  # self-refinement with de-coupled noise detection
     extrapolation_lambdas: tuple[float, ...] = (0.5, 0.25, 0.125)  # paper: λ = 1/2, 1/4, 1/8
     noise_quantile: float = 0.1  # paper: pairs below the 10% quantile of margins are flagged
-    margin_buffer_batches: int = 50  # paper: the threshold uses the last 50 batches' margins
+    # The threshold is the quantile of the last `margin_window` pairs' margins: the SPA
+    # authors' code keeps the last 50 (one pair per device step there).
+    margin_window: int = 50
     smoothing_alpha: float = 0.1  # paper: label smoothing α for flagged pairs
     flag_warmup_ratio: float = 0.2  # paper: no flagging in the first 20% of a round's steps
     # Beyond the paper (off by default): "smooth" (paper), "drop" (weight 0),
     # "soft" (label = judged p), "confidence" (loss weighted by |2p - 1|).
     label_mode: str = "smooth"
-    # Degenerate candidates: identical pairs and empty responses are always
-    # skipped (and counted); this says what to do with responses cut at
-    # max_new_tokens without EOS: "keep" them (paper) or "skip" the pair.
+    # Degenerate candidates: identical pairs and empty responses are always skipped (and
+    # counted). A response cut at max_new_tokens without EOS is kept like any other (paper),
+    # left out ("skip"), or always loses to a finished one ("reject"; jaxalign.judging).
     truncated_policy: str = "keep"
-    # Beyond the paper (off): divide the judge's log-ratio by the response length, which
-    # removes the summed reward's preference for longer self-samples.
-    judge_length_normalize: bool = False
+    # The judge's reward: "sum" of token log-ratios (paper) or their "mean" over the
+    # response's tokens (beyond the paper: the sum favours longer on-policy samples).
+    judge_reward: str = "sum"
+    # The judge's model: π_{i-1} ("previous", paper) or π_0 after the seed DPO ("seed").
+    judge_policy: str = "previous"
+    # Beyond the paper (1.0: keep all): keep only this share of a round's pairs, those
+    # with the largest judged margins.
+    keep_fraction: float = 1.0
 
     def __post_init__(self):
         check_fields(
@@ -167,14 +174,17 @@ class SPAConfig:
                 # A quantile of the margin buffer: 0 and 1 are its min and max, which flag
                 # (almost) nothing or everything.
                 "noise_quantile": number(0, 1, low_open=True, high_open=True),
-                "margin_buffer_batches": POSITIVE_INT,
+                "margin_window": POSITIVE_INT,
                 # L = −(1 − α)·log σ(βΔ) − α·log σ(−βΔ): α = 1/2 makes the loss symmetric (no
                 # preference left), α > 1/2 flips the label; 0 turns smoothing off.
                 "smoothing_alpha": number(0, 0.5, high_open=True),
                 "flag_warmup_ratio": number(0, 1),  # a share of the round's steps
                 "label_mode": one_of("smooth", "drop", "soft", "confidence"),
                 "truncated_policy": one_of("keep", "skip", "reject"),
-                "judge_length_normalize": BOOLEAN,
+                "judge_reward": one_of("sum", "mean"),
+                "judge_policy": one_of("previous", "seed"),
+                # A share of the round's pairs; 0 would leave nothing to train on.
+                "keep_fraction": number(0, 1, low_open=True),
             },
         )
 

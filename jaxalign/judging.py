@@ -25,6 +25,8 @@ from typing import Protocol
 
 import numpy as np
 
+from jaxalign.instructions import InstructionChecker
+
 
 def implicit_reward(policy_logps, reference_logps, beta: float, num_tokens=None):
     """``r(x, y) = β · (log π(y|x) − log π_ref(y|x))``; log-probs are per-response sums ``[N]``.
@@ -79,6 +81,8 @@ class JudgedPair:
     chosen_eos: bool = True  # the response ended by itself (EOS or a stop string)
     rejected_eos: bool = True
     rule: str | None = None  # set when a rule, not the rewards, decided the label
+    chosen_index: int | None = None  # which of the prompt's candidates each side is
+    rejected_index: int | None = None
 
     def to_record(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,11 +98,14 @@ class PairCounts:
     empty: int = 0
     truncated: int = 0
     tied: int = 0
+    below_keep_fraction: int = 0  # labelled, then left out for a small margin (most_confident)
     by_rule: int = 0  # kept pairs whose label a rule decided (not a skip reason)
 
     @property
     def skipped(self) -> int:
-        return self.identical + self.empty + self.truncated + self.tied
+        return (
+            self.identical + self.empty + self.truncated + self.tied + self.below_keep_fraction
+        )
 
 
 TRUNCATED_POLICIES = ("keep", "skip", "reject")
@@ -182,7 +189,9 @@ def label_pair(
     return _judged(pair_id, prompt, chosen, rejected, r_c, r_r)
 
 
-def _judged(pair_id, prompt, chosen: Candidate, rejected: Candidate, r_c, r_r, rule=None):
+def _judged(
+    pair_id, prompt, chosen: Candidate, rejected: Candidate, r_c, r_r, rule=None, indices=None
+):
     margin = float(r_c) - float(r_r)
     return JudgedPair(
         id=pair_id,
@@ -197,6 +206,8 @@ def _judged(pair_id, prompt, chosen: Candidate, rejected: Candidate, r_c, r_r, r
         chosen_eos=chosen.finished,
         rejected_eos=rejected.finished,
         rule=rule,
+        chosen_index=None if indices is None else indices[0],
+        rejected_index=None if indices is None else indices[1],
     )
 
 
@@ -225,7 +236,7 @@ def make_pairs(
         i, j, rule = picked
         counts.kept += 1
         counts.by_rule += int(rule is not None)
-        pairs.append(_judged(pid, prompt, cands[i], cands[j], rs[i], rs[j], rule))
+        pairs.append(_judged(pid, prompt, cands[i], cands[j], rs[i], rs[j], rule, (i, j)))
     return pairs, counts
 
 
@@ -287,6 +298,7 @@ class AnswerChecker:
 
 RULE_JUDGES: dict[str, Callable[[], ResponseScorer]] = {
     "demo-checker": AnswerChecker,
+    "instruction-checker": InstructionChecker,  # verifiable instructions (IFEval style)
 }
 
 

@@ -14,7 +14,9 @@ what is around it lives here:
   ``save_every`` steps and after the last; a rerun resumes from the newest checkpoint
   and reaches bit-identical parameters and the same metrics;
 - **metrics**: every step's metrics go to the run's :class:`jaxalign.report.MetricsWriter`;
-  the result holds the last step's and the mean of each metric over the run's steps.
+  the result holds the last step's and the mean of each metric over the run's steps, and
+  a loss's per-pair metrics (``pairs/...``, e.g. SPA's flags) as one row per pair and step,
+  keyed by the batch's record ``index``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class TrainResult:
     skipped_steps: int
     last_metrics: dict[str, float]
     mean_metrics: dict[str, float]
+    # One row per real pair and step, for a loss's per-pair metrics (``pairs/...``):
+    # {"index": the batch row's record index, "step": 1-based, "epoch", <metric>: value}.
+    per_pair: list[dict] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """``{steps, skipped_steps, final/<metric>, mean/<metric>}``, JSON-able."""
@@ -143,6 +148,7 @@ def train(
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     last: dict[str, float] = {}
+    per_pair: list[dict] = []
     ckpt = None if checkpoint_dir is None else checkpoint.Checkpointer(checkpoint_dir)
     start = 0
     if ckpt is not None and ckpt.latest_step() is not None:
@@ -150,18 +156,21 @@ def train(
         start = int(extra.get("step", ckpt.latest_step()))
         running = extra.get("metrics", {})
         sums, counts, last = (dict(running.get(k, {})) for k in ("sums", "counts", "last"))
+        per_pair = list(running.get("pairs", []))
         log(f"resuming from step {start} of {total} ({checkpoint_dir})")
     extra_args = () if frozen is None else (frozen,)
     bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step")
     for step in range(start, total):
         epoch, position = divmod(step, len(batches))
-        batch = device_batch(
-            batches[order(epoch)[position]],
-            mesh,
-            config.batch_size if host_local else None,
-        )
+        host_batch = batches[order(epoch)[position]]
+        batch = device_batch(host_batch, mesh, config.batch_size if host_local else None)
         state, m = step_fn(state, batch, *extra_args)
-        last = {k: float(v) for k, v in jax.device_get(m).items()}
+        m = jax.device_get(m)
+        pair_metrics = {k: np.asarray(v) for k, v in m.items() if training.is_per_pair(k)}
+        if pair_metrics:
+            mine = mesh if host_local else None
+            per_pair += pair_rows(host_batch, pair_metrics, step + 1, epoch, mine)
+        last = {k: float(v) for k, v in m.items() if not training.is_per_pair(k)}
         for k, v in last.items():
             sums[k] = sums.get(k, 0.0) + v
             counts[k] = counts.get(k, 0) + 1
@@ -176,7 +185,12 @@ def train(
             step + 1 == total or (save_every and (step + 1) % save_every == 0)
         ):
             # Copies: the save may serialise in the background while the sums move on.
-            running = {"sums": dict(sums), "counts": dict(counts), "last": dict(last)}
+            running = {
+                "sums": dict(sums),
+                "counts": dict(counts),
+                "last": dict(last),
+                "pairs": list(per_pair),
+            }
             ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch, "metrics": running})
     bar.close()
     if ckpt is not None:
@@ -188,4 +202,29 @@ def train(
         skipped_steps=int(state.skipped_steps),
         last_metrics=last,
         mean_metrics={k: v / counts[k] for k, v in sums.items()},
+        per_pair=per_pair,
     )
+
+
+def pair_rows(
+    batch: dict, pair_metrics: dict[str, np.ndarray], step: int, epoch: int, host_mesh=None
+) -> list[dict]:
+    """One row per real pair (``index >= 0``) of ``batch`` with its per-pair metric values.
+
+    The metrics cover the global batch's rows. ``host_mesh``: ``batch`` holds only this
+    process's rows of the global batch (host-local batches), the rows it feeds on that
+    mesh (:func:`jaxalign.parallel.process_rows`)."""
+    index = np.asarray(batch["index"])
+    rows = np.arange(len(index))
+    if host_mesh is not None:
+        global_rows = next(iter(pair_metrics.values())).shape[0]
+        rows = parallel.process_rows(host_mesh, global_rows)
+    out = []
+    for r, i in zip(rows, index, strict=True):
+        if i < 0:
+            continue
+        row = {"index": int(i), "step": step, "epoch": epoch}
+        prefix = training.PER_PAIR_PREFIX
+        row.update({name.removeprefix(prefix): float(v[r]) for name, v in pair_metrics.items()})
+        out.append(row)
+    return out

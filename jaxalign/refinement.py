@@ -49,18 +49,18 @@ def init_margin_buffer(capacity: int) -> dict[str, jax.Array]:
 def push_margins(buffer: dict, margins: jax.Array, valid: jax.Array) -> dict:
     """Appends the ``valid`` entries of ``margins [B]`` in order, overwriting the oldest.
 
-    Requires ``B ≤ capacity`` (checked statically).
+    When a batch has more valid entries than the buffer holds, only its last ``capacity``
+    remain, as if they had been appended one at a time.
     """
     capacity = buffer["margins"].shape[0]
-    if margins.shape[0] > capacity:
-        raise ValueError(
-            f"a batch of {margins.shape[0]} margins does not fit a buffer of {capacity}"
-        )
     valid = valid.astype(bool)
-    offsets = jnp.cumsum(valid.astype(jnp.int32)) - 1
-    slots = jnp.where(valid, (buffer["position"] + offsets) % capacity, capacity)  # capacity: drop
-    new = buffer["margins"].at[slots].set(margins.astype(jnp.float32), mode="drop")
     n = jnp.sum(valid.astype(jnp.int32))
+    offsets = jnp.cumsum(valid.astype(jnp.int32)) - 1
+    # Entries that later ones of the same batch would overwrite are dropped up front, so
+    # no two writes share a slot (a scatter's order among duplicates is unspecified).
+    kept = valid & (offsets >= n - capacity)
+    slots = jnp.where(kept, (buffer["position"] + offsets) % capacity, capacity)  # capacity: drop
+    new = buffer["margins"].at[slots].set(margins.astype(jnp.float32), mode="drop")
     return {
         "margins": new,
         "count": jnp.minimum(buffer["count"] + n, capacity),
@@ -217,6 +217,9 @@ def spa_loss_fn(
                 "spa/threshold": jnp.where(jnp.isfinite(threshold), threshold, 0.0),
                 "spa/extrapolated_margin": jnp.sum(margin * valid) / n_valid,
                 "spa/flagging_active": active.astype(jnp.float32),
+                # Per pair, for the round's refinement log (jaxalign.loop.pair_rows).
+                "pairs/extrapolated_margin": margin,
+                "pairs/flagged": z,
             }
         loss, aux = losses.dpo_sigmoid_loss(
             logp[:b], logp[b:], ref_logp[:b], ref_logp[b:], weight, smoothing, beta=beta

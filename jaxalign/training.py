@@ -101,6 +101,14 @@ BATCH_FIELDS = (*PAIR_FIELDS, *REFERENCE_FIELDS, *SFT_FIELDS, "p")
 
 LOSS_NAMES = (*losses.PREFERENCE_LOSSES, "ranking")
 
+# Loss metrics under this prefix are per pair ([B], one value per batch row), not scalars:
+# the train loop logs them per pair (with the batch's record index) instead of averaging.
+PER_PAIR_PREFIX = "pairs/"
+
+
+def is_per_pair(name: str) -> bool:
+    return name.startswith(PER_PAIR_PREFIX)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -605,7 +613,9 @@ def make_train_step(
 
     Metrics: ``train/loss``, ``train/grad_norm`` (before clipping),
     ``train/learning_rate``, ``train/skipped``, ``train/skipped_total`` and the
-    loss's own metrics.
+    loss's own metrics. A loss metric named ``pairs/...`` is per pair (``[B]``, in the
+    batch's row order, micro-batches or not) rather than a scalar; see
+    :data:`PER_PAIR_PREFIX`.
     """
     optimizer = make_optimizer(config, total_steps)
     schedule = make_schedule(config, total_steps)
@@ -631,7 +641,9 @@ def make_train_step(
             grads_of, state.params, first, state.algo_state, state.step, rngs[0], frozen
         )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), out_shape)
-        init = (zeros[0], zeros[1], state.algo_state, zeros[3])
+
+        scalars = lambda aux: {k: v for k, v in aux.items() if not is_per_pair(k)}
+        init = (zeros[0], scalars(zeros[1]), state.algo_state, zeros[3])
 
         def body(carry, xs):
             loss_acc, aux_acc, algo_state, grad_acc = carry
@@ -640,14 +652,17 @@ def make_train_step(
                 state.params, mb, algo_state, state.step, key, frozen
             )
             add = lambda acc, x: acc + share * x.astype(jnp.float32)
+            per_pair = {k: v for k, v in aux.items() if is_per_pair(k)}
             return (
                 add(loss_acc, loss),
-                jax.tree.map(add, aux_acc, aux),
+                jax.tree.map(add, aux_acc, scalars(aux)),
                 algo_state,
                 jax.tree.map(add, grad_acc, grads),
-            ), None
+            ), per_pair
 
-        (loss, aux, algo_state, grads), _ = jax.lax.scan(body, init, (micro, shares, rngs))
+        (loss, aux, algo_state, grads), per_pair = jax.lax.scan(body, init, (micro, shares, rngs))
+        # [n, B/n] back to the batch's rows: micro-batch i held rows i, i + n, ...
+        aux.update({k: jnp.swapaxes(v, 0, 1).reshape(-1) for k, v in per_pair.items()})
         return loss, aux, algo_state, grads
 
     def step(state: TrainState, batch: dict, frozen=None):

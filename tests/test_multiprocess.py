@@ -141,7 +141,7 @@ def spa_config(root: pathlib.Path, out: pathlib.Path, *extra: str):
             "spa.rounds=1",
             "spa.prompts_per_round=[8]",
             "spa.seed_epochs=1",
-            "spa.margin_buffer_batches=2",
+            "spa.margin_window=8",
             "eval.enabled=false",
             "eval.max_prompts=4",
             "eval.max_new_tokens=16",

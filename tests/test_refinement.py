@@ -40,9 +40,23 @@ def test_ring_buffer_keeps_the_most_recent_valid_margins():
     np.testing.assert_allclose(sorted(np.asarray(buf["margins"]).tolist()), want, rtol=1e-6)
 
 
-def test_push_rejects_batches_larger_than_the_buffer():
-    with pytest.raises(ValueError, match="does not fit"):
-        refinement.push_margins(refinement.init_margin_buffer(2), jnp.zeros(3), jnp.ones(3))
+@pytest.mark.parametrize("capacity", [2, 3, 4])
+def test_a_batch_larger_than_the_buffer_leaves_its_last_entries(capacity):
+    """The SPA authors' window is 50 pairs; a batch of 64 pairs must keep the newest 50, as
+    pushing the pairs one by one would."""
+    rng = np.random.default_rng(capacity)
+    one_by_one = refinement.init_margin_buffer(capacity)
+    at_once = refinement.init_margin_buffer(capacity)
+    for _ in range(3):
+        m = rng.normal(size=7).astype(np.float32)
+        valid = rng.random(7) > 0.25
+        at_once = refinement.push_margins(at_once, jnp.asarray(m), jnp.asarray(valid))
+        for x, v in zip(m, valid, strict=True):
+            one_by_one = refinement.push_margins(
+                one_by_one, jnp.asarray([x]), jnp.asarray([bool(v)])
+            )
+    for key in ("margins", "count", "position"):
+        np.testing.assert_array_equal(np.asarray(at_once[key]), np.asarray(one_by_one[key]))
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 50])

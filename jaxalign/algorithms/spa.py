@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -49,7 +50,7 @@ from jaxalign.algorithms.stages import RunContext, eval_stage
 from jaxalign.config import Config
 from jaxalign.data.pairs import pair_batches
 from jaxalign.data.records import read_preference_records, read_prompt_records
-from jaxalign.generation import sample_texts
+from jaxalign.generation import encode_prompts, sample_texts
 from jaxalign.report import SUMMARY_COLUMNS, format_table, write_report
 
 
@@ -104,11 +105,14 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
 def spa_round(
     ctx: RunContext, runner: RoundRunner, i: int, policy: nnx.State, prompts: list[dict]
 ) -> nnx.State:
-    """Round ``i ≥ 1`` from ``policy`` = π_{i-1}: sample → judge → train; returns π_i."""
+    """Round ``i ≥ 1`` from ``policy`` = π_{i-1}: sample → judge → train; returns π_i.
+
+    The judge is π_{i-1} (paper) or, with ``spa.judge_policy = seed``, π_0."""
     if runner.done(i, "train"):
         return _trained_policy(ctx, runner.result(i, "train"))
     sampled = runner.stage(i, "sample", lambda d: sample_stage(ctx, i, policy, prompts, d))
-    judged = runner.stage(i, "judge", lambda d: judge_stage(ctx, policy, sampled["candidates"], d))
+    judge = judge_policy(ctx, runner, i, policy)
+    judged = runner.stage(i, "judge", lambda d: judge_stage(ctx, judge, sampled["candidates"], d))
     pairs = read_jsonl(judged["pairs"])
     return runner.produce(
         i,
@@ -116,6 +120,14 @@ def spa_round(
         lambda d: train_stage(ctx, i, policy, pairs, d),
         load=lambda result: _trained_policy(ctx, result),
     )
+
+
+def judge_policy(ctx: RunContext, runner: RoundRunner, i: int, policy: nnx.State) -> nnx.State:
+    """The model whose implicit reward labels round ``i``'s pairs: ``policy`` = π_{i-1}
+    (paper), or π_0, the seed DPO's model, with ``spa.judge_policy = seed``."""
+    if ctx.config.spa.judge_policy == "seed" and i > 1:
+        return _trained_policy(ctx, runner.result(0, "train"))
+    return policy
 
 
 def _round_prompts(cfg: Config, prompts: list[dict], log) -> Iterator[tuple[int, list[dict]]]:
@@ -146,25 +158,41 @@ def sample_candidates(
     ctx: RunContext, round_index: int, policy: nnx.State, prompts: list[dict]
 ) -> list[dict]:
     """``spa.samples_per_prompt`` responses to each prompt from ``policy`` (paper: 2, at
-    temperature 0.7, top-p 1.0): each prompt record with ``responses``, a list of
-    ``{text, finished, truncated, num_tokens}``."""
+    temperature 0.7, top-p 1.0): each prompt record with ``prompt_ids`` (the exact prompt
+    tokens decoded from) and ``responses``, a list of ``{text, token_ids, finished,
+    truncated, num_tokens}``.
+
+    Prompts are encoded as the judge and the trainer encode them (``data.use_chat_template``,
+    the last ``data.max_prompt_tokens`` tokens), and each prompt's randomness is keyed by
+    its id, so a response does not depend on the batch it was decoded in.
+    """
     cfg = ctx.config
+    texts = [r["prompt"] for r in prompts]
+    encoding = {
+        "use_chat_template": cfg.data.use_chat_template,
+        "max_prompt_tokens": cfg.data.max_prompt_tokens,
+    }
     completions = sample_texts(
         ctx.model(policy),
         ctx.tokenizer,
-        [r["prompt"] for r in prompts],
+        texts,
         stages.sampling_config(ctx, n=cfg.spa.samples_per_prompt),
         seed=cfg.run.seed * 1000 + round_index,
         batch_size=cfg.run.generate_batch_size,
         mesh=ctx.mesh,
         progress=ctx.progress,
+        identities=[r["id"] for r in prompts],
+        **encoding,
     )
+    prompt_ids = encode_prompts(ctx.tokenizer, texts, sys.maxsize, **encoding)
     return [
         {
             **rec,
+            "prompt_ids": ids,
             "responses": [
                 {
                     "text": c.text,
+                    "token_ids": c.token_ids,
                     "finished": c.finished,
                     "truncated": c.truncated,
                     "num_tokens": len(c.token_ids),
@@ -172,7 +200,7 @@ def sample_candidates(
                 for c in comps
             ],
         }
-        for rec, comps in zip(prompts, completions, strict=True)
+        for rec, ids, comps in zip(prompts, prompt_ids, completions, strict=True)
     ]
 
 
@@ -194,79 +222,111 @@ def sample_stage(
 # ----------------------------------------------------------------------------- 2. judge
 
 
-def judge_candidates(
-    ctx: RunContext, policy: nnx.State, candidates: list[dict]
-) -> tuple[list[dict], judging.PairCounts]:
-    """Candidate records → preference-pair records, labelled by the policy's implicit reward.
+# Fields of a candidate record that are not the prompt's own (kept on its pair).
+_CANDIDATE_FIELDS = ("id", "prompt", "prompt_ids", "responses")
 
-    ``r(x,y) = β·(log π_{i-1}(y|x) − log π_init(y|x))`` (:func:`jaxalign.judging.implicit_reward`)
-    with summed log-probs from forward passes (:func:`jaxalign.scoring.response_logps`);
-    each prompt's first two candidates make a pair, the higher reward ``chosen``
-    (:func:`jaxalign.judging.make_pairs`). A pair record is a
-    :class:`jaxalign.judging.JudgedPair` (margin, ``p``) plus the prompt's ``answer``
-    when it has one. Returns the records and what was kept and skipped.
-    """
+
+def _scoring_records(candidates: list[dict]) -> tuple[list[dict], list[tuple[int, int, int]]]:
+    """Every candidate response as one side of a two-response record for the scorer, and
+    for each record ``(prompt k, candidate a, candidate b)``: candidates ``0,1``, ``2,3``, ...
+    (an odd last one is paired with candidate 0)."""
+    records, slots = [], []
+    for k, r in enumerate(candidates):
+        responses = r["responses"]
+        for a in range(0, len(responses), 2):
+            b = a + 1 if a + 1 < len(responses) else 0
+            record = {"id": r["id"], "prompt": r["prompt"]}
+            if "prompt_ids" in r:
+                record["prompt_ids"] = r["prompt_ids"]
+            for side, x in (("chosen", responses[a]), ("rejected", responses[b])):
+                record[side] = x["text"]
+                record[f"{side}_eos"] = x["finished"]
+                if "token_ids" in x:
+                    record[f"{side}_ids"] = x["token_ids"]
+            records.append(record)
+            slots.append((k, a, b))
+    return records, slots
+
+
+def candidate_rewards(ctx: RunContext, judge: nnx.State, candidates: list[dict]) -> list[list]:
+    """The implicit reward of every candidate: ``rewards[k][j]`` for response ``j`` of prompt
+    ``k``, ``β·(log π_judge(y|x) − log π_init(y|x))`` with summed log-probs of the exact
+    sampled tokens from forward passes (:func:`jaxalign.scoring.response_logps`), divided by
+    the response's token count with ``spa.judge_reward = mean``."""
     cfg = ctx.config
-    # Score each prompt's first two candidates as an (a, b) "pair" under both models.
-    scored = [
-        {
-            "id": r["id"],
-            "prompt": r["prompt"],
-            "chosen": r["responses"][0]["text"],
-            "rejected": r["responses"][1]["text"],
-            "chosen_eos": r["responses"][0]["finished"],
-            "rejected_eos": r["responses"][1]["finished"],
-        }
-        for r in candidates
-    ]
+    records, slots = _scoring_records(candidates)
 
     def logps(params):
-        return scoring.response_logps(ctx.graphdef, params, scored, ctx.tokenizer, cfg, ctx.mesh)
+        return scoring.response_logps(ctx.graphdef, params, records, ctx.tokenizer, cfg, ctx.mesh)
 
-    logp_policy, logp_init = logps(policy), logps(ctx.init_params)
     num_tokens = None
-    if cfg.spa.judge_length_normalize:
-        num_tokens = scoring.response_token_counts(scored, ctx.tokenizer, cfg)
-    rewards = judging.implicit_reward(logp_policy, logp_init, cfg.train.beta, num_tokens)  # [N, 2]
+    if cfg.spa.judge_reward == "mean":
+        num_tokens = scoring.response_token_counts(records, ctx.tokenizer, cfg)
+    per_slot = judging.implicit_reward(
+        logps(judge), logps(ctx.init_params), cfg.train.beta, num_tokens
+    )
+    rewards = [[0.0] * len(r["responses"]) for r in candidates]
+    for (k, a, b), (r_a, r_b) in zip(slots, per_slot.tolist(), strict=True):
+        rewards[k][a], rewards[k][b] = r_a, r_b
+    return rewards
+
+
+def judge_candidates(
+    ctx: RunContext, judge: nnx.State, candidates: list[dict]
+) -> tuple[list[dict], judging.PairCounts]:
+    """Candidate records → preference-pair records, labelled by the judge's implicit reward.
+
+    Every candidate gets its reward (:func:`candidate_rewards`); a prompt's pair is its
+    highest-reward candidate against its lowest (with SPA's two samples, those two), a
+    response cut at the token limit treated as ``spa.truncated_policy`` says
+    (:func:`jaxalign.judging.make_pairs`); with ``spa.keep_fraction < 1`` only the pairs with
+    the largest margins stay (:func:`jaxalign.judging.most_confident`). A pair record is a
+    :class:`jaxalign.judging.JudgedPair` (margin, ``p``), the exact token ids of its prompt and
+    responses, and the prompt record's other fields (``answer``, ``constraints``, ...).
+    Returns the records and what was kept and skipped.
+    """
+    cfg = ctx.config
+    rewards = candidate_rewards(ctx, judge, candidates)
     pairs, counts = judging.make_pairs(
         [r["id"] for r in candidates],
         [r["prompt"] for r in candidates],
         [
-            [
-                judging.Candidate(x["text"], x["finished"], x["num_tokens"])
-                for x in r["responses"][:2]
-            ]
+            [judging.Candidate(x["text"], x["finished"], x["num_tokens"]) for x in r["responses"]]
             for r in candidates
         ],
-        rewards.tolist(),
+        rewards,
         truncated_policy=cfg.spa.truncated_policy,
     )
-    answers = {r["id"]: r["answer"] for r in candidates if "answer" in r}
-    records = [
-        pair.to_record() | ({"answer": answers[pair.id]} if pair.id in answers else {})
-        for pair in pairs
-    ]
+    if cfg.spa.keep_fraction < 1.0:
+        kept = judging.most_confident(pairs, cfg.spa.keep_fraction)
+        counts.below_keep_fraction = len(pairs) - len(kept)
+        counts.kept = len(kept)
+        pairs = kept
+    by_id = {r["id"]: r for r in candidates}
+    records = []
+    for pair in pairs:
+        source = by_id[pair.id]
+        record = pair.to_record()
+        record.update({k: v for k, v in source.items() if k not in _CANDIDATE_FIELDS})
+        if "prompt_ids" in source:
+            record["prompt_ids"] = source["prompt_ids"]
+        for side in ("chosen", "rejected"):
+            response = source["responses"][record[f"{side}_index"]]
+            if "token_ids" in response:
+                record[f"{side}_ids"] = response["token_ids"]
+        records.append(record)
     return records, counts
 
 
-def judge_stage(
-    ctx: RunContext, policy: nnx.State, candidates_path: str, out: pathlib.Path
-) -> dict:
-    """Writes :func:`judge_candidates` of ``candidates.jsonl`` to ``pairs.jsonl``; with a rule
-    gold judge and answers, also how often the self-labels agree with it."""
-    records, counts = judge_candidates(ctx, policy, read_jsonl(candidates_path))
-    path = out / "pairs.jsonl"
-    atomic_write_jsonl(path, records)
-    result = {
-        "pairs": str(path),
-        **{f"count/{k}": v for k, v in dataclasses.asdict(counts).items()},
-        "margin_mean": float(np.mean([r["margin"] for r in records])) if records else None,
-        "p_mean": float(np.mean([r["p"] for r in records])) if records else None,
-    }
-    judge = ctx.config.eval.judge
-    if records and all("answer" in r for r in records) and judge:
-        gold = judging.get_rule_judge(judge)
-        prompts = [r["prompt"] for r in records]
+def gold_agreement_of(ctx: RunContext, records: list[dict]) -> dict:
+    """How often the self-labels agree with ``eval.judge`` when that is a rule judge whose
+    fields (``answer``, ``constraints``, ...) the pair records carry; ``{}`` otherwise."""
+    name = ctx.config.eval.judge
+    if not records or name not in judging.RULE_JUDGES:
+        return {}
+    gold = judging.get_rule_judge(name)
+    prompts = [r["prompt"] for r in records]
+    try:
         scores = {
             side: gold(
                 prompts,
@@ -276,10 +336,26 @@ def judge_stage(
             )
             for side in ("chosen", "rejected")
         }
-        agreement, separated = judging.gold_agreement(scores["chosen"], scores["rejected"])
-        result["gold_agreement"] = agreement
-        result["gold_separated"] = separated
-    return result
+    except ValueError as e:  # the prompts carry no gold fields for this judge
+        ctx.log(f"self-label agreement not measured: {e}")
+        return {}
+    agreement, separated = judging.gold_agreement(scores["chosen"], scores["rejected"])
+    return {"gold_agreement": agreement, "gold_separated": separated}
+
+
+def judge_stage(ctx: RunContext, judge: nnx.State, candidates_path: str, out: pathlib.Path) -> dict:
+    """Writes :func:`judge_candidates` of ``candidates.jsonl`` to ``pairs.jsonl``; with a rule
+    gold judge whose fields the prompts carry, also how often the self-labels agree with it."""
+    records, counts = judge_candidates(ctx, judge, read_jsonl(candidates_path))
+    path = out / "pairs.jsonl"
+    atomic_write_jsonl(path, records)
+    return {
+        "pairs": str(path),
+        **{f"count/{k}": v for k, v in dataclasses.asdict(counts).items()},
+        "margin_mean": float(np.mean([r["margin"] for r in records])) if records else None,
+        "p_mean": float(np.mean([r["p"] for r in records])) if records else None,
+        **gold_agreement_of(ctx, records),
+    }
 
 
 # ----------------------------------------------------------------------------- 3. train
@@ -323,7 +399,7 @@ def train_stage(
             chunk_size=cfg.train.logp_chunk_size,
         )
         frozen = policy  # reference π_{i-1}, run on the fly
-        algo_state = refinement.init_margin_buffer(spa.margin_buffer_batches * cfg.train.batch_size)
+        algo_state = refinement.init_margin_buffer(spa.margin_window)
     result = loop.train(
         ctx.model(policy),
         batches,
@@ -342,6 +418,11 @@ def train_stage(
         save_every=cfg.run.checkpoint_every,
         log=ctx.log,
     )
+    if result.per_pair:  # which pairs self-refinement flagged, at which step
+        ids = [r["id"] for r in records]
+        atomic_write_jsonl(
+            out / "refinement.jsonl", [{"id": ids[p["index"]], **p} for p in result.per_pair]
+        )
     model_dir = out / "model"
     saved = time.perf_counter()
     checkpoint.save_params(model_dir, result.params)

@@ -18,7 +18,10 @@ every host. On one host this is exactly :func:`build_pair_batches`.
 Optional record fields: ``weight`` (default 1), ``smoothing`` (default 0),
 ``p`` (the judge's preference probability, default 1), ``chosen_eos`` /
 ``rejected_eos`` (False for a response that was cut at a sampling limit, so
-no EOS is appended).
+no EOS is appended), and ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``: the exact
+token ids a sampler was given and produced (self-generated pairs carry them), used
+instead of encoding the text again, so a response is judged and trained token for
+token as it was sampled.
 """
 
 from __future__ import annotations
@@ -98,14 +101,39 @@ PairRow = tuple[
 ]  # (index, prompt, chosen, rejected, record)
 
 
+def response_ids(record: Mapping, side: str, tokenizer) -> list[int]:
+    """The token ids of a record's ``side`` (``chosen``/``rejected``) response.
+
+    With ``<side>_ids`` (the exact ids a sampler produced, its EOS token included when it
+    made one) those ids; else the text encoded. Either way a finished response
+    (``<side>_eos``, default true) ends with an end-of-turn token and a cut one has none.
+    """
+    finished = bool(record.get(f"{side}_eos", True))
+    if f"{side}_ids" not in record:
+        return tokenizer.encode_response(record[side], add_eos=finished)
+    ids = [int(t) for t in record[f"{side}_ids"]]
+    ends = set(tokenizer.eos_token_ids)
+    if finished and not (ids and ids[-1] in ends):  # stopped by a stop string
+        ids.append(tokenizer.end_of_turn_id)
+    if not finished and ids and ids[-1] in ends:
+        ids = ids[:-1]
+    return ids
+
+
 def _tokenise(record, tokenizer, max_prompt_tokens, max_response_tokens, use_chat_template):
-    """``(prompt_ids, chosen_ids, rejected_ids, prompt_cut, responses_cut)`` of one record."""
-    prompt = tokenizer.encode_prompt(record["prompt"], use_chat_template=use_chat_template)
+    """``(prompt_ids, chosen_ids, rejected_ids, prompt_cut, responses_cut)`` of one record.
+
+    ``prompt_ids`` in the record (the ids a sampler was given) are used as they are;
+    otherwise the prompt is encoded with ``use_chat_template``."""
+    if "prompt_ids" in record:
+        prompt = [int(t) for t in record["prompt_ids"]]
+    else:
+        prompt = tokenizer.encode_prompt(record["prompt"], use_chat_template=use_chat_template)
     prompt_cut = len(prompt) > max_prompt_tokens
     prompt = prompt[len(prompt) - max_prompt_tokens :] if prompt_cut else prompt
     responses, cuts = [], 0
     for side in ("chosen", "rejected"):
-        ids = tokenizer.encode_response(record[side], add_eos=bool(record.get(f"{side}_eos", True)))
+        ids = response_ids(record, side, tokenizer)
         if len(ids) > max_response_tokens:
             ids, cuts = ids[:max_response_tokens], cuts + 1
         responses.append(ids)

@@ -1,0 +1,250 @@
+"""SPA's stages against independent references: the prompts a response is sampled, judged
+and trained under are the same tokens; the judge's rewards equal a plain forward pass
+computed by hand; the pair is the best against the worst; self-refinement's per-pair log."""
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxalign import sampling
+from jaxalign.algorithms import spa, stages
+from jaxalign.algorithms.rounds import read_jsonl
+from jaxalign.config import load_config
+from jaxalign.data.pairs import pair_batches
+from jaxalign.generation import pad_left, prompt_key
+
+PROMPTS = [
+    "Name three colours of the rainbow, please.",
+    "What is the capital of France? Answer briefly and clearly, in a single short line.",
+    "Say hello.",
+    "Describe a cat in one short sentence for a child who has never seen one.",
+]
+
+
+def _context(tiny_model_dir, out: pathlib.Path, *overrides):
+    config = load_config(
+        None,
+        [
+            f"model.name={tiny_model_dir}",
+            "data.use_chat_template=false",  # plain-text prompts ...
+            "data.max_prompt_tokens=24",  # ... cut to their last 24 tokens
+            "data.max_response_tokens=12",
+            "sampling.max_new_tokens=12",
+            "sampling.temperature=1.0",
+            "train.batch_size=4",
+            "train.learning_rate=1e-3",
+            "train.logp_chunk_size=16",
+            "train.beta=0.5",
+            "spa.samples_per_prompt=4",
+            "spa.margin_window=8",
+            "eval.enabled=false",
+            "run.generate_batch_size=4",
+            "run.progress=false",
+            "run.mesh.data=2",  # 8 fake devices: sampling, scoring and training run sharded
+            "run.mesh.fsdp=2",
+            "run.mesh.tensor=2",
+            f"run.output_dir={out}",
+            *overrides,
+        ],
+    )
+    return stages.start_run(config, log=lambda m: None)
+
+
+def _with(ctx, **spa_changes):
+    """The same context with other ``spa.*`` settings (the model stays loaded)."""
+    config = ctx.config
+    return dataclasses.replace(
+        ctx, config=dataclasses.replace(config, spa=dataclasses.replace(config.spa, **spa_changes))
+    )
+
+
+def _prompt_records():
+    return [{"id": f"p{i}", "prompt": p, "note": i} for i, p in enumerate(PROMPTS)]
+
+
+def _perturbed(params, scale=0.05, seed=0):
+    """A policy that differs from π_init, so implicit rewards are not all zero."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [
+        x + scale * jax.random.normal(k, x.shape, x.dtype)
+        for x, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(tree, noisy)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    """A run context and runner, with four samples per prompt from π_init."""
+    ctx, runner = _context(tiny_model_dir, tmp_path_factory.mktemp("spa_stages") / "run")
+    candidates = spa.sample_candidates(ctx, 1, ctx.init_params, _prompt_records())
+    return ctx, runner, candidates
+
+
+def test_sampled_judged_and_trained_prompts_are_the_same_tokens(run):
+    ctx, _, candidates = run
+    tok = ctx.tokenizer
+    for record in candidates:
+        expected = tok.encode_prompt(record["prompt"], use_chat_template=False)[-24:]
+        assert record["prompt_ids"] == expected and record["note"] is not None
+        assert len(record["responses"]) == 4
+    # The sampler decoded from those ids: the same prompt and key through generate()
+    # directly reproduces the sampled tokens.
+    record = candidates[1]
+    ids, mask = pad_left([record["prompt_ids"]], 32, tok.pad_token_id)
+    key = prompt_key(jax.random.key(ctx.config.run.seed * 1000 + 1), "p1")
+    config = stages.sampling_config(ctx, n=4)
+    out = sampling.generate(ctx.model(ctx.init_params), ids, mask, key[None], config)
+    for j, response in enumerate(record["responses"]):
+        assert np.asarray(out.tokens)[j, : out.lengths[j]].tolist() == response["token_ids"]
+
+    pairs, _ = spa.judge_candidates(ctx, _perturbed(ctx.init_params), candidates)
+    assert pairs, "some prompts must form pairs"
+    batches, report = pair_batches(pairs, tok, ctx.config)
+    assert report.kept == len(pairs)
+    ends = set(tok.eos_token_ids)
+    by_id = {c["id"]: c for c in candidates}
+    for batch in batches:
+        for row, index in enumerate(batch["index"]):
+            if index < 0:
+                continue
+            pair = pairs[index]
+            for side in ("chosen", "rejected"):
+                attn = batch[f"{side}_attention_mask"][row].astype(bool)
+                loss = batch[f"{side}_loss_mask"][row].astype(bool)
+                tokens = batch[f"{side}_ids"][row]
+                assert tokens[attn & ~loss].tolist() == pair["prompt_ids"]
+                sampled = by_id[pair["id"]]["responses"][pair[f"{side}_index"]]
+                want = sampled["token_ids"]
+                if sampled["finished"] and not (want and want[-1] in ends):
+                    want = [*want, tok.end_of_turn_id]
+                assert tokens[loss].tolist() == want[:12]
+
+
+_WIDTH = 48  # every hand-scored sequence is right-padded to this many tokens (one compile)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(graphdef, params, ids):
+    mask = (jnp.arange(_WIDTH) < jnp.sum(ids >= 0))[None].astype(jnp.int32)
+    tokens = jnp.maximum(ids, 0)[None]
+    return nnx.merge(graphdef, params)(tokens, jnp.arange(_WIDTH)[None], mask)[0][0]
+
+
+def _hand_logp(ctx, params, prompt_ids, response_ids) -> float:
+    """``Σ_t log softmax(logits)[y_t]`` over the response: every position's full logits from
+    the model's plain forward pass, the log-softmax in float64 numpy."""
+    sequence = prompt_ids + response_ids
+    ids = np.full(_WIDTH, -1, np.int32)
+    ids[: len(sequence)] = sequence
+    logits = np.asarray(_full_logits(ctx.graphdef, params, ids), np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    n = len(prompt_ids)
+    return float(sum(logp[n - 1 + t, y] for t, y in enumerate(response_ids)))
+
+
+@pytest.mark.parametrize("reward", ["sum", "mean"])
+def test_candidate_rewards_are_the_implicit_reward_of_a_forward_pass(run, reward):
+    base, _, four = run
+    ctx = _with(base, judge_reward=reward)
+    judge = _perturbed(ctx.init_params)
+    # Three candidates per prompt: an odd count shares a scoring row with candidate 0.
+    candidates = [{**c, "responses": c["responses"][:3]} for c in four[:3]]
+    rewards = spa.candidate_rewards(ctx, judge, candidates)
+    ends = set(ctx.tokenizer.eos_token_ids)
+    beta = ctx.config.train.beta
+    for record, row in zip(candidates, rewards, strict=True):
+        assert len(row) == 3
+        for response, got in zip(record["responses"], row, strict=True):
+            ids = response["token_ids"]
+            if response["finished"] and not (ids and ids[-1] in ends):
+                ids = [*ids, ctx.tokenizer.end_of_turn_id]
+            log_ratio = _hand_logp(ctx, judge, record["prompt_ids"], ids) - _hand_logp(
+                ctx, ctx.init_params, record["prompt_ids"], ids
+            )
+            want = beta * log_ratio / (len(ids) if reward == "mean" else 1)
+            assert math.isclose(got, want, rel_tol=2e-3, abs_tol=2e-5), (got, want)
+
+
+def test_the_pair_is_the_best_against_the_worst_and_keep_fraction_keeps_the_surest(run):
+    ctx, _, candidates = run
+    judge = _perturbed(ctx.init_params, seed=1)
+    rewards = spa.candidate_rewards(ctx, judge, candidates)
+    pairs, counts = spa.judge_candidates(ctx, judge, candidates)
+    assert counts.considered == len(candidates) == counts.kept + counts.skipped
+    by_id = {c["id"]: (c, r) for c, r in zip(candidates, rewards, strict=True)}
+    for pair in pairs:
+        record, row = by_id[pair["id"]]
+        distinct = {}
+        for j, response in enumerate(record["responses"]):
+            distinct.setdefault(response["text"].strip(), j)
+        usable = [j for t, j in distinct.items() if t]
+        assert pair["chosen_index"] == max(usable, key=lambda j: (row[j], -j))
+        assert pair["rejected_index"] == min(usable, key=lambda j: (row[j], j))
+        assert math.isclose(pair["margin"], row[pair["chosen_index"]] - row[pair["rejected_index"]])
+        assert pair["note"] == record["note"]  # the prompt record's own fields travel
+    half, half_counts = spa.judge_candidates(_with(ctx, keep_fraction=0.5), judge, candidates)
+    margins = sorted((p["margin"] for p in pairs), reverse=True)
+    assert len(half) == math.ceil(len(pairs) / 2) == half_counts.kept
+    assert sorted((p["margin"] for p in half), reverse=True) == margins[: len(half)]
+    assert half_counts.below_keep_fraction == len(pairs) - len(half)
+
+
+def test_a_round_trains_against_its_starting_policy_and_logs_its_flags(run, tmp_path):
+    """Round i ≥ 1 trains π_i from π_{i-1} with reference π_{i-1}: at the first step the
+    policy is its reference, so every margin is 0 and the loss is log 2. Every pair's
+    extrapolated margin and flag land in refinement.jsonl, and each step's share of flagged
+    pairs is the step's logged flagged fraction."""
+    base, _, candidates = run
+    ctx = _with(base, flag_warmup_ratio=0.0)
+    start = _perturbed(ctx.init_params, seed=2)
+    pairs, _ = spa.judge_candidates(ctx, start, candidates * 3)
+    pairs = [{**p, "id": f"{p['id']}-{k}"} for k, p in enumerate(pairs)]
+    result, _ = spa.train_stage(ctx, 1, start, pairs, tmp_path)
+    steps = [
+        m
+        for m in (json.loads(line) for line in ctx.metrics.path.read_text().splitlines())
+        if m.get("tag") == "round_1/train"
+    ]
+    first = min(steps, key=lambda m: m["step"])
+    assert abs(first["rewards/margin"]) < 1e-5
+    assert math.isclose(first["train/loss"], math.log(2), rel_tol=1e-5)
+    rows = read_jsonl(tmp_path / "refinement.jsonl")
+    assert sorted(r["id"] for r in rows) == sorted(p["id"] for p in pairs)  # one epoch
+    assert len(steps) == result["steps"]
+    for m in steps:
+        mine = [r for r in rows if r["step"] == m["step"]]
+        assert mine and all(r["flagged"] in (0.0, 1.0) for r in mine)
+        assert math.isclose(
+            sum(r["flagged"] for r in mine) / len(mine), m["spa/flagged_fraction"], abs_tol=1e-6
+        )
+
+
+def test_the_judge_is_the_previous_policy_unless_told_to_keep_the_seed_model(run, tmp_path):
+    from jaxalign import checkpoint
+
+    base, runner, _ = run
+    seed_model = _perturbed(base.init_params, seed=3)
+    checkpoint.save_params(tmp_path / "seed_model", seed_model)
+    runner.stage(0, "train", lambda d: {"model": str(tmp_path / "seed_model")})
+    previous = _perturbed(base.init_params, seed=4)
+    seed_ctx = _with(base, judge_policy="seed")
+
+    def same(a, b):
+        return all(
+            np.array_equal(np.asarray(x), np.asarray(y))
+            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
+
+    assert same(spa.judge_policy(base, runner, 2, previous), previous)  # the paper: π_{i-1}
+    assert same(spa.judge_policy(seed_ctx, runner, 1, previous), previous)  # π_0 is π_{i-1}
+    assert same(spa.judge_policy(seed_ctx, runner, 2, previous), seed_model)
