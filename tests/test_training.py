@@ -242,6 +242,27 @@ def test_micro_batches_equal_one_big_batch(model):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+def test_per_pair_metrics_keep_the_batch_row_order_through_micro_batches(model):
+    """A ``pairs/...`` metric comes back per row, in the batch's order, whether or not the
+    step splits the batch into (interleaved) micro-batches."""
+    dpo = training.dpo_loss_fn(CONFIG)
+
+    def loss_fn(model, batch, algo_state, step, rng, frozen=None):
+        loss, (aux, algo_state) = dpo(model, batch, algo_state, step, rng, frozen)
+        return loss, ({**aux, "pairs/weight": batch["weight"] * 1.0}, algo_state)
+
+    batch = make_batch(40, weight=np.arange(1, B + 1, dtype=np.float32))
+    _, state, _, step = build(model, one_device(), loss_fn=loss_fn)
+    _, whole = step(state, batch)
+    config4 = training.TrainConfig(**{**CONFIG.__dict__, "micro_batches": 4})
+    mesh = parallel.make_mesh(2, 1, 1, jax.devices()[:2])
+    _, state, _, step = build(model, mesh, config4, loss_fn=loss_fn)
+    _, split = step(state, batch)
+    np.testing.assert_array_equal(np.asarray(whole["pairs/weight"]), np.arange(1, B + 1))
+    np.testing.assert_array_equal(np.asarray(split["pairs/weight"]), np.arange(1, B + 1))
+    np.testing.assert_allclose(whole["train/loss"], split["train/loss"], rtol=1e-5)
+
+
 def test_weight_zero_garbage_pair_changes_nothing(model):
     clean = make_batch(30, b=7)
     garbage = make_batch(31, b=1, weight=np.zeros(1), smoothing=np.full(1, 0.4))
