@@ -150,6 +150,10 @@ class SPAConfig:
     judge_reward: str = "sum"
     # The judge's model: π_{i-1} ("previous", paper) or π_0 after the seed DPO ("seed").
     judge_policy: str = "previous"
+    # When the judge is the model that sampled, take its log-probs of the sampled tokens from
+    # the sampler (the unmodified distribution's, equal to a forward pass's within 1e-4 in
+    # float32), so the judge runs only π_init's forward pass.
+    judge_from_sampler: bool = True
     # Beyond the paper (1.0: keep all): keep only this share of a round's pairs, those
     # with the largest judged margins.
     keep_fraction: float = 1.0
@@ -183,6 +187,7 @@ class SPAConfig:
                 "truncated_policy": one_of("keep", "skip", "reject"),
                 "judge_reward": one_of("sum", "mean"),
                 "judge_policy": one_of("previous", "seed"),
+                "judge_from_sampler": BOOLEAN,
                 # A share of the round's pairs; 0 would leave nothing to train on.
                 "keep_fraction": number(0, 1, low_open=True),
             },

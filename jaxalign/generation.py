@@ -46,6 +46,9 @@ class Completion:
     token_ids: list[int]  # generated ids, EOS included when produced
     finished: bool  # an EOS token or a stop string ended it
     truncated: bool  # hit max_new_tokens without finishing
+    # With SamplingConfig.return_logprobs: log π(token) of each of ``token_ids`` under the
+    # unmodified model (before temperature and filters), as a forward pass would give it.
+    logprobs: list[float] | None = None
 
 
 @dataclasses.dataclass
@@ -218,6 +221,7 @@ def iter_sample_batches(
             tokens, lengths, finished = (
                 parallel.to_host(x) for x in (out.tokens, out.lengths, out.finished)
             )
+            logprobs = None if out.logprobs is None else parallel.to_host(out.logprobs)
             elapsed = time.perf_counter() - start
             stats.seconds += elapsed
             if sampling.trace_count() > traces:
@@ -230,7 +234,8 @@ def iter_sample_batches(
                     ids_r = tokens[r, : lengths[r]].tolist()
                     text, ids_r, stopped = cut_at_stop(tokenizer, ids_r, stop_strings)
                     done = bool(finished[r]) or stopped
-                    group.append(Completion(text, ids_r, done, not done))
+                    lp = None if logprobs is None else logprobs[r, : len(ids_r)].tolist()
+                    group.append(Completion(text, ids_r, done, not done, lp))
                 completions.append(group)
             stats.samples += len(members) * config.n
             bar.update(len(members) * config.n)

@@ -224,6 +224,7 @@ TYPE_ONLY = {
     "sampling.greedy",
     "sampling.return_logprobs",
     "spa.refine",
+    "spa.judge_from_sampler",
     "ple.sft_data",  # free text: a path, "demo", or empty for no SFT stage
     "ple.export_hf",
     "eval.enabled",

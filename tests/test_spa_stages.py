@@ -248,3 +248,29 @@ def test_the_judge_is_the_previous_policy_unless_told_to_keep_the_seed_model(run
     assert same(spa.judge_policy(base, runner, 2, previous), previous)  # the paper: π_{i-1}
     assert same(spa.judge_policy(seed_ctx, runner, 1, previous), previous)  # π_0 is π_{i-1}
     assert same(spa.judge_policy(seed_ctx, runner, 2, previous), seed_model)
+
+
+def test_the_samplers_log_probs_are_the_forward_passes(run):
+    """The judge may take π_{i-1}'s log-probs from the sampler (spa.judge_from_sampler): the
+    unmodified distribution's log-probs of the sampled tokens, summed, equal a forward pass
+    over the same tokens within 1e-4."""
+    from jaxalign import scoring
+
+    ctx, _, candidates = run
+    records, slots = spa._scoring_records(candidates)
+    from_sampler = spa._sampler_logps(ctx, candidates, slots)
+    assert from_sampler is not None
+    forward = scoring.response_logps(
+        ctx.graphdef, ctx.init_params, records, ctx.tokenizer, ctx.config, ctx.mesh
+    )
+    np.testing.assert_allclose(from_sampler, forward, rtol=0, atol=1e-4)
+    assert np.all(forward < 0)
+    # With the judge's model as the sampler, rewards from either source agree.
+    both = spa.candidate_rewards(ctx, ctx.init_params, candidates, sampled_by_judge=True)
+    plain = spa.candidate_rewards(
+        _with(ctx, judge_from_sampler=False), ctx.init_params, candidates, True
+    )
+    np.testing.assert_allclose(
+        np.asarray(both), np.asarray(plain), atol=1e-4 * ctx.config.train.beta
+    )
+    assert np.abs(np.asarray(plain)).max() < 1e-4  # π_init judged against itself

@@ -112,7 +112,10 @@ def spa_round(
         return _trained_policy(ctx, runner.result(i, "train"))
     sampled = runner.stage(i, "sample", lambda d: sample_stage(ctx, i, policy, prompts, d))
     judge = judge_policy(ctx, runner, i, policy)
-    judged = runner.stage(i, "judge", lambda d: judge_stage(ctx, judge, sampled["candidates"], d))
+    sampled_by_judge = judge is policy
+    judged = runner.stage(
+        i, "judge", lambda d: judge_stage(ctx, judge, sampled["candidates"], d, sampled_by_judge)
+    )
     pairs = read_jsonl(judged["pairs"])
     return runner.produce(
         i,
@@ -176,7 +179,9 @@ def sample_candidates(
         ctx.model(policy),
         ctx.tokenizer,
         texts,
-        stages.sampling_config(ctx, n=cfg.spa.samples_per_prompt),
+        stages.sampling_config(
+            ctx, n=cfg.spa.samples_per_prompt, return_logprobs=cfg.spa.judge_from_sampler
+        ),
         seed=cfg.run.seed * 1000 + round_index,
         batch_size=cfg.run.generate_batch_size,
         mesh=ctx.mesh,
@@ -196,6 +201,7 @@ def sample_candidates(
                     "finished": c.finished,
                     "truncated": c.truncated,
                     "num_tokens": len(c.token_ids),
+                    **({} if c.logprobs is None else {"logprobs": c.logprobs}),
                 }
                 for c in comps
             ],
@@ -248,11 +254,36 @@ def _scoring_records(candidates: list[dict]) -> tuple[list[dict], list[tuple[int
     return records, slots
 
 
-def candidate_rewards(ctx: RunContext, judge: nnx.State, candidates: list[dict]) -> list[list]:
+def _sampler_logps(ctx: RunContext, candidates: list[dict], slots) -> np.ndarray | None:
+    """``[S, 2]`` summed log-probs of each scoring row's two responses as the sampler gave
+    them, or None when they are not exactly what a forward pass would score (a response
+    without them, one longer than ``data.max_response_tokens``, or a finished one whose
+    end-of-turn token the pair batch would add)."""
+    ends = set(ctx.tokenizer.eos_token_ids)
+    limit = ctx.config.data.max_response_tokens
+    out = np.zeros((len(slots), 2), np.float64)
+    for s, (k, a, b) in enumerate(slots):
+        for side, j in enumerate((a, b)):
+            response = candidates[k]["responses"][j]
+            ids = response.get("token_ids")
+            if "logprobs" not in response or ids is None or len(ids) > limit:
+                return None
+            if response["finished"] and not (ids and ids[-1] in ends):
+                return None
+            out[s, side] = float(np.sum(np.asarray(response["logprobs"], np.float64)))
+    return out
+
+
+def candidate_rewards(
+    ctx: RunContext, judge: nnx.State, candidates: list[dict], sampled_by_judge: bool = False
+) -> list[list]:
     """The implicit reward of every candidate: ``rewards[k][j]`` for response ``j`` of prompt
     ``k``, ``β·(log π_judge(y|x) − log π_init(y|x))`` with summed log-probs of the exact
     sampled tokens from forward passes (:func:`jaxalign.scoring.response_logps`), divided by
-    the response's token count with ``spa.judge_reward = mean``."""
+    the response's token count with ``spa.judge_reward = mean``.
+
+    ``sampled_by_judge``: the candidates were sampled by the judge's own model, so with
+    ``spa.judge_from_sampler`` its log-probs come from the sampler and only π_init runs."""
     cfg = ctx.config
     records, slots = _scoring_records(candidates)
 
@@ -262,8 +293,13 @@ def candidate_rewards(ctx: RunContext, judge: nnx.State, candidates: list[dict])
     num_tokens = None
     if cfg.spa.judge_reward == "mean":
         num_tokens = scoring.response_token_counts(records, ctx.tokenizer, cfg)
+    judge_logps = None
+    if sampled_by_judge and cfg.spa.judge_from_sampler:
+        judge_logps = _sampler_logps(ctx, candidates, slots)
+    if judge_logps is None:
+        judge_logps = logps(judge)
     per_slot = judging.implicit_reward(
-        logps(judge), logps(ctx.init_params), cfg.train.beta, num_tokens
+        judge_logps, logps(ctx.init_params), cfg.train.beta, num_tokens
     )
     rewards = [[0.0] * len(r["responses"]) for r in candidates]
     for (k, a, b), (r_a, r_b) in zip(slots, per_slot.tolist(), strict=True):
@@ -272,7 +308,7 @@ def candidate_rewards(ctx: RunContext, judge: nnx.State, candidates: list[dict])
 
 
 def judge_candidates(
-    ctx: RunContext, judge: nnx.State, candidates: list[dict]
+    ctx: RunContext, judge: nnx.State, candidates: list[dict], sampled_by_judge: bool = False
 ) -> tuple[list[dict], judging.PairCounts]:
     """Candidate records → preference-pair records, labelled by the judge's implicit reward.
 
@@ -286,7 +322,7 @@ def judge_candidates(
     Returns the records and what was kept and skipped.
     """
     cfg = ctx.config
-    rewards = candidate_rewards(ctx, judge, candidates)
+    rewards = candidate_rewards(ctx, judge, candidates, sampled_by_judge)
     pairs, counts = judging.make_pairs(
         [r["id"] for r in candidates],
         [r["prompt"] for r in candidates],
@@ -343,10 +379,16 @@ def gold_agreement_of(ctx: RunContext, records: list[dict]) -> dict:
     return {"gold_agreement": agreement, "gold_separated": separated}
 
 
-def judge_stage(ctx: RunContext, judge: nnx.State, candidates_path: str, out: pathlib.Path) -> dict:
+def judge_stage(
+    ctx: RunContext,
+    judge: nnx.State,
+    candidates_path: str,
+    out: pathlib.Path,
+    sampled_by_judge: bool = False,
+) -> dict:
     """Writes :func:`judge_candidates` of ``candidates.jsonl`` to ``pairs.jsonl``; with a rule
     gold judge whose fields the prompts carry, also how often the self-labels agree with it."""
-    records, counts = judge_candidates(ctx, judge, read_jsonl(candidates_path))
+    records, counts = judge_candidates(ctx, judge, read_jsonl(candidates_path), sampled_by_judge)
     path = out / "pairs.jsonl"
     atomic_write_jsonl(path, records)
     return {
