@@ -621,6 +621,12 @@ def main(argv=None) -> int:
         help="held-out prompts to report on (choose options on dev)",
     )
     parser.add_argument("--pool-samples", type=int, default=None)
+    parser.add_argument(
+        "--eval-rounds",
+        default="all",
+        choices=("all", "final"),
+        help="evaluate every SPA round (the report) or only each arm's last (to choose options)",
+    )
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else Settings()
@@ -659,6 +665,8 @@ def main(argv=None) -> int:
             arm, out, arm_overrides(arm, settings, data, out / "runs" / arm, extra)
         )
         trained = round_models(run_dir)
+        if args.eval_rounds == "final":
+            trained = {max(trained): trained[max(trained)]}
         for k, model_dir in trained.items():
             key = arm if arm.startswith("dpo") else f"{arm}/round_{k}"
             rows = eval_step(
