@@ -184,10 +184,8 @@ def gold_scores(records: Sequence[dict], texts: Sequence[str]) -> list[float]:
 
 
 def task_records(split: str, limit: int) -> list[dict]:
-    records = read_jsonl(TASK / f"{split}.jsonl")
-    if len(records) < limit:
-        raise SystemExit(f"{TASK / split}.jsonl has {len(records)} prompts, fewer than {limit}")
-    return records[:limit]
+    """The first ``limit`` prompts of a split (all of them when it has fewer)."""
+    return read_jsonl(TASK / f"{split}.jsonl")[:limit]
 
 
 def pool_step(out: pathlib.Path, settings: Settings, models: Models) -> list[dict]:
