@@ -70,7 +70,6 @@ from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import sample_texts
 from jaxalign.models import lora
 from jaxalign.report import PLE_SUMMARY_COLUMNS, format_table
-from jaxalign.reward_judge import load_reward_judge
 from jaxalign.weights import export_merged_hf
 
 
@@ -193,13 +192,11 @@ def _queries(p, prompts: list[dict], t: int) -> list[dict]:
 def _reward_judge(ctx: RunContext) -> judging.ResponseScorer:
     """``ple.reward``: a rule judge by name, or a reward-model folder."""
     cfg = ctx.config
-    return load_reward_judge(
+    return stages.load_judge(
+        ctx,
         cfg.ple.reward,
-        tokenizer=ctx.tokenizer,
         batch_size=cfg.ple.reward_batch_size,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
         max_response_tokens=cfg.data.max_response_tokens,
-        use_chat_template=cfg.data.use_chat_template,
     )
 
 

@@ -101,6 +101,22 @@ def sampling_config(ctx: RunContext, **changes) -> SamplingConfig:
     )
 
 
+def load_judge(
+    ctx: RunContext, name: str, *, batch_size: int, max_response_tokens: int
+) -> judging.ResponseScorer:
+    """A rule judge by ``name``, or the reward model in folder ``name``, reading prompts as
+    the run's data does (``data.max_prompt_tokens``, chat template) with the run's tokenizer
+    unless the folder has its own."""
+    return load_reward_judge(
+        name,
+        tokenizer=ctx.tokenizer,
+        batch_size=batch_size,
+        max_prompt_tokens=ctx.config.data.max_prompt_tokens,
+        max_response_tokens=max_response_tokens,
+        use_chat_template=ctx.config.data.use_chat_template,
+    )
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -125,13 +141,11 @@ def eval_setup(ctx: RunContext, judge: judging.ResponseScorer | None = None) -> 
     )
     ctx.log(report.summary())
     if judge is None:
-        judge = load_reward_judge(
+        judge = load_judge(
+            ctx,
             cfg.eval.judge,
-            tokenizer=ctx.tokenizer,
             batch_size=cfg.run.generate_batch_size,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
             max_response_tokens=cfg.eval.max_new_tokens,
-            use_chat_template=cfg.data.use_chat_template,
         )
     return Evaluation(prompts[: cfg.eval.max_prompts], judge)
 
