@@ -306,7 +306,7 @@ def test_no_bad_value_reaches_model_loading(monkeypatch, capsys):
     key, before any model is loaded or any algorithm starts."""
     from jaxalign import cli
     from jaxalign.algorithms import ple, spa
-    from jaxalign.models import registry
+    from jaxalign import loading
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a bad config value reached model loading")
@@ -315,7 +315,7 @@ def test_no_bad_value_reaches_model_loading(monkeypatch, capsys):
         monkeypatch.delenv(var, raising=False)
     for target in (spa, ple):
         monkeypatch.setattr(target, "run", must_not_run)
-    monkeypatch.setattr(registry, "load", must_not_run)
+    monkeypatch.setattr(loading, "load", must_not_run)
     checked = 0
     for key, text in CASES:
         for command in ("run", "dpo"):
