@@ -103,9 +103,7 @@ class PairCounts:
 
     @property
     def skipped(self) -> int:
-        return (
-            self.identical + self.empty + self.truncated + self.tied + self.below_keep_fraction
-        )
+        return self.identical + self.empty + self.truncated + self.tied + self.below_keep_fraction
 
 
 TRUNCATED_POLICIES = ("keep", "skip", "reject")

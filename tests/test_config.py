@@ -304,9 +304,8 @@ def test_each_default_passes_as_an_override():
 def test_no_bad_value_reaches_model_loading(monkeypatch, capsys):
     """``jaxalign run`` and ``jaxalign dpo`` stop each bad value with exit status 2 and the
     key, before any model is loaded or any algorithm starts."""
-    from jaxalign import cli
+    from jaxalign import cli, loading
     from jaxalign.algorithms import ple, spa
-    from jaxalign import loading
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a bad config value reached model loading")
