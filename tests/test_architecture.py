@@ -12,9 +12,11 @@ LAYERS = [
     (
         "foundations",
         [
+            "jaxalign.validation",
             "jaxalign.parallel",
             "jaxalign.tokenizer",
             "jaxalign.losses",
+            "jaxalign.instructions",
             "jaxalign.judging",
             "jaxalign.checkpoint",
             "jaxalign.report",
