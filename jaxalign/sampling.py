@@ -44,6 +44,7 @@ import math
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -495,6 +496,18 @@ def _place_on_mesh(state, prompt_ids, prompt_mask, mesh: Mesh):
     return state, jax.device_put(prompt_ids, rows), jax.device_put(prompt_mask, rows)
 
 
+def _replicate_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+    """The key(s) on every device of ``mesh``, from a copy every process holds.
+
+    Goes through host memory: a key committed to a local device cannot be moved onto a
+    mesh that spans other processes' devices, but its data can.
+    """
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = np.asarray(jax.random.key_data(key) if typed else key)
+    placed = jax.device_put(data, parallel.replicated(mesh))
+    return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(key)) if typed else placed
+
+
 def generate(
     model: Transformer,
     prompt_ids: jax.Array,
@@ -538,5 +551,5 @@ def generate(
     graphdef, state = nnx.split(model)
     if mesh is not None:
         state, prompt_ids, prompt_mask = _place_on_mesh(state, prompt_ids, prompt_mask, mesh)
-        key = jax.device_put(key, parallel.replicated(mesh))
+        key = _replicate_key(key, mesh)
     return _compiled(graphdef, config)(state, prompt_ids, prompt_mask, key)
