@@ -18,6 +18,8 @@ LAYERS = [
             "jaxalign.judging",
             "jaxalign.checkpoint",
             "jaxalign.report",
+            "jaxalign.validation",
+            "jaxalign.instructions",
             "jaxalign.data",
         ],
     ),

@@ -119,12 +119,12 @@ def test_defaults_pass_their_own_validator(key):
 def test_bad_flag_values_stop_with_exit_2_and_write_nothing(
     key, value, tmp_path, monkeypatch, capsys
 ):
-    from jaxalign.models import registry
+    from jaxalign import loading
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a bad flag value reached model loading")
 
-    monkeypatch.setattr(registry, "load", must_not_run)
+    monkeypatch.setattr(loading, "load", must_not_run)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
     before = sorted(tmp_path.rglob("*"))

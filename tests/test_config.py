@@ -304,8 +304,8 @@ def test_no_bad_value_reaches_model_loading(monkeypatch, capsys):
     """``jaxalign run`` and ``jaxalign dpo`` stop each bad value with exit status 2 and the
     key, before any model is loaded or any algorithm starts."""
     from jaxalign import cli
+    from jaxalign import loading
     from jaxalign.algorithms import ple, spa
-    from jaxalign.models import registry
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a bad config value reached model loading")
@@ -314,7 +314,7 @@ def test_no_bad_value_reaches_model_loading(monkeypatch, capsys):
         monkeypatch.delenv(var, raising=False)
     for target in (spa, ple):
         monkeypatch.setattr(target, "run", must_not_run)
-    monkeypatch.setattr(registry, "load", must_not_run)
+    monkeypatch.setattr(loading, "load", must_not_run)
     checked = 0
     for key, text in CASES:
         for command in ("run", "dpo"):
