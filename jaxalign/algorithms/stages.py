@@ -64,6 +64,7 @@ def start_run(config: Config, log: Callable[[str], None]) -> tuple[RunContext, R
         log = lambda message: None  # noqa: E731 -- only process 0 logs
     runner = RoundRunner(config.run.output_dir, to_dict(config), log=log)
     mesh = parallel.make_mesh(config.run.mesh.data, config.run.mesh.fsdp, config.run.mesh.tensor)
+    log(parallel.describe_devices(mesh))
     log(f"loading {config.model.name}")
     model, tokenizer = load(
         config.model.name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMANDS = {
@@ -32,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging() -> None:
+    """What a command prints besides its own lines: jaxalign's INFO messages (a model
+    converted once, ...) and every library's warnings and errors, without JAX's
+    backend-probe messages (:func:`jaxalign.parallel.quiet_backend_probes`)."""
+    from jaxalign import parallel
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("jaxalign").setLevel(logging.INFO)
+    parallel.quiet_backend_probes()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns its exit status (2: a bad flag, config or usage)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -48,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             args = sub_parser.parse_args(argv[1:])
         except SystemExit as e:  # a usage error (2) or --help (0), already printed
             return int(e.code or 0)
+        configure_logging()
         return int(module.main(args) or 0)
     parser.parse_args(argv)  # prints help or a usage error
     return 2

@@ -75,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
         log = lambda msg: None
     m = config.run.mesh
     mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor)
+    log(parallel.describe_devices(mesh))
     if config.train.batch_size % parallel.batch_divisor(mesh):
         log(
             f"jaxalign dpo: train.batch_size={config.train.batch_size} is not a multiple of the "

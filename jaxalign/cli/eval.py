@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import pathlib
 import sys
 
@@ -320,7 +319,6 @@ def format_summary(summary: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from jaxalign.data.records import DataError
 
     if args.export and not args.out:  # a usage error: refused like a bad flag, nothing run

@@ -12,7 +12,6 @@ skips the prompts already written.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from jaxalign.cli import flags
@@ -70,7 +69,6 @@ def _defaults():
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from jaxalign.data.records import DataError
     from jaxalign.generation import GenerationStats, generate_file
     from jaxalign.loading import load
