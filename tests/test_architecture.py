@@ -18,6 +18,7 @@ LAYERS = [
             "jaxalign.judging",
             "jaxalign.checkpoint",
             "jaxalign.report",
+            "jaxalign.model_card",
             "jaxalign.validation",
             "jaxalign.instructions",
             "jaxalign.data",

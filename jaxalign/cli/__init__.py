@@ -19,6 +19,10 @@ COMMANDS = {
     "data": ("jaxalign.cli.data", "inspect and convert datasets"),
     "eval": ("jaxalign.cli.eval", "win rate, lengths and KL of a model against a baseline"),
     "report": ("jaxalign.cli.report", "HTML/Markdown report with plots of a run directory"),
+    "export": (
+        "jaxalign.cli.export",
+        "a run's model as a Hugging Face folder with a model card",
+    ),
 }
 
 
