@@ -291,14 +291,6 @@ class RunModel:
     def is_adapters(self) -> bool:
         return self.algorithm == "ple"
 
-    @property
-    def label(self) -> str:
-        """``runs/spa_demo/round_2`` (``runs/dpo`` for DPO)."""
-        where = (
-            self.run_dir if self.round_index is None else self.run_dir / f"round_{self.round_index}"
-        )
-        return str(where)
-
 
 def _run_layout(path: Path) -> tuple[Path, int | None, str | None] | None:
     """``(run directory, round named, parameter folder named)`` when ``path`` is a run

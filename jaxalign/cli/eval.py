@@ -1,7 +1,11 @@
 """``jaxalign eval``: a model against a baseline on a prompt file.
 
-    jaxalign eval --model runs/spa/round_3/model_hf --baseline smollm2-135m-instruct \\
+    jaxalign eval --model runs/spa_demo --baseline smollm2-135m-instruct \\
         --prompts demo --judge demo-checker --out eval_out
+
+``--model`` and ``--baseline`` take what :func:`jaxalign.loading.load` takes: a registered
+name, a Hugging Face folder (e.g. ``runs/spa_demo/round_2/model_hf``), a ``.gguf`` file,
+or a run (``runs/spa_demo``: its last round that finished training; ``runs/spa_demo/round_1``).
 
 Both models answer every prompt (greedy by default, or ``--temperature T``); a
 gold judge scores the answers and the win rate of the model over the baseline
@@ -38,8 +42,15 @@ from jaxalign.cli import flags
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jaxalign.models.llama import DTYPE_NAMES
 
-    parser.add_argument("--model", required=True, help="model A: registered name, HF folder, .gguf")
-    parser.add_argument("--baseline", required=True, help="model B, the reference (e.g. the SFT)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model A: registered name, HF folder, .gguf, or a run (RUN_DIR: its last round; "
+        "RUN_DIR/round_K)",
+    )
+    parser.add_argument(
+        "--baseline", required=True, help="model B, the reference (e.g. the SFT); same forms"
+    )
     parser.add_argument(
         "--prompts", required=True, help="JSONL of {id?, prompt, answer?} ('demo': demo eval set)"
     )

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="smollm2-135m-instruct",
-        help="registered name, Hugging Face folder or .gguf file (default: %(default)s)",
+        help="registered name, Hugging Face folder, .gguf file, or a run (RUN_DIR: its last "
+        "round; RUN_DIR/round_K) (default: %(default)s)",
     )
     parser.add_argument("--prompts", required=True, help="input JSONL with a 'prompt' per line")
     parser.add_argument("--out", required=True, help="output JSONL (appended; resumable)")
