@@ -254,7 +254,6 @@ class PLEConfig:
         "down_proj",
     )
     reward_batch_size: int = 16  # responses scored together by a reward model
-    export_hf: bool = True  # write the merged final model as a HF folder (run_dir/model_hf)
 
     def __post_init__(self):
         check_fields(
@@ -283,7 +282,6 @@ class PLEConfig:
                 "lora_alpha": POSITIVE,  # the update is scaled by α / r: 0 would turn LoRA off
                 "lora_targets": list_of(one_of(*LORA_TARGETS), non_empty=True, unique=True),
                 "reward_batch_size": POSITIVE_INT,
-                "export_hf": BOOLEAN,
             },
         )
         # Only minmax normalisation reads the bounds; given with another, they would be
@@ -352,6 +350,10 @@ class RunConfig:
     # Train-state checkpoints inside a train stage every N steps, so a killed stage resumes
     # mid-way; 0 saves none (a killed train stage restarts, finished stages never rerun).
     checkpoint_every: int = 0
+    # Which rounds' models are written as Hugging Face folders with a model card
+    # (round_K/model_hf) when the run finishes: "last" (the final round), "all" or "none".
+    # `jaxalign export` writes any finished round later.
+    export_hf: str = "last"
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
@@ -365,6 +367,7 @@ class RunConfig:
                 "progress": BOOLEAN,
                 "generate_batch_size": POSITIVE_INT,
                 "checkpoint_every": NON_NEGATIVE_INT,  # 0: no mid-stage checkpoints
+                "export_hf": one_of("last", "all", "none"),
                 "mesh": Rule(lambda v: isinstance(v, MeshConfig), "a mapping of mesh sizes"),
             },
         )
@@ -467,6 +470,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Keys that moved, and what to write instead.
+MOVED_KEYS = {
+    "ple.export_hf": (
+        "run.export_hf (last | all | none), which chooses the exported rounds for SPA and PLE "
+        "alike; ple.export_hf=true is run.export_hf=last (the default), false is "
+        "run.export_hf=none"
+    ),
+}
+
+
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
     """Builds dataclass ``cls`` from a (nested) dict, checking names and types.
 
@@ -476,6 +489,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for key, value in data.items():
+        if f"{where}{key}" in MOVED_KEYS:
+            raise ConfigError(f"'{where}{key}' is now {MOVED_KEYS[f'{where}{key}']}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"

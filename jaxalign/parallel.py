@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -80,6 +81,66 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     except (ValueError, NotImplementedError):
         # Topology-aware placement knows only some device kinds; plain order always works.
         return Mesh(np.array(devices).reshape(sizes), MESH_AXES, axis_types=auto)
+
+
+def describe_devices(mesh: Mesh | None = None) -> str:
+    """The one line a run starts with: what it computes on and how the mesh cuts it, e.g.
+    ``devices: 8 x cpu (1 process); mesh data=2 fsdp=2 tensor=2``.
+
+    When JAX fell back to the CPU although it saw an accelerator (a message that
+    :func:`quiet_backend_probes` holds back), the line ends with what to install.
+    """
+    devices = jax.devices()
+    kinds: dict[str, int] = {}
+    for d in devices:
+        kind = d.platform if d.platform == "cpu" else f"{d.platform} ({d.device_kind})"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    processes = jax.process_count()
+    line = ", ".join(f"{n} x {kind}" for kind, n in kinds.items())
+    line = f"devices: {line} ({processes} process{'es' if processes > 1 else ''})"
+    if mesh is not None:
+        line += "; mesh " + " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    if _MISSED_ACCELERATORS and all(d.platform == "cpu" for d in devices):
+        line += "; " + "; ".join(dict.fromkeys(_MISSED_ACCELERATORS))
+    return line
+
+
+# What JAX logs while it probes for backends (jax/_src/xla_bridge.py, jax 0.10): every
+# platform it tries and cannot start, at INFO, e.g. "Unable to initialize backend 'tpu':
+# ... libtpu.so ..." on every machine without a TPU; and, at WARNING, that it fell back
+# to the CPU although an NVIDIA GPU or a TPU seems present. A backend the user asked for
+# (JAX_PLATFORMS) that fails raises an error instead, which this never touches.
+_PROBE_LOGGER = "jax._src.xla_bridge"
+_MISSED_ACCELERATOR_HINTS = {
+    "An NVIDIA GPU may be present": (
+        "an NVIDIA GPU is visible but this jax has no CUDA support: "
+        "pip install 'jaxalign[cuda12]' (driver >= 525) or 'jaxalign[cuda13]' (driver >= 580)"
+    ),
+    "A Google TPU may be present": (
+        "a TPU is visible but this jax has no TPU support: pip install 'jaxalign[tpu]'"
+    ),
+}
+_MISSED_ACCELERATORS: list[str] = []
+
+
+class _BackendProbeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno <= logging.INFO and message.startswith("Unable to initialize backend"):
+            return False
+        for start, hint in _MISSED_ACCELERATOR_HINTS.items():
+            if message.startswith(start):
+                _MISSED_ACCELERATORS.append(hint)  # said once, in describe_devices' line
+                return False
+        return True
+
+
+def quiet_backend_probes() -> None:
+    """Holds back JAX's backend-probe messages (see above); the fall-back-to-CPU warning
+    becomes a hint at the end of :func:`describe_devices`' line. Idempotent."""
+    logger = logging.getLogger(_PROBE_LOGGER)
+    if not any(isinstance(f, _BackendProbeFilter) for f in logger.filters):
+        logger.addFilter(_BackendProbeFilter())
 
 
 def _mesh_axes_for(

@@ -41,6 +41,7 @@ BAD_VALUES = {
     ("eval", "--batch-size"): POSITIVE_INT,
     ("eval", "--seed"): SEED,
     ("dpo", "--save-every"): NON_NEGATIVE_INT,  # 0: a checkpoint at the end only
+    ("export", "--round"): NON_NEGATIVE_INT,  # round 0 is SPA's seed round
     ("data", "inspect", "--max-prompt-tokens"): POSITIVE_INT,
     ("data", "inspect", "--max-response-tokens"): POSITIVE_INT,
     ("data", "inspect", "--max-chars"): POSITIVE_INT,
@@ -58,6 +59,7 @@ REQUIRED = {
     ("generate",): ["--prompts", "prompts.jsonl", "--out", "out/samples.jsonl"],
     ("eval",): ["--model", "m", "--baseline", "b", "--prompts", "demo", "--out", "out"],
     ("dpo",): ["--pairs", "demo", "--output-dir", "out"],
+    ("export",): ["run", "--out", "out/exported"],
     ("data", "inspect"): ["demo"],
     ("data", "split"): ["--pairs", "demo", "--out", "out"],
     ("data", "build"): ["--train", "demo", "--out", "out"],

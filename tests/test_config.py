@@ -130,6 +130,7 @@ OUT_OF_RANGE = {
     "run.seed": ["-1", "4294967296"],
     "run.generate_batch_size": ["0", "-1", "6"],  # 6: not a multiple of run.mesh.data=4 below
     "run.checkpoint_every": ["-1"],
+    "run.export_hf": ["first", "''", "true"],
     "run.mesh.data": ["0", "-2", "3"],  # 3 does not divide train.batch_size 32
     "run.mesh.fsdp": ["0", "-2", "-1"],  # -1 next to run.mesh.data=-1: two axes to fill
     "run.mesh.tensor": ["0", "-2", "-1"],
@@ -226,7 +227,6 @@ TYPE_ONLY = {
     "spa.refine",
     "spa.judge_from_sampler",
     "ple.sft_data",  # free text: a path, "demo", or empty for no SFT stage
-    "ple.export_hf",
     "eval.enabled",
     "eval.greedy",
 }
@@ -384,3 +384,13 @@ def test_python_lists_are_stored_as_tuples():
     spa = SPAConfig(prompts_per_round=[5, 6], extrapolation_lambdas=[0.5])
     assert spa.prompts_per_round == (5, 6) and spa.extrapolation_lambdas == (0.5,)
     assert hash(spa) == hash(SPAConfig(prompts_per_round=(5, 6), extrapolation_lambdas=(0.5,)))
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_the_moved_ple_export_key_says_what_replaced_it(value):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"ple.export_hf={value}"])
+    message = str(e.value)
+    assert "'ple.export_hf' is now run.export_hf (last | all | none)" in message
+    assert "false is run.export_hf=none" in message
+    assert load_config(None, ["run.export_hf=none"]).run.export_hf == "none"

@@ -180,7 +180,7 @@ def ple_config(root: pathlib.Path, out: pathlib.Path, *extra: str):
             "ple.reward_range=[0, 2]",
             "ple.sft_weighting=softmax",
             "ple.lora_rank=2",
-            "ple.export_hf=false",
+            "run.export_hf=none",
             "eval.enabled=false",
             "run.generate_batch_size=4",
             "run.progress=false",

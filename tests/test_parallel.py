@@ -315,3 +315,80 @@ def test_gce_metadata_attribute_sends_the_header_and_gives_up_in_time(monkeypatc
         assert time.monotonic() - start < 5
     finally:
         silent.close()
+
+
+# ----------------------------------------------------------------------------- what a run says
+
+
+def test_the_device_line_names_devices_processes_and_mesh():
+    mesh = parallel.make_mesh(2, 2, 2)
+    assert parallel.describe_devices(mesh) == (
+        "devices: 8 x cpu (1 process); mesh data=2 fsdp=2 tensor=2"
+    )
+    assert parallel.describe_devices() == "devices: 8 x cpu (1 process)"
+
+
+def _probe_log():
+    import logging
+
+    return logging.getLogger("jax._src.xla_bridge")
+
+
+def test_backend_probes_are_held_back_and_real_warnings_kept(monkeypatch):
+    import logging
+
+    monkeypatch.setattr(parallel, "_MISSED_ACCELERATORS", [])
+    parallel.quiet_backend_probes()
+    parallel.quiet_backend_probes()  # idempotent: one filter
+    logger = _probe_log()
+    assert sum(isinstance(f, parallel._BackendProbeFilter) for f in logger.filters) == 1
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.DEBUG)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        logger.info("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so")
+        logger.warning(
+            "An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib is not "
+            "installed. Falling back to cpu."
+        )
+        logger.warning("CUDA backend failed to initialize: out of memory.")
+        logger.error("Unable to initialize backend 'cuda': something the user asked for")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert seen == [
+        "CUDA backend failed to initialize: out of memory.",
+        "Unable to initialize backend 'cuda': something the user asked for",
+    ]
+    line = parallel.describe_devices()
+    assert line.startswith("devices: 8 x cpu (1 process); an NVIDIA GPU is visible but this jax")
+    assert "pip install 'jaxalign[cuda12]'" in line
+
+
+def test_the_command_line_prints_no_backend_probe(tmp_path, tiny_model_dir):
+    """``jaxalign generate`` in a fresh process, with JAX left to probe every backend it
+    knows (no JAX_PLATFORMS): its output holds no probe message."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Name a colour."}\n')
+    command = [sys.executable, "-m", "jaxalign", "generate", "--model", str(tiny_model_dir)]
+    command += ["--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "o.jsonl")]
+    command += ["--n", "1", "--max-new-tokens", "2", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 1 prompts" in done.stdout
+    for noise in ("Unable to initialize backend", "may be present on this machine"):
+        assert noise not in done.stdout + done.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign.algorithms import ple
+from jaxalign.algorithms import ple, stages
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,8 @@ def test_run_writes_artifacts_and_report(ple_run):
     out, summary, _ = ple_run
     for name in ("config.yaml", "state.json", "metrics.jsonl", "summary.md", "summary.json"):
         assert (out / name).is_file(), name
-    assert (out / "model_hf" / "config.json").is_file()
+    assert (out / "round_1" / "model_hf" / "config.json").is_file()  # run.export_hf=last
+    assert not (out / "round_0" / "model_hf").exists()
     state = json.loads((out / "state.json").read_text())["stages"]
     for t in (0, 1):
         cands = [
@@ -99,21 +100,45 @@ def test_run_writes_artifacts_and_report(ple_run):
 
 
 def test_exported_model_is_base_plus_adapters(ple_run, tiny_model_dir):
-    """The exported folder loads as an ordinary model and equals base ⊕ final adapters."""
+    """The exported folder loads as an ordinary model and equals base ⊕ final adapters; the
+    run directory and each iteration's adapter folder load as that merged model too."""
     from jaxalign.checkpoint import load_params
     from jaxalign.models import load as load_model
     from jaxalign.models import lora
 
     out, _, _ = ple_run
     base, _ = load_model(str(tiny_model_dir))
-    exported, _ = load_model(str(out / "model_hf"))
-    adapters = lora.LoraAdapters(base, rank=2, rngs=nnx.Rngs(0))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(adapters))
-    nnx.update(adapters, load_params(out / "round_1" / "lora", abstract))
-    merged = lora.merged_model(base, adapters, lora.lora_scaling(2, 16))
+    exported, _ = load_model(str(out / "round_1" / "model_hf"))
     ids = jnp.asarray([[1, 20, 300, 4000, 5]], jnp.int32)
-    np.testing.assert_allclose(np.asarray(exported(ids)[0]), np.asarray(merged(ids)[0]), atol=1e-5)
+    merged = {}
+    for t in (0, 1):
+        adapters = lora.LoraAdapters(base, rank=2, rngs=nnx.Rngs(0))
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(adapters)
+        )
+        nnx.update(adapters, load_params(out / f"round_{t}" / "lora", abstract))
+        merged[t] = np.asarray(lora.merged_model(base, adapters, lora.lora_scaling(2, 16))(ids)[0])
+    np.testing.assert_allclose(np.asarray(exported(ids)[0]), merged[1], atol=1e-5)
     assert np.abs(np.asarray(exported(ids)[0]) - np.asarray(base(ids)[0])).max() > 0
+    for path, t in ((out, 1), (out / "round_0", 0), (out / "round_0" / "lora", 0)):
+        model, _ = load_model(str(path))
+        np.testing.assert_allclose(np.asarray(model(ids)[0]), merged[t], atol=1e-5, err_msg=path)
+    with pytest.raises(ValueError, match="keeps a round's model in round_K/lora/, not model/"):
+        load_model(str(out / "round_0" / "model"))
+
+
+def test_exported_card_names_ple_and_its_iterations(ple_run):
+    import yaml
+
+    out, _, _ = ple_run
+    card = (out / "round_1" / "model_hf" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "jaxalign" and "ple" in meta["tags"]
+    assert "https://arxiv.org/abs/2408.02599" in card
+    assert "after iteration 1 of a run planned for iterations 0–1" in card
+    assert "| iteration | queries | ranking pairs | weighted-SFT examples | steps |" in card
+    summary = (out / "summary.md").read_text().split("\n", 2)[2].strip()
+    assert summary in card  # the run's table, whole
 
 
 def test_rerun_of_a_finished_run_redoes_nothing(ple_run):
@@ -144,7 +169,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     model included, equals the uninterrupted run's."""
     done, _, config = ple_run
     out = tmp_path / "run"
-    original = getattr(ple, stage)
+    module = stages if stage == "export_stage" else ple
+    original = getattr(module, stage)
     calls = []
 
     def crashing(*args, **kwargs):
@@ -155,7 +181,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
         return result
 
     with monkeypatch.context() as m:
-        m.setattr(ple, stage, crashing)
+        m.setattr(module, stage, crashing)
         with pytest.raises(KeyboardInterrupt):
             ple.run(config(f"run.output_dir={out}"), log=lambda msg: None)
     state_path = out / "state.json"
@@ -167,7 +193,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     assert after.keys() == json.loads((done / "state.json").read_text())["stages"].keys()
     assert _iteration_outputs(out) == _iteration_outputs(done)
     for name in ("model.safetensors", "config.json"):
-        assert (out / "model_hf" / name).read_bytes() == (done / "model_hf" / name).read_bytes()
+        exported = [d / "round_1" / "model_hf" / name for d in (out, done)]
+        assert exported[0].read_bytes() == exported[1].read_bytes()
 
 
 def _lora(out, t, tiny_model_dir):
@@ -217,7 +244,8 @@ def test_train_stage_killed_mid_way_resumes_to_the_same_adapters(
             np.testing.assert_array_equal(a, b)
     assert _iteration_outputs(out) == _iteration_outputs(done)
     for name in ("model.safetensors", "config.json"):
-        assert (out / "model_hf" / name).read_bytes() == (done / "model_hf" / name).read_bytes()
+        exported = [d / "round_1" / "model_hf" / name for d in (out, done)]
+        assert exported[0].read_bytes() == exported[1].read_bytes()
     # The stage's metrics are the whole stage's, as in the uninterrupted run.
     want = json.loads((done / "state.json").read_text())["stages"]
     for t in (0, 1):
@@ -285,7 +313,7 @@ def ple_sft_run(tmp_path_factory, tiny_model_dir, reward_model_dir):
             "ple.reward_range=[0, 2]",
             "ple.sft_weighting=softmax",
             "ple.lora_rank=2",
-            "ple.export_hf=false",
+            "run.export_hf=none",
             f"eval.judge={reward_model_dir}",
             "eval.max_prompts=4",
             "eval.max_new_tokens=8",

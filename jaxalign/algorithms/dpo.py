@@ -12,8 +12,12 @@ with the reference ``π_ref`` the starting model. The algorithm is two steps:
    from checkpoints; the final parameters go to ``<output_dir>/model``.
 
 :func:`train_dpo` runs both; ``jaxalign dpo`` (:mod:`jaxalign.cli.dpo`) reads the
-data and calls it. SPA's seed round is the same computation, run by
-:mod:`jaxalign.algorithms.spa` from the same service modules.
+data and calls it, then :func:`export_model` writes ``<output_dir>/model_hf`` (a Hugging
+Face folder with a model card) and ``summary.json``. The output directory also holds the
+run's ``config.yaml`` (:func:`write_run_config`), so ``jaxalign eval --model <output_dir>``
+and ``jaxalign export <output_dir>`` rebuild the model from the base it names. SPA's seed
+round is the same computation, run by :mod:`jaxalign.algorithms.spa` from the same
+service modules.
 
 On several hosts (``jax.distributed``) every host holds the whole batch list by default
 and feeds its own rows of each. For a large pair file, :func:`read_host_pairs` and
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -35,7 +40,14 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import checkpoint, loop, parallel, training
-from jaxalign.algorithms.rounds import run_path, write_bytes
+from jaxalign.algorithms import stages
+from jaxalign.algorithms.rounds import (
+    CONFIG_FILE,
+    RunPath,
+    atomic_write_text,
+    run_path,
+    write_bytes,
+)
 from jaxalign.data import pairs as pair_data
 from jaxalign.data.records import DataError, ReadReport, kept_record_index, read_record_share
 from jaxalign.models.llama import Transformer
@@ -100,6 +112,35 @@ def train_dpo(
     writer.close()
     checkpoint.save_params(out / "model", result.params)
     return result.params, result.last_metrics
+
+
+def write_run_config(output_dir: str | os.PathLike, config: dict) -> None:
+    """Writes the run's ``config.yaml`` (``run.algorithm: dpo``), which names the model that
+    training starts from: what rebuilds the trained model from ``model/``."""
+    import yaml
+
+    atomic_write_text(run_path(output_dir) / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+
+
+def export_model(
+    output_dir: str | os.PathLike,
+    config: dict,
+    model: Transformer,
+    tokenizer,
+    counts: dict,
+    *,
+    export: bool = True,
+) -> RunPath | None:
+    """The end of a DPO run: ``summary.json`` (the data ``counts``: pairs read, kept,
+    skipped, trained on, steps) and, with ``export``, ``model_hf/``: the trained ``model`` as
+    a Hugging Face folder with a model card. Returns the folder (``None`` without export)."""
+    out = run_path(output_dir)
+    atomic_write_text(out / "summary.json", json.dumps(counts, indent=1))
+    if not export:
+        return None
+    facts = stages.card_facts(config, counts, None, name=out.name)
+    stages.write_hf_folder(out / stages.EXPORT_FOLDER, model, tokenizer, facts)
+    return out / stages.EXPORT_FOLDER
 
 
 def reference_logps(

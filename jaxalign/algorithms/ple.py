@@ -38,8 +38,9 @@ on the adapters, the base model frozen.
 
 Artifacts per iteration ``round_t``: ``candidates.jsonl`` (both responses),
 ``scored.jsonl`` (rewards, gap, route), ``lora/`` (adapter parameters),
-``eval.jsonl``; run-wide ``metrics.jsonl``, ``summary.json``, ``summary.md`` and
-``model_hf/`` (the merged model as a Hugging Face folder).
+``eval.jsonl``, and ``model_hf/`` (the merged model as a Hugging Face folder with a model
+card) for the iterations ``run.export_hf`` selects; run-wide ``metrics.jsonl``,
+``summary.json`` and ``summary.md``.
 """
 
 from __future__ import annotations
@@ -57,20 +58,13 @@ from flax import nnx
 
 from jaxalign import checkpoint, enhancement, judging, loop, training
 from jaxalign.algorithms import stages
-from jaxalign.algorithms.rounds import (
-    RoundRunner,
-    atomic_directory,
-    atomic_write_jsonl,
-    finish_run,
-    read_jsonl,
-)
+from jaxalign.algorithms.rounds import RoundRunner, atomic_write_jsonl, finish_run, read_jsonl
 from jaxalign.algorithms.stages import RunContext, eval_stage
 from jaxalign.config import Config
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import sample_texts
 from jaxalign.models import lora
 from jaxalign.report import PLE_SUMMARY_COLUMNS, format_table
-from jaxalign.weights import export_merged_hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +119,15 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
     for t in range(p.iterations):
         adapters = ple_iteration(ctx, runner, spec, t, adapters, _queries(p, prompts, t), reward)
         evaluate(t, adapters)
-    if p.export_hf:
-        out = runner.run_dir / "model_hf"
-        runner.stage(p.iterations - 1, "export", lambda d: export_stage(ctx, spec, adapters, out))
 
     rows = []
     if cfg.eval.enabled:
         rows = stages.baseline_row(runner, "iteration", "start (SFT)" if p.sft_data else "start")
     rows += [_iteration_row(runner, t) for t in range(p.iterations) if runner.done(t, "train")]
     table = format_table(rows, PLE_SUMMARY_COLUMNS)
+    stages.export_models(
+        ctx, runner, lambda t: spec.merged(ctx, spec.load(runner.result(t, "train")["lora"])), table
+    )
     seconds = time.perf_counter() - start
     summary = finish_run(
         runner, rows, table, title="PLE run summary", rows_key="iterations", seconds=seconds
@@ -448,24 +442,6 @@ def train_adapters(
         log=ctx.log,
     )
     return result.params, result.summary()
-
-
-# ----------------------------------------------------------------------------- the export
-
-
-def export_stage(
-    ctx: RunContext, spec: Adapters, adapters: nnx.State, out_dir: pathlib.Path
-) -> dict:
-    """The final model, base ⊕ adapters, as a Hugging Face folder (``model_hf/``)."""
-    with atomic_directory(out_dir) as tmp:
-        export_merged_hf(
-            ctx.model(ctx.init_params),
-            nnx.merge(spec.graphdef, adapters),
-            spec.scaling,
-            tmp,
-            ctx.tokenizer,
-        )
-    return {"model_hf": str(out_dir)}
 
 
 # ----------------------------------------------------------------------------- the summary

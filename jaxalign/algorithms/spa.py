@@ -21,7 +21,8 @@ at the stage it was in. The work itself is done by the service modules: sampling
 (:mod:`jaxalign.judging`), training (:mod:`jaxalign.loop` with the loss of
 :mod:`jaxalign.refinement`) and checkpoints (:mod:`jaxalign.checkpoint`). Artifacts per round:
 ``candidates.jsonl``, ``pairs.jsonl`` (with margins and ``p``), ``model/``
-(parameters), ``eval.jsonl``; run-wide ``metrics.jsonl``, ``summary.json`` and
+(parameters), ``eval.jsonl``, and ``model_hf/`` (a Hugging Face folder with a model card)
+for the rounds ``run.export_hf`` selects; run-wide ``metrics.jsonl``, ``summary.json`` and
 ``summary.md``.
 
 Multi-process runs (a TPU pod slice, several GPU hosts) run the same stages on
@@ -87,6 +88,9 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
     rows = stages.baseline_row(runner, "round", "SFT") if cfg.eval.enabled else []
     rows += [_round_row(runner, i) for i in range(cfg.spa.rounds + 1) if runner.done(i, "train")]
     table = format_table(rows, SUMMARY_COLUMNS)
+    stages.export_models(
+        ctx, runner, lambda i: _trained_policy(ctx, runner.result(i, "train")), table
+    )
     seconds = time.perf_counter() - start
     summary = finish_run(
         runner, rows, table, title="SPA run summary", rows_key="rounds", seconds=seconds

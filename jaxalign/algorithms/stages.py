@@ -10,12 +10,18 @@ Nothing is handed from stage to stage except through those return values.
   the model: the first lines of every run;
 - :func:`eval_setup` and :func:`eval_stage` are the end-of-round evaluation: greedy
   answers of the current model and of a baseline (by default the starting model),
-  both scored by the gold judge (``eval.judge``), and the win rate.
+  both scored by the gold judge (``eval.judge``), and the win rate;
+- :func:`export_models` and :func:`export_stage` write the rounds ``run.export_hf``
+  selects as Hugging Face folders (``round_K/model_hf``) with a model card
+  (:func:`card_facts`, :mod:`jaxalign.model_card`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import re
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -23,16 +29,25 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxalign import checkpoint, judging, parallel
-from jaxalign.algorithms.rounds import RoundRunner, RunPath, atomic_write_jsonl, read_jsonl
+from jaxalign import checkpoint, judging, model_card, parallel
+from jaxalign.algorithms.rounds import (
+    RoundRunner,
+    RunPath,
+    atomic_directory,
+    atomic_write_jsonl,
+    read_jsonl,
+    write_bytes,
+)
 from jaxalign.config import Config, to_dict
 from jaxalign.data.records import read_prompt_records
 from jaxalign.evaluation import score_answers, win_rate
 from jaxalign.generation import sample_texts
-from jaxalign.loading import load
+from jaxalign.loading import hub_id_of_path, load, provenance
+from jaxalign.models.llama import Transformer
 from jaxalign.report import MetricsWriter
 from jaxalign.reward_judge import load_reward_judge
 from jaxalign.sampling import SamplingConfig
+from jaxalign.weights import export_hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +79,7 @@ def start_run(config: Config, log: Callable[[str], None]) -> tuple[RunContext, R
         log = lambda message: None  # noqa: E731 -- only process 0 logs
     runner = RoundRunner(config.run.output_dir, to_dict(config), log=log)
     mesh = parallel.make_mesh(config.run.mesh.data, config.run.mesh.fsdp, config.run.mesh.tensor)
+    log(parallel.describe_devices(mesh))
     log(f"loading {config.model.name}")
     model, tokenizer = load(
         config.model.name,
@@ -257,3 +273,195 @@ def baseline_row(runner: RoundRunner, key: str, label: str) -> list[dict]:
             "win_rate": 0.5,
         }
     ]
+
+
+# ----------------------------------------------------------------------------- exports
+
+EXPORT_FOLDER = "model_hf"  # a round's model as a Hugging Face folder, with its model card
+_TRAIN_STAGE = re.compile(r"round_(\d+)/train")
+
+
+def finished_rounds(stages: dict) -> list[int]:
+    """The rounds whose train stage a run's ``state.json`` records, in order."""
+    return sorted(int(m.group(1)) for m in map(_TRAIN_STAGE.fullmatch, stages) if m)
+
+
+def rounds_to_export(setting: str, finished: list[int]) -> list[int]:
+    """Which finished rounds ``run.export_hf`` exports: ``last``, ``all`` or ``none``."""
+    return {"last": finished[-1:], "all": list(finished), "none": []}[setting]
+
+
+def _result(stages: dict, key: str) -> dict:
+    return stages.get(key, {}).get("result", {})
+
+
+def data_counts(algorithm: str, results: dict, up_to: int | None) -> tuple[list, list]:
+    """A model card's data table, ``(rows, columns)``: what each round up to ``up_to`` read
+    and trained on, from the stage ``results`` of a run's ``state.json`` (``jaxalign dpo``:
+    the counts of its ``summary.json``)."""
+    if algorithm == "dpo":
+        columns = [
+            ("pairs_read", "pairs read"),
+            ("pairs_kept", "pairs kept"),
+            ("pairs_skipped", "bad records skipped"),
+            ("pairs_trained", "pairs trained on"),
+            ("steps", "steps"),
+        ]
+        return ([results] if results else []), columns
+    rows = []
+    if algorithm == "ple":
+        columns = [
+            ("round", "iteration"),
+            ("prompts", "queries"),
+            ("ranking", "ranking pairs"),
+            ("sft", "weighted-SFT examples"),
+            ("steps", "steps"),
+        ]
+        sft = _result(results, "round_0/sft")
+        if sft:
+            rows.append(
+                {"round": "SFT on D_sft", "sft": sft.get("sft_rows"), "steps": sft.get("steps")}
+            )
+        for i in finished_rounds(results):
+            if up_to is not None and i > up_to:
+                continue
+            train = _result(results, f"round_{i}/train")
+            rows.append(
+                {
+                    "round": i,
+                    "prompts": _result(results, f"round_{i}/sample").get("prompts"),
+                    "ranking": train.get("ranking_pairs"),
+                    "sft": train.get("sft_rows"),
+                    "steps": train.get("steps"),
+                }
+            )
+        return rows, columns
+    columns = [
+        ("round", "round"),
+        ("prompts", "new prompts"),
+        ("kept", "pairs the judge kept"),
+        ("pairs", "pairs trained on"),
+        ("steps", "steps"),
+    ]
+    for i in finished_rounds(results):
+        if up_to is not None and i > up_to:
+            continue
+        train = _result(results, f"round_{i}/train")
+        rows.append(
+            {
+                "round": f"{i} (seed pairs)" if i == 0 else i,
+                "prompts": _result(results, f"round_{i}/sample").get("prompts"),
+                "kept": _result(results, f"round_{i}/judge").get("count/kept"),
+                "pairs": train.get("pairs"),
+                "steps": train.get("steps"),
+            }
+        )
+    return rows, columns
+
+
+def card_facts(
+    config: dict,
+    results: dict,
+    round_index: int | None,
+    *,
+    name: str,
+    summary_table: str | None = None,
+    dtype: str = "float32",
+) -> model_card.CardFacts:
+    """What the model card of round ``round_index`` of a run says, from the run's config (as
+    in its ``config.yaml``) and its stage ``results`` (``state.json``; ``jaxalign dpo``: its
+    ``summary.json``)."""
+    algorithm = config["run"]["algorithm"]
+    base = config["model"]["name"]
+    origin = provenance(base)
+    data = config.get("data", {})
+    sources = {"spa": ("seed_pairs", "prompts"), "ple": ("prompts",), "dpo": ("seed_pairs",)}
+    datasets = [hub_id_of_path(str(data.get(k, ""))) for k in sources.get(algorithm, ())]
+    if algorithm == "ple" and config.get("ple", {}).get("sft_data"):
+        datasets.append(hub_id_of_path(config["ple"]["sft_data"]))
+    planned = None
+    if algorithm == "spa":
+        planned = config.get("spa", {}).get("rounds", 0) + 1
+    elif algorithm == "ple":
+        planned = config.get("ple", {}).get("iterations")
+    rows, columns = data_counts(algorithm, results, round_index)
+    return model_card.CardFacts(
+        algorithm=algorithm,
+        name=name,
+        base_model=base,
+        base_hub_id=origin.hub_id,
+        license=origin.license,
+        round_index=round_index,
+        rounds_finished=None if algorithm == "dpo" else tuple(finished_rounds(results)),
+        rounds_planned=planned,
+        config=config,
+        data_rows=rows,
+        data_columns=columns,
+        summary_table=summary_table,
+        datasets=tuple(dict.fromkeys(d for d in datasets if d)),
+        dtype=dtype,
+    )
+
+
+def write_hf_folder(
+    out: RunPath,
+    model: Transformer,
+    tokenizer,
+    card: model_card.CardFacts,
+    dtype: str | None = None,
+) -> None:
+    """``model`` as a Hugging Face folder at ``out`` with its ``README.md`` model card,
+    all or nothing (:func:`jaxalign.algorithms.rounds.atomic_directory`); on ``gs://`` the
+    folder is made locally, then uploaded. Only process 0 writes."""
+    if not parallel.is_primary_process():
+        return
+    text = model_card.render(card, folder=str(out))
+    if isinstance(out, pathlib.Path):
+        with atomic_directory(out) as tmp:
+            export_hf(model, tmp, tokenizer, dtype=dtype, model_card=text)
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxalign-export-") as local:
+        export_hf(model, local, tokenizer, dtype=dtype, model_card=text)
+        with atomic_directory(out) as target:
+            for file in sorted(pathlib.Path(local).iterdir()):
+                write_bytes(target / file.name, file.read_bytes())
+
+
+def export_stage(
+    ctx: RunContext,
+    round_index: int,
+    params: nnx.State,
+    results: dict,
+    table: str | None,
+    out: RunPath,
+) -> dict:
+    """Round ``round_index``'s model (``params``) as ``round_K/model_hf``, with a model card
+    of the run's config, the stage ``results`` so far and its summary ``table``."""
+    folder = out / EXPORT_FOLDER
+    name = f"{ctx.run_dir.name} round {round_index}"
+    facts = card_facts(to_dict(ctx.config), results, round_index, name=name, summary_table=table)
+    write_hf_folder(folder, ctx.model(params), ctx.tokenizer, facts)
+    return {"model_hf": str(folder)}
+
+
+def export_models(
+    ctx: RunContext,
+    runner: RoundRunner,
+    params_of: Callable[[int], nnx.State],
+    table: str | None = None,
+) -> list[str]:
+    """Exports the finished rounds that ``run.export_hf`` selects (``last``: the final one;
+    ``all``; ``none``), each a resumable ``export`` stage of its round; ``params_of(K)`` gives
+    round ``K``'s parameters, ``table`` the run's summary table for the cards. Returns the
+    folders."""
+    rounds = rounds_to_export(ctx.config.run.export_hf, finished_rounds(runner.state["stages"]))
+    folders = []
+    for k in rounds:
+        result = runner.stage(
+            k,
+            "export",
+            lambda d, k=k: export_stage(ctx, k, params_of(k), runner.state["stages"], table, d),
+        )
+        folders.append(result["model_hf"])
+        ctx.log(f"round {k}'s model: {result['model_hf']} (a Hugging Face folder, README.md card)")
+    return folders

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMANDS = {
@@ -18,6 +19,10 @@ COMMANDS = {
     "data": ("jaxalign.cli.data", "inspect and convert datasets"),
     "eval": ("jaxalign.cli.eval", "win rate, lengths and KL of a model against a baseline"),
     "report": ("jaxalign.cli.report", "HTML/Markdown report with plots of a run directory"),
+    "export": (
+        "jaxalign.cli.export",
+        "a run's model as a Hugging Face folder with a model card",
+    ),
 }
 
 
@@ -30,6 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text)
     return parser
+
+
+def configure_logging() -> None:
+    """What a command prints besides its own lines: jaxalign's INFO messages (a model
+    converted once, ...) and every library's warnings and errors, without JAX's
+    backend-probe messages (:func:`jaxalign.parallel.quiet_backend_probes`)."""
+    from jaxalign import parallel
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("jaxalign").setLevel(logging.INFO)
+    parallel.quiet_backend_probes()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             args = sub_parser.parse_args(argv[1:])
         except SystemExit as e:  # a usage error (2) or --help (0), already printed
             return int(e.code or 0)
+        configure_logging()
         return int(module.main(args) or 0)
     parser.parse_args(argv)  # prints help or a usage error
     return 2

@@ -10,7 +10,10 @@ Metrics go to ``<output_dir>/metrics.jsonl`` (and TensorBoard when
 ``--save-every`` steps. Rerunning the same command resumes from the latest
 checkpoint; the batch order of every epoch is a function of the seed, so a
 resumed run sees the same batches as an uninterrupted one. The final
-parameters are written to ``<output_dir>/model`` (``checkpoint.load_params``).
+parameters are written to ``<output_dir>/model`` (``checkpoint.load_params``), and
+the model as a Hugging Face folder with a model card to ``<output_dir>/model_hf``
+(unless ``run.export_hf=none``); ``<output_dir>/config.yaml`` records the run, so
+``jaxalign eval --model <output_dir>`` takes the trained model.
 
 With several processes (``jax.distributed``) each host reads and tokenises only its
 share of the pair file (``algorithms.dpo.read_host_pairs``/``host_pair_batches``) and
@@ -21,12 +24,20 @@ computes the reference log-probs of its own rows only, cached per process in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import jax
+from flax import nnx
 
 from jaxalign import parallel
-from jaxalign.algorithms.dpo import host_pair_batches, read_host_pairs, train_dpo
+from jaxalign.algorithms.dpo import (
+    export_model,
+    host_pair_batches,
+    read_host_pairs,
+    train_dpo,
+    write_run_config,
+)
 from jaxalign.algorithms.rounds import run_path
 from jaxalign.cli import flags
 from jaxalign.data.pairs import pair_batches
@@ -56,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from jaxalign.algorithms.rounds import require_file_system
-    from jaxalign.config import ConfigError, load_config
+    from jaxalign.config import ConfigError, load_config, to_dict
     from jaxalign.data.records import DataError, read_preference_records
     from jaxalign.loading import load
 
@@ -75,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
         log = lambda msg: None
     m = config.run.mesh
     mesh = parallel.make_mesh(m.data, m.fsdp, m.tensor)
+    log(parallel.describe_devices(mesh))
     if config.train.batch_size % parallel.batch_divisor(mesh):
         log(
             f"jaxalign dpo: train.batch_size={config.train.batch_size} is not a multiple of the "
@@ -110,7 +122,17 @@ def main(args: argparse.Namespace) -> int:
         log("jaxalign dpo: no usable preference pairs")
         return 2
     output_dir = run_path(args.output_dir or config.run.output_dir)
-    _, last = train_dpo(
+    # The run as it ran: its data and folder, whatever the flags overrode.
+    run_config = to_dict(
+        dataclasses.replace(
+            config,
+            run=dataclasses.replace(config.run, algorithm="dpo", output_dir=str(output_dir)),
+            data=dataclasses.replace(config.data, seed_pairs=str(path)),
+        )
+    )
+    write_run_config(output_dir, run_config)
+    graphdef = nnx.graphdef(model)
+    params, last = train_dpo(
         model,
         batches,
         config.train,
@@ -122,6 +144,23 @@ def main(args: argparse.Namespace) -> int:
         log=log,
         host_local=host_local,
     )
+    counts = {
+        "pairs_read": read_report.read,
+        "pairs_kept": read_report.kept,
+        "pairs_skipped": read_report.skipped,
+        "pairs_trained": pair_report.kept,
+        "steps": len(batches) * config.train.epochs,
+    }
+    folder = export_model(
+        output_dir,
+        run_config,
+        nnx.merge(graphdef, params),
+        tokenizer,
+        counts | {"final": last},
+        export=config.run.export_hf != "none",
+    )
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith(("train/", "rew")))
     log(f"done: {output_dir / 'model'} ({summary})")
+    if folder is not None:
+        log(f"model: {folder} (a Hugging Face folder, README.md card)")
     return 0

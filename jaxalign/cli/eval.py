@@ -1,7 +1,11 @@
 """``jaxalign eval``: a model against a baseline on a prompt file.
 
-    jaxalign eval --model runs/spa/round_3/model_hf --baseline smollm2-135m-instruct \\
+    jaxalign eval --model runs/spa_demo --baseline smollm2-135m-instruct \\
         --prompts demo --judge demo-checker --out eval_out
+
+``--model`` and ``--baseline`` take what :func:`jaxalign.loading.load` takes: a registered
+name, a Hugging Face folder (e.g. ``runs/spa_demo/round_2/model_hf``), a ``.gguf`` file,
+or a run (``runs/spa_demo``: its last round that finished training; ``runs/spa_demo/round_1``).
 
 Both models answer every prompt (greedy by default, or ``--temperature T``); a
 gold judge scores the answers and the win rate of the model over the baseline
@@ -29,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import pathlib
 import sys
 
@@ -39,8 +42,15 @@ from jaxalign.cli import flags
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jaxalign.models.llama import DTYPE_NAMES
 
-    parser.add_argument("--model", required=True, help="model A: registered name, HF folder, .gguf")
-    parser.add_argument("--baseline", required=True, help="model B, the reference (e.g. the SFT)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model A: registered name, HF folder, .gguf, or a run (RUN_DIR: its last round; "
+        "RUN_DIR/round_K)",
+    )
+    parser.add_argument(
+        "--baseline", required=True, help="model B, the reference (e.g. the SFT); same forms"
+    )
     parser.add_argument(
         "--prompts", required=True, help="JSONL of {id?, prompt, answer?} ('demo': demo eval set)"
     )
@@ -320,7 +330,6 @@ def format_summary(summary: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from jaxalign.data.records import DataError
 
     if args.export and not args.out:  # a usage error: refused like a bad flag, nothing run

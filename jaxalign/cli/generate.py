@@ -12,7 +12,6 @@ skips the prompts already written.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from jaxalign.cli import flags
@@ -25,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="smollm2-135m-instruct",
-        help="registered name, Hugging Face folder or .gguf file (default: %(default)s)",
+        help="registered name, Hugging Face folder, .gguf file, or a run (RUN_DIR: its last "
+        "round; RUN_DIR/round_K) (default: %(default)s)",
     )
     parser.add_argument("--prompts", required=True, help="input JSONL with a 'prompt' per line")
     parser.add_argument("--out", required=True, help="output JSONL (appended; resumable)")
@@ -70,7 +70,6 @@ def _defaults():
 
 
 def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     from jaxalign.data.records import DataError
     from jaxalign.generation import GenerationStats, generate_file
     from jaxalign.loading import load
