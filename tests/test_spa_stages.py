@@ -274,3 +274,31 @@ def test_the_samplers_log_probs_are_the_forward_passes(run):
         np.asarray(both), np.asarray(plain), atol=1e-4 * ctx.config.train.beta
     )
     assert np.abs(np.asarray(plain)).max() < 1e-4  # π_init judged against itself
+
+
+def test_each_round_extrapolates_with_its_own_lambda(run, tmp_path, monkeypatch):
+    """Round i's self-refinement uses λ_i of the paper's schedule (1/2, 1/4, 1/8; the last
+    repeats): the λ handed to the loss of rounds 1-4 is read off the loss builder."""
+    from jaxalign import loop, refinement
+
+    ctx, _, candidates = run
+    pairs, _ = spa.judge_candidates(ctx, _perturbed(ctx.init_params, seed=5), candidates)
+    seen = []
+    build = refinement.spa_loss_fn
+
+    class Built(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["lam"])
+        return build(*args, **kwargs)
+
+    def stop(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(refinement, "spa_loss_fn", spy)
+    monkeypatch.setattr(loop, "train", stop)
+    for i in (1, 2, 3, 4):
+        with pytest.raises(Built):
+            spa.train_stage(ctx, i, ctx.init_params, pairs, tmp_path / f"round_{i}")
+    assert seen == [0.5, 0.25, 0.125, 0.125]
