@@ -354,6 +354,9 @@ class RunConfig:
     # (round_K/model_hf) when the run finishes: "last" (the final round), "all" or "none".
     # `jaxalign export` writes any finished round later.
     export_hf: str = "last"
+    # JAX's persistent compilation cache (xla/ under the jaxalign cache): a rerun or a
+    # resumed run loads its compiled programs instead of compiling them again.
+    compile_cache: bool = True
     mesh: MeshConfig = MeshConfig()
 
     def __post_init__(self):
@@ -368,6 +371,7 @@ class RunConfig:
                 "generate_batch_size": POSITIVE_INT,
                 "checkpoint_every": NON_NEGATIVE_INT,  # 0: no mid-stage checkpoints
                 "export_hf": one_of("last", "all", "none"),
+                "compile_cache": BOOLEAN,
                 "mesh": Rule(lambda v: isinstance(v, MeshConfig), "a mapping of mesh sizes"),
             },
         )

@@ -221,6 +221,7 @@ BETWEEN_GROUPS = {
 # apply to them.
 TYPE_ONLY = {
     "run.progress",  # a boolean switch
+    "run.compile_cache",
     "data.use_chat_template",
     "sampling.greedy",
     "sampling.return_logprobs",

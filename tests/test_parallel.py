@@ -392,3 +392,33 @@ def test_the_command_line_prints_no_backend_probe(tmp_path, tiny_model_dir):
     assert "wrote 1 prompts" in done.stdout
     for noise in ("Unable to initialize backend", "may be present on this machine"):
         assert noise not in done.stdout + done.stderr
+
+
+def test_the_compile_cache_stores_programs_and_can_be_turned_off(tmp_path, monkeypatch):
+    """A compiled program lands in the cache directory; with
+    JAXALIGN_COMPILE_CACHE=0 nothing is configured. Run in a fresh interpreter, since the
+    cache is process-wide."""
+    import os
+    import subprocess
+    import sys
+
+    program = (
+        "import jax, jax.numpy as jnp\n"
+        "from jaxalign import parallel\n"
+        "print(parallel.use_compile_cache(min_compile_seconds=0))\n"
+        "def f(x):\n"
+        "    return jnp.tanh(x @ x.T + 1.0)\n"
+        "jax.jit(f)(jnp.ones((32, 32))).block_until_ready()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAXALIGN_COMPILE_CACHE"}
+    env["JAXALIGN_CACHE"] = str(tmp_path / "cache")
+    out = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == str(tmp_path / "cache" / "xla")
+    assert any(p.name.startswith("jit_f") for p in (tmp_path / "cache" / "xla").iterdir())
+    env["JAXALIGN_COMPILE_CACHE"] = "0"
+    out = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == "None"

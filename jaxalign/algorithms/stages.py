@@ -77,6 +77,8 @@ def start_run(config: Config, log: Callable[[str], None]) -> tuple[RunContext, R
     primary = parallel.is_primary_process()
     if not primary:
         log = lambda message: None  # noqa: E731 -- only process 0 logs
+    if config.run.compile_cache:
+        parallel.use_compile_cache()
     runner = RoundRunner(config.run.output_dir, to_dict(config), log=log)
     mesh = parallel.make_mesh(config.run.mesh.data, config.run.mesh.fsdp, config.run.mesh.tensor)
     log(parallel.describe_devices(mesh))

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # a usage error (2) or --help (0), already printed
             return int(e.code or 0)
         configure_logging()
+        if argv[0] != "run":  # a run's config decides (run.compile_cache)
+            from jaxalign import parallel
+
+            parallel.use_compile_cache()
         return int(module.main(args) or 0)
     parser.parse_args(argv)  # prints help or a usage error
     return 2
