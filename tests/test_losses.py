@@ -134,3 +134,59 @@ def test_weight_zero_pair_has_exactly_zero_gradient(pairs, name):
         assert float(g[3]) == 0.0
         assert np.all(np.isfinite(np.asarray(g)))
         assert np.any(np.asarray(g) != 0.0)
+
+
+def test_ranking_metrics_and_length_clamp_by_hand(pairs):
+    """Every metric the ranking loss reports, by hand; a 0-token and a 1-token response in
+    pairs that count (an empty response scores 0, a 1-token one its log-prob)."""
+    nc = np.array([1, 20, 5, 7, 3, 30.0])
+    nr = np.array([12, 0, 5, 2, 4, 1.0])
+    w = np.array([1.0, 0.5, 2.0, 0.3, 1.5, 0.25])
+    sc, sr = pairs["pc"] / np.maximum(nc, 1), pairs["pr"] / np.maximum(nr, 1)
+    d = sc - sr
+    f = lambda x: jnp.asarray(x, jnp.float32)
+    loss, aux = losses.ranking_loss(
+        f(pairs["pc"]), f(pairs["pr"]), f(nc), f(nr), f(w), f(pairs["a"])
+    )
+    a = pairs["a"]  # the default margin is RRHF's 0
+    np.testing.assert_allclose(
+        loss, _wmean((1 - a) * np.maximum(0, -d) + a * np.maximum(0, d), w), rtol=1e-5
+    )
+    expected = {
+        "ranking/chosen_score": _wmean(sc, w),
+        "ranking/rejected_score": _wmean(sr, w),
+        "ranking/margin": _wmean(d, w),
+        "ranking/accuracy": _wmean((d > 0).astype(float), w),
+        "logps/chosen": _wmean(pairs["pc"], w),
+        "logps/rejected": _wmean(pairs["pr"], w),
+    }
+    assert set(aux) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(aux[name], value, rtol=1e-5, err_msg=name)
+        assert aux[name].dtype == jnp.float32
+
+
+def test_weighted_sft_metrics_and_length_clamp_by_hand():
+    logps = np.array([-30.0, -2.0, 0.0, -7.0])
+    n = np.array([10.0, 1.0, 0.0, 7.0])  # a 1-token and an empty response, both weighted
+    w = np.array([0.9, 0.4, 0.2, 0.5])
+    loss, aux = losses.weighted_sft_loss(jnp.asarray(logps), jnp.asarray(n), jnp.asarray(w))
+    nll = -logps / np.maximum(n, 1)
+    np.testing.assert_allclose(loss, np.sum(w * nll) / np.sum(w), rtol=1e-6)
+    expected = {
+        "sft/nll": np.sum(w * nll) / np.sum(w),
+        "sft/logps": np.sum(w * logps) / np.sum(w),
+        "sft/weight_sum": np.sum(w),
+    }
+    assert set(aux) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(aux[name], value, rtol=1e-6, err_msg=name)
+        assert aux[name].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "robust"])
+def test_default_beta_is_the_papers(pairs, name):
+    """β defaults to 0.1 (DPO's and SPA's setting): a call without it equals β = 0.1."""
+    fn = losses.PREFERENCE_LOSSES[name]
+    args = _args(pairs)
+    np.testing.assert_allclose(fn(*args)[0], fn(*args, beta=0.1)[0], rtol=1e-6)

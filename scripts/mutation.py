@@ -1,0 +1,209 @@
+"""Mutation testing of the numerical core and the judges, module by module, with mutmut.
+
+    pip install -e ".[test]"                       # brings mutmut
+    python scripts/mutation.py                     # every module below (about an hour, 2 cores)
+    python scripts/mutation.py losses judging      # some of them
+    python scripts/mutation.py --list              # the modules and the tests each runs
+
+For each module, mutmut mutates a copy of the package (operators, constants, defaults,
+strings, returned values ...) and runs, for every mutant, the tests of the module's test
+files that reach the mutated function. A mutant is *killed* when a test fails (or runs out
+of its CPU-time budget, counted apart as ``timeout``), *survived* when every test passes.
+Each survivor is listed with its diff, unless ``tests/mutation_equivalents.txt`` names it as
+equivalent (the same behaviour written differently) with a reason. Writes
+``OUT/mutation.json`` and ``OUT/mutation.md`` (default ``runs/mutation``); exits 1 when a
+non-equivalent mutant survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# module -> the test files whose tests may kill its mutants (fast, independent references)
+MODULES: dict[str, tuple[str, list[str]]] = {
+    "losses": ("jaxalign/losses.py", ["tests/test_losses.py"]),
+    "judging": ("jaxalign/judging.py", ["tests/test_judging.py"]),
+    "refinement": ("jaxalign/refinement.py", ["tests/test_refinement.py"]),
+    "enhancement": ("jaxalign/enhancement.py", ["tests/test_enhancement.py"]),
+    "pairs": ("jaxalign/data/pairs.py", ["tests/test_data_pairs.py"]),
+    "rounds": ("jaxalign/algorithms/rounds.py", ["tests/test_rounds.py"]),
+}
+EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.txt"
+
+# mutmut's exit codes of a mutant's test run (mutmut.stats)
+KILLED = {1, 3}
+TIMEOUT = {24, -24, 152, 255, 36}
+SURVIVED = {0}
+NO_TESTS = {5, 33}
+
+
+def equivalents() -> dict[str, str]:
+    """``name  reason`` lines of tests/mutation_equivalents.txt (``#`` starts a comment)."""
+    out = {}
+    if EQUIVALENTS.exists():
+        for line in EQUIVALENTS.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                name, _, reason = line.partition(" ")
+                out[name] = reason.strip()
+    return out
+
+
+def _tracked_files() -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "jaxalign", "tests", "pyproject.toml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return listed.stdout.split()
+
+
+def run_module(name: str, jobs: int, log) -> dict:
+    """Mutates one module in a scratch copy of the repository; returns its counts and survivors."""
+    source, tests = MODULES[name]
+    with tempfile.TemporaryDirectory(prefix=f"mutation_{name}_") as scratch:
+        work = pathlib.Path(scratch)
+        for rel in _tracked_files():
+            target = work / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, target)
+        with (work / "pyproject.toml").open("a") as f:
+            f.write(
+                "\n[tool.mutmut]\n"
+                f"source_paths = [{json.dumps(source)}]\n"
+                f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+                'also_copy = ["jaxalign", "tests"]\n'
+            )
+        start = time.time()
+        log(f"{name}: mutating {source}; tests {', '.join(tests)}")
+        env = {**os.environ, "JAXALIGN_COMPILE_CACHE": "0"}
+        result = subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
+            cwd=work,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        meta = work / "mutants" / f"{source}.meta"
+        if not meta.exists():
+            raise SystemExit(
+                f"{name}: mutmut wrote no results (exit {result.returncode}):\n"
+                f"{result.stderr[-2000:]}"
+            )
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        known = equivalents()
+        survivors, equivalent = [], []
+        for key, code in sorted(codes.items()):
+            if code in SURVIVED:
+                if key in known:
+                    equivalent.append({"mutant": key, "reason": known[key]})
+                else:
+                    diff = subprocess.run(
+                        [sys.executable, "-m", "mutmut", "show", key],
+                        cwd=work,
+                        capture_output=True,
+                        text=True,
+                    ).stdout
+                    lines = [
+                        ln
+                        for ln in diff.splitlines()
+                        if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
+                    ]
+                    survivors.append({"mutant": key, "diff": lines})
+        counts = {
+            "mutants": len(codes),
+            "killed": sum(c in KILLED for c in codes.values()),
+            "timeout": sum(c in TIMEOUT for c in codes.values()),
+            "survived": len(survivors),
+            "equivalent": len(equivalent),
+            "no_tests": sum(c in NO_TESTS for c in codes.values()),
+            "not_checked": sum(c is None for c in codes.values()),
+        }
+        counts["other"] = counts["mutants"] - sum(v for k, v in counts.items() if k != "mutants")
+        detected = counts["killed"] + counts["timeout"]
+        counts["score"] = detected / max(counts["mutants"] - counts["equivalent"], 1)
+        log(f"{name}: {json.dumps(counts)} in {time.time() - start:.0f} s")
+        return {
+            "module": source,
+            "tests": tests,
+            **counts,
+            "seconds": round(time.time() - start),
+            "survivors": survivors,
+            "equivalents": equivalent,
+        }
+
+
+def markdown(results: list[dict]) -> str:
+    rows = [
+        "| module | mutants | killed | timeout | equivalent | survived | no tests | score |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows.append(
+            f"| `{r['module']}` | {r['mutants']} | {r['killed']} | {r['timeout']} | "
+            f"{r['equivalent']} | {r['survived']} | {r['no_tests']} | {r['score']:.1%} |"
+        )
+    for r in results:
+        for s in r["survivors"]:
+            rows.append(f"\n`{s['mutant']}` survived:\n```diff\n" + "\n".join(s["diff"]) + "\n```")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"some of: {', '.join(MODULES)}")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("--out", default="runs/mutation", help="where the report goes")
+    parser.add_argument("--list", action="store_true", help="show the modules and their tests")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (source, tests) in MODULES.items():
+            print(f"{name:12} {source:34} {' '.join(tests)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; choose from {', '.join(MODULES)}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if shutil.which("mutmut") is None and not _has_mutmut():
+        raise SystemExit('mutmut is not installed: pip install -e ".[test]"')
+
+    def log(message):
+        print(f"[mutation {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    results = [run_module(m, args.jobs, log) for m in (args.modules or list(MODULES))]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mutation.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "mutation.md").write_text(markdown(results))
+    print(
+        json.dumps(
+            [{k: v for k, v in r.items() if k not in ("survivors", "equivalents")} for r in results]
+        )
+    )
+    return 1 if any(r["survived"] for r in results) else 0
+
+
+def _has_mutmut() -> bool:
+    try:
+        import mutmut  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())
