@@ -61,7 +61,7 @@ def equivalents() -> dict[str, str]:
 
 def _tracked_files() -> list[str]:
     listed = subprocess.run(
-        ["git", "ls-files", "jaxalign", "tests", "pyproject.toml"],
+        ["git", "ls-files", "jaxalign", "tests", "configs", "pyproject.toml"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -78,7 +78,7 @@ def run_module(name: str, jobs: int, log) -> dict:
         for rel in _tracked_files():
             target = work / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, target)
+            shutil.copy2(ROOT / rel, target, follow_symlinks=False)  # jaxalign/configs
         with (work / "pyproject.toml").open("a") as f:
             f.write(
                 "\n[tool.mutmut]\n"
