@@ -184,11 +184,13 @@ def main(argv=None) -> int:
     def log(message):
         print(f"[mutation {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    results = [run_module(m, args.jobs, log) for m in (args.modules or list(MODULES))]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mutation.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "mutation.md").write_text(markdown(results))
+    results = []
+    for module in args.modules or list(MODULES):
+        results.append(run_module(module, args.jobs, log))
+        (out / "mutation.json").write_text(json.dumps(results, indent=1) + "\n")  # as it goes
+        (out / "mutation.md").write_text(markdown(results))
     print(
         json.dumps(
             [{k: v for k, v in r.items() if k not in ("survivors", "equivalents")} for r in results]
