@@ -463,20 +463,23 @@ def prepare_data(data: Path, model: Path | None = None) -> dict[str, Path]:
     return paths
 
 
-# The sizes of tests/test_spa.py's and tests/test_ple.py's runs, on one device.
-SMALL_RUN = [
+# The sizes of tests/test_spa.py's and tests/test_ple.py's runs, on one device, in batches
+# of 2 pairs (twice their steps: more moments fall inside a train stage).
+SMALL_TRAINING = [
     "data.max_response_tokens=16",
-    "sampling.max_new_tokens=16",
     "train.batch_size=2",
     "train.learning_rate=1e-3",
     "train.logp_chunk_size=32",
-    "eval.max_prompts=4",
-    "eval.max_new_tokens=16",
-    "run.generate_batch_size=4",
     "run.progress=false",
     "run.mesh.data=1",
     "run.mesh.fsdp=1",
     "run.mesh.tensor=1",
+]
+SMALL_ROUNDS = [  # sampling and evaluation in SPA's and PLE's rounds
+    "sampling.max_new_tokens=16",
+    "eval.max_prompts=4",
+    "eval.max_new_tokens=16",
+    "run.generate_batch_size=4",
 ]
 
 
@@ -513,7 +516,7 @@ def scenario_command(
         return [
             "jaxalign", "dpo", "--pairs", str(p["seed_pairs"]), "--output-dir", "{out}",
             "--save-every", "2", f"model.name={p['model']}", "data.max_prompt_tokens=48",
-            "train.epochs=2", *SMALL_RUN, *overrides,
+            "train.epochs=2", *SMALL_TRAINING, *overrides,
         ]  # fmt: skip
     inputs = [
         f"model.name={p['model']}",
@@ -542,7 +545,9 @@ def scenario_command(
         ]
     else:
         raise ValueError(f"no scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
-    config = _write_config(data / f"{name}.yaml", [*run_overrides, *SMALL_RUN, *overrides])
+    config = _write_config(
+        data / f"{name}.yaml", [*run_overrides, *SMALL_TRAINING, *SMALL_ROUNDS, *overrides]
+    )
     return ["jaxalign", "run", "--config", str(config), "run.output_dir={out}"]
 
 
