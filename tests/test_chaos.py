@@ -73,3 +73,42 @@ def test_spa_killed_inside_a_train_stage_resumes_to_the_same_run(chaos, tmp_path
     ):
         assert artifacts[name] == "identical", name
     assert report["pass"], {k: v for k, v in artifacts.items() if v != "identical"}
+
+
+def test_comparison_ignores_wall_times_and_relogged_steps_and_nothing_else(chaos, tmp_path):
+    """What may differ between the runs (stage seconds, the steps a resumed stage logs again,
+    the run folder's own path) does not count; a changed line or array does."""
+    import json
+
+    import numpy as np
+
+    from jaxalign import checkpoint
+
+    def write_run(out, seconds, metrics, weight):
+        out.mkdir(parents=True)
+        stages = {"round_0/train": {"result": {"model": str(out / "model")}, "seconds": seconds}}
+        (out / "state.json").write_text(json.dumps({"stages": stages}))
+        (out / "pairs.jsonl").write_text('{"id": 1, "margin": 0.5}\n')
+        rows = [{"tag": "train", "step": s, "loss": loss} for s, loss in metrics]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        checkpoint.save_params(out / "model", {"w": np.full((2, 3), weight, np.float32)})
+
+    reference, killed = tmp_path / "reference" / "out", tmp_path / "killed" / "out"
+    write_run(reference, 1.5, [(1, 0.7), (2, 0.6)], 1.0)
+    write_run(killed, 9.25, [(1, 0.7), (2, 0.9), (2, 0.6)], 1.0)  # step 2 logged again
+    results, debris = chaos.compare_outputs(reference, killed)
+    assert results == dict.fromkeys(
+        ["metrics.jsonl", "model", "pairs.jsonl", "state.json"], "identical"
+    )
+    assert debris == []
+
+    (killed / "pairs.jsonl").write_text('{"id": 1, "margin": 0.25}\n')
+    (killed / ".state.json.x1.tmp").write_text("{")  # a kill before the rename
+    checkpoint.save_params(killed / "model", {"w": np.full((2, 3), 2.0, np.float32)})
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"tag": "train", "step": 2, "loss": 0.5}) + "\n")
+    results, debris = chaos.compare_outputs(reference, killed)
+    assert results["pairs.jsonl"] == "differs: content"
+    assert results["model"] == "differs: arrays [\"['w']\"]"
+    assert results["metrics.jsonl"] == "differs: rows [('train', 2)]"
+    assert results["state.json"] == "identical" and debris == [".state.json.x1.tmp"]
