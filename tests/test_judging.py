@@ -148,3 +148,102 @@ def test_unknown_rule_judge():
 def test_length_normalised_implicit_reward_by_hand():
     r = judging.implicit_reward(np.array([-10.0, -12.0]), np.array([-14.0, -11.0]), 0.5, [4, 2])
     np.testing.assert_allclose(r, [0.5 * 4 / 4, 0.5 * -1 / 2])
+
+
+def test_every_field_of_a_judged_pair():
+    """make_pairs' pair, field by field: the prompt, both texts, rewards, margin, p, EOS
+    flags, the rule and which candidates were picked."""
+    cands = [Candidate("mid"), Candidate("best", finished=False), Candidate("worst")]
+    (pair,), counts = judging.make_pairs(["q1"], [{"text": "Q?"}], [cands], [[0.2, 0.9, -0.4]])
+    assert pair == judging.JudgedPair(
+        id="q1",
+        prompt={"text": "Q?"},
+        chosen="best",
+        rejected="worst",
+        reward_chosen=0.9,
+        reward_rejected=-0.4,
+        margin=pytest.approx(1.3),
+        p=pytest.approx(1 / (1 + math.exp(-1.3))),
+        chosen_eos=False,
+        rejected_eos=True,
+        rule=None,
+        chosen_index=1,
+        rejected_index=2,
+    )
+    labelled = judging.label_pair("q2", "P", cands[0], cands[2], 0.2, -0.4)
+    assert (labelled.id, labelled.prompt, labelled.reward_chosen, labelled.reward_rejected) == (
+        "q2",
+        "P",
+        0.2,
+        -0.4,
+    )
+    assert (labelled.chosen_index, labelled.rejected_index) == (None, None)
+
+
+def test_rule_decided_pairs_are_all_counted():
+    cands = [[Candidate("a"), Candidate("b", finished=False)]] * 3
+    pairs, counts = judging.make_pairs(
+        ["x", "y", "z"], ["q"] * 3, cands, [[0.0, 1.0]] * 3, truncated_policy="reject"
+    )
+    assert len(pairs) == 3 and counts.by_rule == 3
+    assert all((p.chosen_index, p.rejected_index, p.p) == (0, 1, 1.0) for p in pairs)
+
+
+def test_bad_inputs_are_clear_errors():
+    one = [Candidate("a")]
+    with pytest.raises(ValueError, match="prompt a: need 2 candidates to form a pair, got 1"):
+        judging.make_pairs(["a"], ["q"], [one], [[0.0]])
+    with pytest.raises(ValueError):  # more ids than candidate lists
+        judging.make_pairs(["a", "b"], ["q", "q"], [[Candidate("x"), Candidate("y")]], [[0, 1]])
+    with pytest.raises(ValueError, match="2 candidates but 3 rewards"):
+        judging.select_pair([Candidate("x"), Candidate("y")], [0.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 1.5"):
+        judging.most_confident([], 1.5)
+    with pytest.raises(
+        ValueError,
+        match="unknown judge 'nope'; registered rule judges: demo-checker, instruction-checker",
+    ):
+        judging.get_rule_judge("nope")
+
+
+def test_select_pair_defaults_to_keep_and_breaks_ties_by_position():
+    cands = _cands("a", "b~", "c", "d")
+    rewards = [0.5, 0.9, 0.5, 0.1]
+    assert judging.select_pair(cands, rewards) == judging.select_pair(cands, rewards, "keep")
+    assert judging.select_pair(cands, rewards) == (1, 3, None)
+    # equal best rewards among finished responses: the earlier one is chosen
+    assert judging.select_pair(cands, rewards, "reject") == (0, 1, "finished_over_truncated")
+    assert judging.select_pair(_cands("a", "b", "c"), [0.7, 0.7, 0.1]) == (0, 2, None)
+
+
+def test_one_token_responses_are_divided_by_one():
+    r = judging.implicit_reward(
+        np.array([-3.0, -5.0, -2.0]), np.array([-4.0, -4.0, -2.0]), 0.5, num_tokens=[1, 2, 0]
+    )
+    np.testing.assert_allclose(r, [0.5, -0.25, 0.0])
+
+
+def test_gold_agreement_without_separated_pairs_is_nan_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agreement, n = judging.gold_agreement(np.array([1.0, 2.0]), np.array([1.0, 2.0]))
+    assert math.isnan(agreement) and n == 0
+
+
+def test_answer_checker_edges():
+    judge = judging.AnswerChecker(max_words=3)
+    records = [{"id": "r", "answer": "Paris"}]
+    assert judge.concise("one two three") and not judge.concise("one two three four")
+    assert not judge.concise("") and not judge.concise("...")  # no words is not an answer
+    assert judge.concise("one") and not judge.concise("one", finished=False)
+    scores = judge([""], ["It is in Paris."], records)
+    assert scores.dtype == np.float32 and scores.tolist() == [1.0]  # correct, not concise
+    assert judge([""], ["Paris"], [{"id": "r", "answer": ["Lyon", "Paris"]}]).tolist() == [2.0]
+    with pytest.raises(ValueError, match="AnswerChecker needs the prompt records"):
+        judge([""], ["Paris"])
+    with pytest.raises(ValueError, match=r"record 0 \(id 'r'\) has no 'answer' field"):
+        judge([""], ["Paris"], [{"id": "r"}])
+    with pytest.raises(ValueError):  # one record for two responses
+        judge(["", ""], ["Paris", "Paris"], records)

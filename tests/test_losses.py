@@ -184,9 +184,29 @@ def test_weighted_sft_metrics_and_length_clamp_by_hand():
         assert aux[name].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", ["sigmoid", "ipo", "robust"])
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "robust", "hinge"])
 def test_default_beta_is_the_papers(pairs, name):
     """β defaults to 0.1 (DPO's and SPA's setting): a call without it equals β = 0.1."""
     fn = losses.PREFERENCE_LOSSES[name]
     args = _args(pairs)
     np.testing.assert_allclose(fn(*args)[0], fn(*args, beta=0.1)[0], rtol=1e-6)
+
+
+def test_preference_metrics_by_hand(pairs):
+    """The metrics every preference loss reports, against numpy."""
+    loss, aux = losses.dpo_sigmoid_loss(*_args(pairs), beta=BETA)
+    w = pairs["w"]
+    rc, rr = BETA * (pairs["pc"] - pairs["rc"]), BETA * (pairs["pr"] - pairs["rr"])
+    expected = {
+        "rewards/chosen": _wmean(rc, w),
+        "rewards/rejected": _wmean(rr, w),
+        "rewards/margin": _wmean(rc - rr, w),
+        "rewards/accuracy": _wmean((rc > rr).astype(float), w),
+        "logps/chosen": _wmean(pairs["pc"], w),
+        "logps/rejected": _wmean(pairs["pr"], w),
+        "logps/ref_chosen": _wmean(pairs["rc"], w),
+        "logps/ref_rejected": _wmean(pairs["rr"], w),
+    }
+    assert set(expected) <= set(aux)
+    for name, value in expected.items():
+        np.testing.assert_allclose(aux[name], value, rtol=1e-4, err_msg=name)
