@@ -89,6 +89,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("JAXALIGN_CACHE") or Path.home() / ".cache" / "jaxalign")
 
 
+def compile_cache_dir() -> Path:
+    """Where runs keep JAX's compiled programs: ``xla/`` under :func:`default_cache_dir`."""
+    return default_cache_dir() / "xla"
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

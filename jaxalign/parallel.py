@@ -146,29 +146,20 @@ def quiet_backend_probes() -> None:
 COMPILE_CACHE_ENV = "JAXALIGN_COMPILE_CACHE"
 
 
-def use_compile_cache(
-    directory: str | os.PathLike | None = None, min_compile_seconds: float = 1.0
-) -> str | None:
-    """Turns on JAX's persistent compilation cache, so a rerun, a resumed run or another
-    command with the same shapes loads its programs instead of compiling them again.
+def use_compile_cache(directory: str | os.PathLike, min_compile_seconds: float = 1.0) -> str | None:
+    """Turns on JAX's persistent compilation cache in ``directory``, so a rerun, a resumed
+    run or another command with the same shapes loads its programs instead of compiling
+    them again (runs use ``xla/`` under the jaxalign cache,
+    :func:`jaxalign.loading.compile_cache_dir`).
 
-    ``directory`` defaults to ``xla/`` under the jaxalign cache (``$JAXALIGN_CACHE`` or
-    ``~/.cache/jaxalign``). Programs that compile faster than ``min_compile_seconds`` are
-    not stored.
-    ``JAXALIGN_COMPILE_CACHE=0`` turns the cache off; any other value of it is the
-    directory. Call before the first compile; returns the directory, or ``None`` when off.
+    Programs that compile faster than ``min_compile_seconds`` are not stored.
+    ``JAXALIGN_COMPILE_CACHE=0`` turns the cache off; any other value of it is the directory
+    used instead. Call before the first compile; returns the directory, or ``None`` when off.
     """
     setting = os.environ.get(COMPILE_CACHE_ENV, "")
     if setting.lower() in ("0", "false", "off", "no"):
         return None
-    if directory is None:
-        if setting:
-            directory = setting
-        else:
-            from jaxalign.loading import default_cache_dir
-
-            directory = default_cache_dir() / "xla"
-    directory = os.fspath(directory)
+    directory = os.fspath(setting or directory)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     return directory

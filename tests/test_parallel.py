@@ -405,7 +405,8 @@ def test_the_compile_cache_stores_programs_and_can_be_turned_off(tmp_path, monke
     program = (
         "import jax, jax.numpy as jnp\n"
         "from jaxalign import parallel\n"
-        "print(parallel.use_compile_cache(min_compile_seconds=0))\n"
+        "from jaxalign.loading import compile_cache_dir\n"
+        "print(parallel.use_compile_cache(compile_cache_dir(), min_compile_seconds=0))\n"
         "def f(x):\n"
         "    return jnp.tanh(x @ x.T + 1.0)\n"
         "jax.jit(f)(jnp.ones((32, 32))).block_until_ready()\n"

@@ -42,7 +42,7 @@ from jaxalign.config import Config, to_dict
 from jaxalign.data.records import read_prompt_records
 from jaxalign.evaluation import score_answers, win_rate
 from jaxalign.generation import sample_texts
-from jaxalign.loading import hub_id_of_path, load, provenance
+from jaxalign.loading import compile_cache_dir, hub_id_of_path, load, provenance
 from jaxalign.models.llama import Transformer
 from jaxalign.report import MetricsWriter
 from jaxalign.reward_judge import load_reward_judge
@@ -78,7 +78,7 @@ def start_run(config: Config, log: Callable[[str], None]) -> tuple[RunContext, R
     if not primary:
         log = lambda message: None  # noqa: E731 -- only process 0 logs
     if config.run.compile_cache:
-        parallel.use_compile_cache()
+        parallel.use_compile_cache(compile_cache_dir())
     runner = RoundRunner(config.run.output_dir, to_dict(config), log=log)
     mesh = parallel.make_mesh(config.run.mesh.data, config.run.mesh.fsdp, config.run.mesh.tensor)
     log(parallel.describe_devices(mesh))

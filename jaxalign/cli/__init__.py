@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging()
         if argv[0] != "run":  # a run's config decides (run.compile_cache)
             from jaxalign import parallel
+            from jaxalign.loading import compile_cache_dir
 
-            parallel.use_compile_cache()
+            parallel.use_compile_cache(compile_cache_dir())
         return int(module.main(args) or 0)
     parser.parse_args(argv)  # prints help or a usage error
     return 2
