@@ -73,11 +73,15 @@ def with_reference_logps(
     progress: bool = False,
     mesh=None,
 ) -> list[dict]:
-    """Each batch with ``ref_chosen_logps``/``ref_rejected_logps`` under ``params`` added.
+    """Each batch with ``ref_chosen_logps``/``ref_rejected_logps`` under ``params`` added,
+    computed in ``config.compute_dtype`` as the policy is, so at the first step the policy's
+    margins against its reference are zero.
 
     ``mesh``: run the pass sharded over it (see :func:`pair_scorer`); every process
     must then hold the same ``batches``.
     """
+    if config.compute_dtype is not None:  # the dtype the policy computes in (configure_model)
+        graphdef, _ = nnx.split(training.configure_model(nnx.merge(graphdef, params), config))
     score = pair_scorer(graphdef, params, config.logp_chunk_size, mesh)
     return [
         {**batch, **score(batch)}

@@ -131,3 +131,19 @@ def test_host_share_path_on_one_process_is_the_single_host_path(tmp_path):
         assert list(a) == list(b)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_reference_log_probs_use_the_training_compute_dtype(tmp_path):
+    """With train.compute_dtype=bfloat16 the policy computes in bfloat16; the reference pass
+    must too, so at step 1 (policy = reference) every margin is 0 and the loss log 2."""
+    import dataclasses
+    import math
+
+    config = dataclasses.replace(CONFIG, epochs=1, compute_dtype="bfloat16")
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    dpo.train_dpo(model, _batches(), config, mesh, tmp_path, progress=False, log=lambda m: None)
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1
+    assert abs(first["rewards/margin"]) < 1e-6, first
+    assert math.isclose(first["train/loss"], math.log(2), rel_tol=1e-6)
