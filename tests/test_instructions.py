@@ -2,6 +2,7 @@
 packaged task files."""
 
 import json
+import os
 import pathlib
 import random
 import subprocess
@@ -265,6 +266,7 @@ def test_task_files_are_up_to_date_and_disjoint():
         [sys.executable, str(ROOT / "scripts/make_instruction_data.py"), "--check"],
         capture_output=True,
         text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's jaxalign
     )
     assert result.returncode == 0, result.stderr
     splits = {
