@@ -4,36 +4,16 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_pairs import TINY, tiny_batches
 
 from jaxalign import checkpoint, loop, parallel, training
-from jaxalign.data.pairs import build_pair_batches
-from jaxalign.models.llama import ModelConfig, Transformer
+from jaxalign.models.llama import Transformer
 
-TINY = ModelConfig(
-    vocab_size=128, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1
-)
 CONFIG = training.TrainConfig(learning_rate=1e-3, batch_size=4, logp_chunk_size=8)
 
 
-class CharTokenizer:
-    pad_token_id = 0
-
-    def encode_prompt(self, prompt, use_chat_template=True):
-        return [1] + [ord(c) % 128 for c in prompt]
-
-    def encode_response(self, text, add_eos=True):
-        return [ord(c) % 128 for c in text] + ([2] if add_eos else [])
-
-
 def _batches():
-    records = [
-        {"prompt": f"question {i}?", "chosen": "yes " * (i % 3 + 1), "rejected": "no"}
-        for i in range(12)
-    ]
-    batches, _ = build_pair_batches(
-        records, CharTokenizer(), batch_size=4, max_prompt_tokens=16, max_response_tokens=16
-    )
-    return batches
+    return tiny_batches(12)
 
 
 def test_seeded_order_depends_only_on_seed_and_epoch():

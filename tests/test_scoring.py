@@ -3,35 +3,14 @@ log-probs of exact token ids, against independent references."""
 
 import numpy as np
 from flax import nnx
+from tiny_pairs import TINY, CharTokenizer, tiny_batches
 
 from jaxalign import parallel, scoring, training
-from jaxalign.data.pairs import build_pair_batches
-from jaxalign.models.llama import ModelConfig, Transformer
-
-TINY = ModelConfig(
-    vocab_size=128, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1
-)
-
-
-class CharTokenizer:
-    pad_token_id = 0
-
-    def encode_prompt(self, prompt, use_chat_template=True):
-        return [1] + [ord(c) % 128 for c in prompt]
-
-    def encode_response(self, text, add_eos=True):
-        return [ord(c) % 128 for c in text] + ([2] if add_eos else [])
+from jaxalign.models.llama import Transformer
 
 
 def _batches():
-    records = [
-        {"prompt": f"question {i}?", "chosen": "yes " * (i % 3 + 1), "rejected": "no"}
-        for i in range(8)
-    ]
-    batches, _ = build_pair_batches(
-        records, CharTokenizer(), batch_size=4, max_prompt_tokens=16, max_response_tokens=16
-    )
-    return batches
+    return tiny_batches(8)
 
 
 def test_reference_and_judge_log_probs_sharded_over_a_mesh_equal_one_device():
