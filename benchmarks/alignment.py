@@ -509,7 +509,9 @@ def gap_closed(arm_gold: np.ndarray, seed_gold: np.ndarray, all_gold: np.ndarray
     return {"share": float(share(np.arange(len(arm_gold)))), "ci": [low, high]}
 
 
-def comparisons(evals: dict[str, list[dict]], sft: list[dict]) -> dict:
+def comparisons(evals: dict[str, list[dict]], sft: list[dict], anchor: str = "dpo_all") -> dict:
+    """Each arm's win rate minus DPO-seed's, and the share of the DPO-seed → ``anchor`` gold
+    gap it closes (``anchor``: the arm trained on every gold label)."""
     from jaxalign.evaluation import paired_bootstrap
 
     result = {}
@@ -524,11 +526,11 @@ def comparisons(evals: dict[str, list[dict]], sft: list[dict]) -> dict:
             diff = outcomes(per_prompt(rows, mode), sft_gold) - seed_wins
             low, high = paired_bootstrap(diff)
             entry = {"win_rate_minus_dpo_seed": float(diff.mean()), "ci": [low, high]}
-            if "dpo_all" in evals and arm != "dpo_all":
+            if anchor in evals and arm != anchor:
                 entry["gap_closed"] = gap_closed(
                     per_prompt(rows, mode),
                     per_prompt(evals["dpo_seed"], mode),
-                    per_prompt(evals["dpo_all"], mode),
+                    per_prompt(evals[anchor], mode),
                 )
             result.setdefault(arm, {})[mode] = entry
     return result
@@ -620,6 +622,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--pool-samples", type=int, default=None)
     parser.add_argument(
+        "--anchor",
+        default="dpo_all",
+        help="the arm trained on every gold label, whose gap to dpo_seed arms are measured on",
+    )
+    parser.add_argument(
         "--eval-rounds",
         default="all",
         choices=("all", "final"),
@@ -687,7 +694,7 @@ def main(argv=None) -> int:
         "settings": wanted,
         "data": data["counts"] | {"prompts_per_round": data["prompts_per_round"]},
         "models": models_summary,
-        "comparisons": comparisons(evals, sft),
+        "comparisons": comparisons(evals, sft, args.anchor),
         "rounds": rounds,
         "seconds_this_invocation": round(time.perf_counter() - start, 1),
     }

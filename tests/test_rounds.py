@@ -108,3 +108,20 @@ def test_produce_hands_over_the_value_or_loads_it_back(tmp_path):
     ran = []
     assert again.produce(0, "train", lambda d: ran.append(d) or train(d), load) == 42
     assert not ran and loads == [{"weights": os.fspath(tmp_path / "round_0" / "weights.txt")}]
+
+
+def test_a_run_resumes_across_settings_that_change_no_result_and_refuses_others(tmp_path):
+    RoundRunner = rounds.RoundRunner
+    """Progress bars, exports, the compile cache and the run's own path may change between
+    a run and its resume (a config written before run.compile_cache existed resumes too);
+    any other difference is refused, naming the key."""
+    old = {"run": {"progress": True, "output_dir": "a"}, "train": {"learning_rate": 1e-5}}
+    RoundRunner(tmp_path, old, log=lambda m: None)
+    new = {
+        "run": {"progress": False, "output_dir": "b", "export_hf": "all", "compile_cache": True},
+        "train": {"learning_rate": 1e-5},
+    }
+    RoundRunner(tmp_path, new, log=lambda m: None)
+    changed = {**new, "train": {"learning_rate": 2e-5}}
+    with pytest.raises(ValueError, match=r"different config \(changed: train.learning_rate\)"):
+        RoundRunner(tmp_path, changed, log=lambda m: None)

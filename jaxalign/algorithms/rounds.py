@@ -45,8 +45,9 @@ from jaxalign import parallel
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 # Fields that may differ between the first run and a resume: none changes a finished stage
-# (run.export_hf only chooses which rounds are exported at the end).
-_RESUMABLE_CHANGES = ("run.progress", "run.output_dir", "run.export_hf")
+# (run.export_hf only chooses which rounds are exported at the end; run.compile_cache only
+# whether compiled programs are reused).
+_RESUMABLE_CHANGES = ("run.progress", "run.output_dir", "run.export_hf", "run.compile_cache")
 
 RunPath = pathlib.Path | epath.Path
 
