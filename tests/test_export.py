@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from small_spa import small_spa_overrides
 
 from jaxalign import cli
 from jaxalign.algorithms import spa
@@ -36,28 +37,9 @@ def _spa_config(data, model_dir, out, *extra):
     return load_config(
         None,
         [
-            f"model.name={model_dir}",
-            f"data.seed_pairs={data / 'seed.jsonl'}",
-            f"data.prompts={data / 'prompts.jsonl'}",
-            f"data.eval_prompts={data / 'eval.jsonl'}",
-            "data.max_prompt_tokens=48",
-            "data.max_response_tokens=16",
-            "sampling.max_new_tokens=16",
-            "train.batch_size=4",
-            "train.learning_rate=1e-3",
-            "train.logp_chunk_size=32",
-            "spa.rounds=1",
-            "spa.prompts_per_round=[8]",
-            "spa.seed_epochs=1",
-            "spa.margin_window=8",
-            "eval.max_prompts=4",
-            "eval.max_new_tokens=16",
-            "run.generate_batch_size=4",
-            "run.progress=false",
-            "run.mesh.data=2",
-            "run.mesh.fsdp=2",
-            "run.mesh.tensor=2",
-            f"run.output_dir={out}",
+            *small_spa_overrides(
+                model_dir, data / "seed.jsonl", data / "prompts.jsonl", data / "eval.jsonl", out
+            ),
             *extra,
         ],
     )

@@ -5,6 +5,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from small_spa import small_spa_overrides
 
 from jaxalign.algorithms import spa
 from jaxalign.config import load_config
@@ -29,28 +30,13 @@ def _config(root: pathlib.Path, out: pathlib.Path, *extra):
     return load_config(
         None,
         [
-            f"model.name={root / 'model'}",
-            f"data.seed_pairs={root / 'seed.jsonl'}",
-            f"data.prompts={root / 'prompts.jsonl'}",
-            f"data.eval_prompts={root / 'eval.jsonl'}",
-            "data.max_prompt_tokens=48",
-            "data.max_response_tokens=16",
-            "sampling.max_new_tokens=16",
-            "train.batch_size=4",
-            "train.learning_rate=1e-3",
-            "train.logp_chunk_size=32",
-            "spa.rounds=1",
-            "spa.prompts_per_round=[8]",
-            "spa.seed_epochs=1",
-            "spa.margin_window=8",
-            "eval.max_prompts=4",
-            "eval.max_new_tokens=16",
-            "run.generate_batch_size=4",
-            "run.progress=false",
-            "run.mesh.data=2",  # 8 fake devices: the whole loop runs sharded
-            "run.mesh.fsdp=2",
-            "run.mesh.tensor=2",
-            f"run.output_dir={out}",
+            *small_spa_overrides(
+                root / "model",
+                root / "seed.jsonl",
+                root / "prompts.jsonl",
+                root / "eval.jsonl",
+                out,
+            ),
             *extra,
         ],
     )
