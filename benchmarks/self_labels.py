@@ -103,6 +103,73 @@ def score_responses(models, policy, entries, temperature: float, batch: int = 8)
             r["logratio_centered"] = float((picked[i] - expected[i]).sum())
 
 
+def pool_entries(models, config: dict, pool: str, prompts: int) -> list[dict]:
+    """The first ``prompts`` pool prompts among the run's round prompts, encoded as SPA does.
+
+    A pool response is text: it is encoded the way a text pair is (an end-of-turn token
+    when it finished), so its ids may differ from the sampler's where the text re-encodes
+    differently; the judge's comparison is the same for both models.
+    """
+    from alignment import read_jsonl
+
+    from jaxalign.generation import encode_prompts
+
+    data = config["data"]
+    rounds = {r["id"] for r in read_jsonl(pathlib.Path(data["prompts"]))}
+    records = [r for r in read_jsonl(pathlib.Path(pool)) if r["id"] in rounds][:prompts]
+    tok = models.tokenizer
+    prompt_ids = encode_prompts(
+        tok,
+        [r["prompt"] for r in records],
+        10**6,
+        use_chat_template=data["use_chat_template"],
+        max_prompt_tokens=data["max_prompt_tokens"],
+    )
+    entries = []
+    for record, ids in zip(records, prompt_ids, strict=True):
+        responses = [
+            {
+                "text": r["text"],
+                "token_ids": tok.encode_response(r["text"], add_eos=r["finished"]),
+                "finished": r["finished"],
+                "gold": g,
+            }
+            for r, g in zip(record["responses"], record["gold"], strict=True)
+        ]
+        entries.append({**record, "prompt_ids": ids, "responses": responses})
+    return entries
+
+
+def pairwise_agreement(entries, reward: str) -> dict:
+    """Over every pair of a prompt's responses that gold separates: does the reward agree?
+
+    The judge's accuracy as a ranker, without SPA's pair selection; the interval is a
+    bootstrap over prompts (a prompt's pairs are not independent).
+    """
+    per_prompt = []
+    for e in entries:
+        hits = [
+            (a[f"logratio_{reward}"] > b[f"logratio_{reward}"]) == (a["gold"] > b["gold"])
+            for a, b in itertools.combinations(e["responses"], 2)
+            if a["gold"] != b["gold"] and a[f"logratio_{reward}"] != b[f"logratio_{reward}"]
+        ]
+        if hits:
+            per_prompt.append((sum(hits), len(hits)))
+    if not per_prompt:
+        return {"reward": reward, "pairs": 0, "agreement": None, "agreement_ci": None}
+    hits, counts = np.asarray(per_prompt, np.float64).T
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(hits), size=(2000, len(hits)))
+    boot = hits[draws].sum(1) / counts[draws].sum(1)
+    return {
+        "reward": reward,
+        "pairs": int(counts.sum()),
+        "prompts": len(per_prompt),
+        "agreement": float(hits.sum() / counts.sum()),
+        "agreement_ci": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+    }
+
+
 def evaluate_variant(entries, reward: str, pairing: str, truncated: str, beta: float) -> dict:
     from jaxalign.evaluation import paired_bootstrap
     from jaxalign.judging import Candidate, select_pair
@@ -155,6 +222,12 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="dev", choices=("train", "dev"))
     parser.add_argument("--prompts", type=int, default=240)
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument(
+        "--pool",
+        help="judge a fixed set of responses instead of sampling from the round model: a "
+        "benchmark pool (alignment.py's pool.jsonl, the SFT model's samples of the train "
+        "prompts); the prompts judged are the run's round prompts (data.prompts), never its seed",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -180,6 +253,10 @@ def main(argv=None) -> int:
     cache = out / "samples.jsonl"
     if cache.exists():
         entries = read_jsonl(cache)
+    elif args.pool:
+        entries = pool_entries(models, config, args.pool, args.prompts)
+        score_responses(models, policy, entries, temperature)
+        cache.write_text("".join(json.dumps(e) + "\n" for e in entries))
     else:
         records = read_jsonl(TASK / f"{args.split}.jsonl")[: args.prompts]
         tok = models.tokenizer
@@ -233,12 +310,13 @@ def main(argv=None) -> int:
         "benchmark": "self_labels",
         "run": str(run),
         "round": args.round,
-        "split": args.split,
+        "split": "pool" if args.pool else args.split,
         "prompts": len(entries),
         "samples_per_prompt": args.samples,
         "samples_gold": float(np.mean([r["gold"] for r in responses])),
         "samples_eos": float(np.mean([r["finished"] for r in responses])),
         "variants": variants,
+        "pairwise": [pairwise_agreement(entries, reward) for reward in ("sum", "mean", "centered")],
     }
     lines = [
         "| reward | pairing | truncated | pairs | separated | agreement [95% CI] | by margin "
@@ -255,6 +333,17 @@ def main(argv=None) -> int:
             f"{v['separated']} | {v['agreement'] or float('nan'):.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
             f"{terciles} | {v['chosen_longer'] or 0:.2f} | {v['chosen_eos'] or 0:.2f} | "
             f"{v['chosen_gold'] or 0:.3f} |"
+        )
+    lines += [
+        "",
+        "| reward | separated pairs (all pairs of a prompt's responses) | agreement [95% CI] |",
+        "|---|---|---|",
+    ]
+    for v in result["pairwise"]:
+        ci = v["agreement_ci"] or [float("nan")] * 2
+        lines.append(
+            f"| {v['reward']} | {v['pairs']} | {v['agreement'] or float('nan'):.3f} "
+            f"[{ci[0]:.3f}, {ci[1]:.3f}] |"
         )
     (out / "self_labels.json").write_text(json.dumps(result, indent=1))
     (out / "self_labels.md").write_text("\n".join(lines) + "\n")
