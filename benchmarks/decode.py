@@ -18,6 +18,7 @@ import time
 
 import jax
 import numpy as np
+from machine import cpu_description
 
 from jaxalign import sampling
 from jaxalign.loading import EMBEDDED, default_cache_dir, load
@@ -141,6 +142,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "cpu_cores": os.cpu_count(),
+        "cpu": cpu_description(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "jaxalign_tokens_per_s": round(tokens / best["jaxalign"], 1),
         "jaxalign_compile_s": round(first["jaxalign"] - best["jaxalign"], 2),
