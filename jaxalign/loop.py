@@ -16,13 +16,20 @@ what is around it lives here:
 - **metrics**: every step's metrics go to the run's :class:`jaxalign.report.MetricsWriter`;
   the result holds the last step's and the mean of each metric over the run's steps, and
   a loss's per-pair metrics (``pairs/...``, e.g. SPA's flags) as one row per pair and step,
-  keyed by the batch's record ``index``.
+  keyed by the batch's record ``index``. A step's metrics are read after the next step is
+  dispatched, so the host never waits for the device between steps; the numbers logged
+  are the same;
+- **throughput**: each logged row also has ``perf/step_seconds``, ``perf/tokens_per_second``,
+  ``perf/model_tflops_per_second`` and ``perf/mfu`` (:mod:`jaxalign.throughput`); they
+  depend on the machine and its load, so they stay out of the result's metrics (and of
+  ``state.json``), and a resumed run's rows differ from an uninterrupted one's only there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,8 +38,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxalign import checkpoint, parallel, training
+from jaxalign import checkpoint, parallel, throughput, training
 from jaxalign.data.iteration import epoch_order
+from jaxalign.loading import default_cache_dir
 from jaxalign.models.llama import Transformer
 from jaxalign.parallel import model_shardings, shard_host_batch, tree_to_host
 
@@ -159,31 +167,54 @@ def train(
         per_pair = list(running.get("pairs", []))
         log(f"resuming from step {start} of {total} ({checkpoint_dir})")
     extra_args = () if frozen is None else (frozen,)
+    size = throughput.parameter_count(state.params)
+    if frozen is not None:  # LoRA's base, or an on-the-fly reference: the larger model
+        size = max(size, throughput.parameter_count(frozen))
+    peak = throughput.peak_flops(mesh.devices.flat, default_cache_dir())
+    hosts = jax.process_count() if host_local else 1
     bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step")
-    for step in range(start, total):
-        epoch, position = divmod(step, len(batches))
-        host_batch = batches[order(epoch)[position]]
-        batch = device_batch(host_batch, mesh, config.batch_size if host_local else None)
-        state, m = step_fn(state, batch, *extra_args)
+    clock = time.perf_counter()
+
+    def record(step: int, epoch: int, host_batch: dict, m: dict) -> None:
+        """Reads step ``step``'s metrics (waiting for it), logs them and adds them up."""
+        nonlocal last, clock
         m = jax.device_get(m)
+        now = time.perf_counter()
+        perf = throughput.step_throughput(
+            now - clock, throughput.batch_tokens(host_batch) * hosts, size, peak
+        )
+        clock = now
         pair_metrics = {k: np.asarray(v) for k, v in m.items() if training.is_per_pair(k)}
         if pair_metrics:
             mine = mesh if host_local else None
-            per_pair += pair_rows(host_batch, pair_metrics, step + 1, epoch, mine)
+            per_pair.extend(pair_rows(host_batch, pair_metrics, step + 1, epoch, mine))
         last = {k: float(v) for k, v in m.items() if not training.is_per_pair(k)}
         for k, v in last.items():
             sums[k] = sums.get(k, 0.0) + v
             counts[k] = counts.get(k, 0) + 1
         if metrics is not None:
-            metrics.write(tag, step + 1, {"epoch": epoch, **last})
+            metrics.write(tag, step + 1, {"epoch": epoch, **last, **perf})
         postfix = {"loss": f"{last['train/loss']:.4f}"}
         if "rewards/accuracy" in last:
             postfix["acc"] = f"{last['rewards/accuracy']:.2f}"
+        postfix["tok/s"] = f"{perf['perf/tokens_per_second']:.0f}"
         bar.set_postfix(postfix)
         bar.update(1)
+
+    pending = None  # the step dispatched last, whose metrics are not read yet
+    for step in range(start, total):
+        epoch, position = divmod(step, len(batches))
+        host_batch = batches[order(epoch)[position]]
+        batch = device_batch(host_batch, mesh, config.batch_size if host_local else None)
+        state, m = step_fn(state, batch, *extra_args)
+        if pending is not None:
+            record(*pending)  # the previous step's, while this one runs
+        pending = (step, epoch, host_batch, m)
         if ckpt is not None and (
             step + 1 == total or (save_every and (step + 1) % save_every == 0)
         ):
+            record(*pending)
+            pending = None
             # Copies: the save may serialise in the background while the sums move on.
             running = {
                 "sums": dict(sums),
@@ -192,6 +223,8 @@ def train(
                 "pairs": list(per_pair),
             }
             ckpt.save(step + 1, state, {"step": step + 1, "epoch": epoch, "metrics": running})
+    if pending is not None:
+        record(*pending)
     bar.close()
     if ckpt is not None:
         ckpt.wait()

@@ -24,7 +24,8 @@ with ``jaxalign`` runs as ``python -m jaxalign`` of this checkout.
    and model cards name, is read as ``{out}`` in both.
    ``metrics.jsonl`` is an append-only log: a stage resumed from its last checkpoint logs
    the steps after it again, and readers keep the last row of each ``(tag, step)``
-   (:func:`jaxalign.report.step_series`); those rows are compared.
+   (:func:`jaxalign.report.step_series`); those rows are compared, without their
+   ``perf/*`` throughput fields (seconds and tokens/s of the step, which vary run to run).
 
 The JSON report (stdout, and ``WORKDIR/report.json``) gives the command, K, the kill
 moments, how many kills landed, each artifact as ``identical`` or what differs, and
@@ -64,6 +65,7 @@ TIME_DEPENDENT = {
     "report/report.md": ("the 'Stage times' section (state.json's stage seconds)",),
     "report/report.html": ("the 'Stage times' section (state.json's stage seconds)",),
     "tensorboard/": ("every event (each carries its wall time): not compared",),
+    "metrics.jsonl": ("perf/* of every row (step seconds, tokens/s, MFU)",),
 }
 # Left behind by a kill between a temporary file's creation and its rename; never read
 # (a stage's files count only once state.json records the stage; orbax ignores its
@@ -339,6 +341,7 @@ def _metrics(path: Path, root: Path) -> dict[tuple, dict]:
     for line in _text(path, root).decode().splitlines():
         if line.strip():
             row = json.loads(line)
+            row = {k: v for k, v in row.items() if not k.startswith("perf/")}  # TIME_DEPENDENT
             rows[(row.get("tag"), row.get("step"))] = row
     return rows
 

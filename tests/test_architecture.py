@@ -14,6 +14,7 @@ LAYERS = [
         [
             "jaxalign.validation",
             "jaxalign.parallel",
+            "jaxalign.throughput",
             "jaxalign.tokenizer",
             "jaxalign.losses",
             "jaxalign.instructions",

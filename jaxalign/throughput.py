@@ -1,0 +1,119 @@
+"""Throughput of a training step: seconds, tokens per second and a model-FLOPs utilisation.
+
+Model FLOPs per step follow the usual convention (PaLM, MaxText): ``6·N·tokens`` for a
+forward and backward pass over ``tokens`` real (unpadded) tokens of a model with ``N``
+parameters. That counts full fine-tuning of the policy; a frozen model's forward passes
+(SPA's on-the-fly reference, LoRA's base) and the attention scores are not counted, so the
+figure is a lower bound of the work done, comparable across runs of one kind.
+
+The peak it is measured against: a TPU or GPU's nominal dense bfloat16 peak per chip
+(:data:`NOMINAL_PEAKS`, by ``device_kind``) times the chips in use; on a CPU the best
+float32 FLOP/s of a jitted 2048³ matmul, measured once per machine and kept in the
+jaxalign cache (``peak_flops.json``); ``None`` for a device this table does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bfloat16 FLOP/s per chip, from the vendors' published specifications.
+NOMINAL_PEAKS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,  # v5p
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real tokens in a host batch: the sum of its attention masks (every row kind)."""
+    return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("attention_mask")))
+
+
+def parameter_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` float32 FLOP/s of a jitted ``n x n x n`` matmul on the CPU."""
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+    f = jax.jit(jnp.matmul)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _machine_key() -> str:
+    return f"{platform.machine()}|{platform.processor() or platform.node()}|{os.cpu_count()}"
+
+
+def peak_flops(devices, cache_dir: str | os.PathLike | None) -> float | None:
+    """The peak FLOP/s ``devices`` (one kind) are measured against, or ``None``.
+
+    TPU/GPU: :data:`NOMINAL_PEAKS` × the number of devices. CPU: the machine's measured
+    matmul peak (all fake host devices share its cores), read from ``cache_dir`` when a
+    measurement of this machine is there, else measured (about a second) and stored.
+    """
+    devices = list(devices)
+    if not devices:
+        return None
+    kind = devices[0].device_kind
+    if devices[0].platform != "cpu":
+        nominal = NOMINAL_PEAKS.get(kind)
+        return None if nominal is None else nominal * len(devices)
+    path = None if cache_dir is None else Path(cache_dir) / "peak_flops.json"
+    known = {}
+    if path is not None and path.exists():
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            known = {}
+    key = _machine_key()
+    if key not in known:
+        known[key] = measure_cpu_matmul_peak()
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(known))
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only cache: measure again next time
+    return float(known[key])
+
+
+def step_throughput(
+    seconds: float, tokens: int, params: int, peak: float | None
+) -> dict[str, float]:
+    """``perf/*`` metrics of one step (``perf/mfu`` only when the peak is known)."""
+    seconds = max(seconds, 1e-9)
+    out = {
+        "perf/step_seconds": seconds,
+        "perf/tokens_per_second": tokens / seconds,
+        "perf/model_tflops_per_second": 6.0 * params * tokens / seconds / 1e12,
+    }
+    if peak:
+        out["perf/mfu"] = 6.0 * params * tokens / seconds / peak
+    return out
