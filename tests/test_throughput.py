@@ -1,0 +1,153 @@
+"""Throughput metrics: what each logged step carries, the peaks MFU is measured against,
+and the loop reading a step's metrics only after the next step is dispatched."""
+
+import json
+import math
+import types
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_pairs import TINY, tiny_batches
+
+from jaxalign import loop, parallel, throughput, training
+from jaxalign.models.llama import Transformer
+from jaxalign.report import MetricsWriter
+
+CONFIG = training.TrainConfig(learning_rate=1e-3, epochs=2, batch_size=4, logp_chunk_size=8)
+
+
+def test_step_throughput_by_hand():
+    perf = throughput.step_throughput(2.0, 1000, 3_000_000, peak=1e12)
+    assert perf["perf/step_seconds"] == 2.0
+    assert perf["perf/tokens_per_second"] == 500.0
+    assert math.isclose(perf["perf/model_tflops_per_second"], 6 * 3e6 * 1000 / 2 / 1e12)
+    assert math.isclose(perf["perf/mfu"], 6 * 3e6 * 1000 / 2 / 1e12)
+    assert "perf/mfu" not in throughput.step_throughput(2.0, 1000, 3_000_000, peak=None)
+
+
+def test_batch_tokens_counts_every_row_kind():
+    batch = {
+        "chosen_attention_mask": np.array([[1, 1, 0], [1, 0, 0]]),
+        "rejected_attention_mask": np.array([[1, 1, 1], [0, 0, 0]]),
+        "sft_attention_mask": np.array([[1, 0]]),
+        "chosen_ids": np.ones((2, 3)),
+    }
+    assert throughput.batch_tokens(batch) == 7
+
+
+def test_nominal_peaks_scale_with_chips_and_unknown_kinds_have_none():
+    tpu = types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")
+    assert throughput.peak_flops([tpu] * 8, None) == 8 * 197e12
+    odd = types.SimpleNamespace(platform="gpu", device_kind="Some Future GPU")
+    assert throughput.peak_flops([odd], None) is None
+    assert throughput.peak_flops([], None) is None
+
+
+def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(throughput, "measure_cpu_matmul_peak", lambda: calls.append(1) or 123e9)
+    cpu = jax.devices("cpu")
+    assert throughput.peak_flops(cpu, tmp_path) == 123e9
+    assert throughput.peak_flops(cpu, tmp_path) == 123e9
+    assert len(calls) == 1
+    assert json.loads((tmp_path / "peak_flops.json").read_text())
+
+
+def test_every_logged_step_has_throughput_and_results_do_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(throughput, "measure_cpu_matmul_peak", lambda: 50e9)
+    monkeypatch.setenv("JAXALIGN_CACHE", str(tmp_path / "cache"))
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model, batches = _model_and_batches()
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+    result = loop.train(
+        model,
+        batches,
+        CONFIG,
+        mesh,
+        loss_fn=_dpo_loss(),
+        epochs=2,
+        metrics=writer,
+        progress=False,
+        log=lambda m: None,
+    )
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 2 * len(batches) + 1))
+    tokens = [throughput.batch_tokens(b) for b in batches]
+    for row in rows:
+        assert row["perf/step_seconds"] > 0
+        done = row["perf/tokens_per_second"] * row["perf/step_seconds"]
+        assert any(done == pytest.approx(t) for t in tokens)  # that step's batch's tokens
+        assert 0 < row["perf/mfu"] < 1e3
+    assert not any(k.startswith("perf/") for k in result.summary())
+
+
+def _dpo_loss():
+    return training.dpo_loss_fn(CONFIG)
+
+
+def _model_and_batches():
+    """The tiny model and its pair batches with the reference log-probs precomputed."""
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    batches = [
+        {
+            **b,
+            **{
+                k: np.asarray(v)
+                for k, v in training.compute_reference_logps(
+                    graphdef, params, b, chunk_size=8
+                ).items()
+            },
+        }
+        for b in tiny_batches(8)
+    ]
+    return model, batches
+
+
+def test_a_steps_metrics_are_read_after_the_next_step_is_dispatched(tmp_path, monkeypatch):
+    """The host runs one step ahead: step k's metrics are fetched only once step k+1 has
+    been dispatched (except where a checkpoint needs them first), and the logged numbers
+    equal those of each step's own output."""
+    events = []
+    make = training.make_train_step
+
+    def counting_make(*args, **kwargs):
+        step_fn = make(*args, **kwargs)
+
+        def run(state, batch, *rest):
+            out = step_fn(state, batch, *rest)
+            events.append(("dispatch", id(out[1])))
+            return out
+
+        return run
+
+    device_get = jax.device_get
+
+    def counting_get(x):
+        events.append(("get", id(x)))
+        return device_get(x)
+
+    monkeypatch.setattr(training, "make_train_step", counting_make)
+    monkeypatch.setattr(loop.jax, "device_get", counting_get)
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model, batches = _model_and_batches()
+    loop.train(
+        model,
+        batches,
+        CONFIG,
+        mesh,
+        loss_fn=_dpo_loss(),
+        epochs=2,
+        progress=False,
+        log=lambda m: None,
+    )
+    order = [kind for kind, _ in events if kind in ("dispatch", "get")]
+    dispatched = [key for kind, key in events if kind == "dispatch"]
+    fetched = [key for kind, key in events if kind == "get" and key in dispatched]
+    assert fetched == dispatched  # every step's metrics, in order
+    steps = [i for i, kind in enumerate(order) if kind == "dispatch"]
+    gets = [i for i, (kind, key) in enumerate(events) if kind == "get" and key in dispatched]
+    for k in range(len(steps) - 1):
+        assert gets[k] > steps[k + 1], "step k's metrics were read before step k+1 was dispatched"
