@@ -85,6 +85,10 @@ def run_module(name: str, jobs: int, log) -> dict:
                 f"source_paths = [{json.dumps(source)}]\n"
                 f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
                 'also_copy = ["jaxalign", "tests"]\n'
+                # JAX's runtime is not fork-safe: a worker forked from a process that has
+                # run XLA waits forever on its thread pools. mutmut's fork server keeps
+                # the forking process free of anything but imports and collection.
+                'process_isolation = "forkserver"\n'
             )
         start = time.time()
         log(f"{name}: mutating {source}; tests {', '.join(tests)}")

@@ -399,3 +399,16 @@ def test_config_errors_are_actionable():
         training.TrainConfig(batch_size=10, micro_batches=4)
     with pytest.raises(ValueError, match="train.remat.*dots"):
         training.TrainConfig(remat="some")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "tpu", "gpu"])
+def test_logsumexp_is_a_matmul_only_on_cpu(backend, monkeypatch):
+    """The ones-vector matmul is XLA:CPU's fast path; a TPU's or GPU's default matmul
+    precision would round the float32 sum, so there it is a plain reduction. Either way
+    the value is logsumexp's."""
+    monkeypatch.setattr(training.jax, "default_backend", lambda: backend)
+    x = jax.random.normal(jax.random.key(0), (3, 5, 257), jnp.float32) * 4.0
+    jaxpr = str(jax.make_jaxpr(lambda v: training.logsumexp(v))(x))  # a fresh trace
+    assert ("dot_general" in jaxpr) == (backend == "cpu")
+    want = np.log(np.exp(np.asarray(x, np.float64)).sum(-1))
+    np.testing.assert_allclose(np.asarray(training.logsumexp(x)), want, rtol=1e-6, atol=1e-5)
