@@ -117,3 +117,42 @@ def step_throughput(
     if peak:
         out["perf/mfu"] = 6.0 * params * tokens / seconds / peak
     return out
+
+
+# ----------------------------------------------------------------------------- compiles
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_compiles = {"compiles": 0, "compile_seconds": 0.0, "compile_cache_hits": 0}
+_listening = False
+
+
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+    if event == _BACKEND_COMPILE:
+        _compiles["compiles"] += 1
+        _compiles["compile_seconds"] += duration
+
+
+def _on_event(event: str, **kwargs) -> None:
+    if event == _CACHE_HIT:
+        _compiles["compile_cache_hits"] += 1
+
+
+def compile_stats() -> dict[str, float]:
+    """Programs compiled in this process so far (``compiles``; a program read back from the
+    persistent compilation cache counts too, and also as a ``compile_cache_hits``), and the
+    seconds spent (``compile_seconds``). Counting starts with the first call."""
+    global _listening
+    if not _listening:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        jax.monitoring.register_event_listener(_on_event)
+        _listening = True
+    return dict(_compiles)
+
+
+def compiles_since(before: dict[str, float]) -> dict[str, float]:
+    """:func:`compile_stats` now minus ``before``, seconds rounded to milliseconds."""
+    now = compile_stats()
+    out = {k: now[k] - before[k] for k in now}
+    out["compile_seconds"] = round(out["compile_seconds"], 3)
+    return out

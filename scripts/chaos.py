@@ -60,8 +60,14 @@ REPO = Path(__file__).resolve().parents[1]
 # What legitimately differs between two runs of one command: wall-clock measurements. They
 # are removed before the comparison; nothing else is.
 TIME_DEPENDENT = {
-    "state.json": ("stages.*.seconds", "stages.*.result.checkpoint_seconds"),
-    "summary.json": ("seconds_this_invocation", "stage_seconds"),
+    "state.json": (
+        "stages.*.seconds",
+        "stages.*.result.checkpoint_seconds",
+        "stages.*.compiles",  # a resumed stage compiles its programs again
+        "stages.*.compile_seconds",
+        "stages.*.compile_cache_hits",
+    ),
+    "summary.json": ("seconds_this_invocation", "stage_seconds", "stage_compiles"),
     "report/report.md": ("the 'Stage times' section (state.json's stage seconds)",),
     "report/report.html": ("the 'Stage times' section (state.json's stage seconds)",),
     "tensorboard/": ("every event (each carries its wall time): not compared",),

@@ -151,3 +151,13 @@ def test_a_steps_metrics_are_read_after_the_next_step_is_dispatched(tmp_path, mo
     gets = [i for i, (kind, key) in enumerate(events) if kind == "get" and key in dispatched]
     for k in range(len(steps) - 1):
         assert gets[k] > steps[k + 1], "step k's metrics were read before step k+1 was dispatched"
+
+
+def test_compile_stats_count_a_new_program_and_its_seconds():
+    before = throughput.compile_stats()
+    f = jax.jit(lambda x: x * 3.0 + 1.0)
+    f(np.arange(7, dtype=np.float32)).block_until_ready()
+    f(np.arange(7, dtype=np.float32)).block_until_ready()  # the same program: no compile
+    done = throughput.compiles_since(before)
+    assert done["compiles"] == 1
+    assert done["compile_seconds"] >= 0

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 from etils import epath
 
-from jaxalign import parallel
+from jaxalign import parallel, throughput
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
@@ -290,14 +290,19 @@ class RoundRunner:
             return self.state["stages"][key]["result"]
         self.log(f"[{key}] starting")
         start = time.perf_counter()
+        compiled = throughput.compile_stats()
         result = fn(self.round_dir(round_index))
         seconds = time.perf_counter() - start
-        self.state["stages"][key] = {"result": result, "seconds": round(seconds, 3)}
+        compiled = throughput.compiles_since(compiled)
+        self.state["stages"][key] = {"result": result, "seconds": round(seconds, 3), **compiled}
         self.state["last_stage"] = key
         atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1))
         # The other processes may read this stage's artifacts from here on.
         parallel.sync_processes(f"jaxalign-stage-{key}")
-        self.log(f"[{key}] finished in {seconds:.1f}s")
+        self.log(
+            f"[{key}] finished in {seconds:.1f}s ({compiled['compiles']} programs compiled in "
+            f"{compiled['compile_seconds']:.1f}s, {compiled['compile_cache_hits']} from the cache)"
+        )
         return result
 
     def produce(
@@ -342,8 +347,20 @@ def finish_run(
     ``rows`` are the per-round (or per-iteration) summary rows under ``rows_key``;
     ``table`` is their Markdown rendering.
     """
-    stage_seconds = {k: v["seconds"] for k, v in runner.state["stages"].items()}
-    summary = {rows_key: rows, "seconds_this_invocation": seconds, "stage_seconds": stage_seconds}
+    stages = runner.state["stages"]
+    stage_seconds = {k: v["seconds"] for k, v in stages.items()}
+    # Programs compiled by each stage when it ran (absent for stages of older runs).
+    stage_compiles = {
+        k: {f: v[f] for f in ("compiles", "compile_seconds", "compile_cache_hits")}
+        for k, v in stages.items()
+        if "compiles" in v
+    }
+    summary = {
+        rows_key: rows,
+        "seconds_this_invocation": seconds,
+        "stage_seconds": stage_seconds,
+        "stage_compiles": stage_compiles,
+    }
     atomic_write_text(runner.run_dir / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(runner.run_dir / "summary.md", f"# {title}\n\n{table}\n")
     runner.log("\n" + table)
