@@ -103,6 +103,55 @@ def score_responses(models, policy, entries, temperature: float, batch: int = 8)
             r["logratio_centered"] = float((picked[i] - expected[i]).sum())
 
 
+def score_pool_responses(models, policy, entries, run: pathlib.Path) -> None:
+    """Adds ``sum``/``mean`` log-ratios to every pool response with the chunked log-prob pass
+    SPA's judge uses (:func:`jaxalign.scoring.response_logps`); ``centered`` needs every
+    token's full distribution and is left out (NaN)."""
+    from jaxalign import scoring
+    from jaxalign.config import load_config
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    config = load_config(  # the settings that decide how responses are encoded and batched
+        None,
+        [
+            f"data.{k}={saved['data'][k]}"
+            for k in ("max_prompt_tokens", "max_response_tokens", "use_chat_template")
+        ]
+        + [f"train.{k}={saved['train'][k]}" for k in ("batch_size", "logp_chunk_size")],
+    )
+    records = []
+    for e in entries:
+        rs = e["responses"]
+        for a in range(0, len(rs) - 1, 2):
+            records.append(
+                {
+                    "prompt": e["prompt"],
+                    "chosen": rs[a]["text"],
+                    "rejected": rs[a + 1]["text"],
+                    "chosen_ids": rs[a]["token_ids"],
+                    "rejected_ids": rs[a + 1]["token_ids"],
+                    "chosen_eos": rs[a]["finished"],
+                    "rejected_eos": rs[a + 1]["finished"],
+                }
+            )
+    tok = models.tokenizer
+    both = [
+        scoring.response_logps(models.graphdef, params, records, tok, config)
+        for params in (policy, models.init_params)
+    ]
+    counts = scoring.response_token_counts(records, tok, config)
+    k = 0
+    for e in entries:
+        rs = e["responses"]
+        for a in range(0, len(rs) - 1, 2):
+            for side, r in enumerate((rs[a], rs[a + 1])):
+                ratio = float(both[0][k, side] - both[1][k, side])
+                r["logratio_sum"] = ratio
+                r["logratio_mean"] = ratio / max(int(counts[k, side]), 1)
+                r["logratio_centered"] = float("nan")
+            k += 1
+
+
 def pool_entries(models, config: dict, pool: str, prompts: int) -> list[dict]:
     """The first ``prompts`` pool prompts among the run's round prompts, encoded as SPA does.
 
@@ -255,7 +304,7 @@ def main(argv=None) -> int:
         entries = read_jsonl(cache)
     elif args.pool:
         entries = pool_entries(models, config, args.pool, args.prompts)
-        score_responses(models, policy, entries, temperature)
+        score_pool_responses(models, policy, entries, run)
         cache.write_text("".join(json.dumps(e) + "\n" for e in entries))
     else:
         records = read_jsonl(TASK / f"{args.split}.jsonl")[: args.prompts]
@@ -299,10 +348,11 @@ def main(argv=None) -> int:
         score_responses(models, policy, entries, temperature)
         cache.write_text("".join(json.dumps(e) + "\n" for e in entries))
 
+    rewards = ("sum", "mean") if args.pool else ("sum", "mean", "centered")
     variants = [
         evaluate_variant(entries, reward, pairing, truncated, beta)
         for reward, pairing, truncated in itertools.product(
-            ("sum", "mean", "centered"), ("first_two", "best_worst"), ("keep", "skip", "reject")
+            rewards, ("first_two", "best_worst"), ("keep", "skip", "reject")
         )
     ]
     responses = [r for e in entries for r in e["responses"]]
@@ -316,7 +366,7 @@ def main(argv=None) -> int:
         "samples_gold": float(np.mean([r["gold"] for r in responses])),
         "samples_eos": float(np.mean([r["finished"] for r in responses])),
         "variants": variants,
-        "pairwise": [pairwise_agreement(entries, reward) for reward in ("sum", "mean", "centered")],
+        "pairwise": [pairwise_agreement(entries, reward) for reward in rewards],
     }
     lines = [
         "| reward | pairing | truncated | pairs | separated | agreement [95% CI] | by margin "

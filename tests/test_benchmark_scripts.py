@@ -35,3 +35,27 @@ def test_cpu_description_names_the_model_and_l3():
     assert isinstance(described, dict)
     if shutil.which("lscpu"):
         assert described.get("model")
+
+
+def test_plan_compiles_a_1b_step_and_fsdp_divides_its_parameter_bytes():
+    """benchmarks/plan.py on a ~1B-parameter shape (TinyLlama's) on the suite's 8 fake
+    devices: the DPO step compiles from abstract shapes, and FSDP over 8 devices holds
+    at most 1/7 of the parameter and optimizer bytes per device that one device holds."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import plan
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from jaxalign.config import load_config
+
+    config = load_config(
+        str(ROOT / "configs" / "spa_zephyr7b_ultrafeedback.yaml"),
+        ["data.max_prompt_tokens=64", "data.max_response_tokens=64", "train.batch_size=8"],
+    )
+    cfg = plan.model_config(config, "llama-1b")
+    one = plan.plan_programs(config, cfg, 1, ["train_dpo"])["train_dpo"]
+    eight = plan.plan_programs(config, cfg, 8, ["train_dpo"])["train_dpo"]
+    n = 1_100_048_384  # TinyLlama-1.1B's parameters
+    assert 0.95 * 12 * n < one["arguments"] < 1.1 * 12 * n  # float32 weights + Adam's m, v
+    assert one["arguments"] / eight["arguments"] >= 7
+    assert eight["flops"] > 0 and eight["peak"] >= eight["arguments"]
