@@ -143,3 +143,34 @@ def test_training_updates_only_the_adapters(base):
     a1 = jax.tree.map(np.asarray, state.params)
     assert np.abs(a1["q_proj"]["b"] - a0["q_proj"]["b"]).max() > 0
     assert set(a1) == set(lora.ALL_LINEAR)  # only adapters are trained parameters
+
+
+@pytest.mark.parametrize("remat", [False, True, "dots"])
+def test_the_layer_by_layer_merge_is_the_merged_model_with_the_same_gradients(base, remat):
+    """The train step's LoRA model (W + s·A@B merged inside the layer scan, one layer at a
+    time) computes what the whole merged model computes, and gives the adapters the same
+    gradients, under every remat policy."""
+    model = training.configure_model(base, training.TrainConfig(remat=remat))
+    adapters = _randomised_adapters(base)
+    scaling = lora.lora_scaling(3, 16)
+    ids = jnp.asarray(TOKENS)
+    attention = (ids > 0).astype(jnp.int32).at[:, 0].set(1)
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+
+    def by_layer(state):
+        m = lora.AdaptedTransformer(model, state, scaling)
+        h, _ = m.hidden_states(ids, positions, attention)
+        return jnp.sum(jnp.tanh(m.logits(h)))
+
+    def whole(state):
+        graphdef, params = nnx.split(model)
+        m = nnx.merge(graphdef, lora.apply_lora(params, state, scaling))
+        h, _ = m.hidden_states(ids, positions, attention)
+        return jnp.sum(jnp.tanh(m.logits(h)))
+
+    state = nnx.state(adapters)
+    v1, g1 = jax.value_and_grad(by_layer)(state)
+    v2, g2 = jax.value_and_grad(whole)(state)
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)

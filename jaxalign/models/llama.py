@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -229,6 +230,10 @@ class ModelConfig:
                 else {"rope_type": "linear", "factor": s.factor}
             )
         return hf
+
+
+# (stacked, fn): see Transformer.hidden_states.
+LayerAdapter = tuple[Any, Callable[[nnx.State, Any], nnx.State]]
 
 
 @flax.struct.dataclass
@@ -482,13 +487,18 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         attention_mask: jax.Array,
         cache: KVCache | None = None,
+        adapter: LayerAdapter | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states ``[B,T,D]`` (and the updated cache).
 
         ``tokens, positions [B,T] int32``; ``attention_mask [B,T]`` is 1 on real
         tokens. Without a cache, attention is causal over this call's tokens.
         With one, the tokens are written at ``cache.index`` and may attend to
-        every earlier real slot.
+        every earlier real slot. ``adapter``: ``(stacked, fn)``, a pytree stacked on the
+        layer axis that the layer scan carries beside the layers' parameters, and
+        ``fn(layer_params, layer_slice) -> layer_params`` applied inside the scan (LoRA's
+        ``W + s·A@B``, :class:`jaxalign.models.lora.AdaptedTransformer`), so the changed
+        weights exist for one layer at a time, in the forward and the backward pass.
         """
         cfg = self.config
         dtype = dtype_from_name(cfg.dtype)
@@ -509,8 +519,12 @@ class Transformer(nnx.Module):
 
         graphdef, layer_state = nnx.split(self.layers)
 
+        stacked, adapt = (None, None) if adapter is None else adapter
+
         def layer_step(x, layer_in):
-            params, kv = layer_in
+            params, kv, extra = layer_in
+            if adapt is not None:
+                params = adapt(params, extra)
             layer = nnx.merge(graphdef, params)
             x, new_kv = layer(x, rope, key_mask, kv, index)
             return x, new_kv
@@ -519,7 +533,7 @@ class Transformer(nnx.Module):
         if recompute:
             layer_step = jax.checkpoint(layer_step, prevent_cse=False, policy=policy)
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(layer_step, x, (layer_state, kv_in))
+        x, kv_out = jax.lax.scan(layer_step, x, (layer_state, kv_in, stacked))
         if cache is not None:
             cache = KVCache(k=kv_out[0], v=kv_out[1], mask=kv_mask, index=index + t)
         return self.norm(x), cache

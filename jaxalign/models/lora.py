@@ -16,14 +16,13 @@ only them), so training them with :func:`jaxalign.training.make_train_step` is
 training "the model" ``LoraAdapters`` while the base parameters ride along as
 the step's non-differentiated ``frozen`` argument; the base cannot change.
 
-Design: :func:`apply_lora` builds the merged kernels ``W + s·A@B`` inside the
-loss, every step, and the ordinary model runs on them. This is exact (the same
-network as the adapter form ``x@W + s·(x@A)@B`` up to float rounding) and reuses
-the model unchanged. The cost is one extra copy of the adapted kernels per step
-(plus their cotangents in the backward pass): about the base model's size in
-activation memory, fine for 135M-1B models; for 7B models on small accelerators
-an adapter-form forward would save that copy. The base parameters without
-adapters are the reference model, so no second copy of the model is kept.
+Design: the train step runs the ordinary model on merged kernels ``W + s·A@B``
+(exact: the same network as the adapter form ``x@W + s·(x@A)@B`` up to float
+rounding), merged one layer at a time inside the layer scan
+(:class:`AdaptedTransformer`), so neither a merged copy of the model nor a dense
+gradient of every kernel is ever held whole; :func:`apply_lora` merges the whole
+model at once, for sampling and export. The base parameters without adapters are
+the reference model, so no second copy of the model is kept.
 """
 
 from __future__ import annotations
@@ -161,14 +160,80 @@ def merged_model(model: Transformer, adapters: LoraAdapters, scaling: float) -> 
     return nnx.merge(graphdef, apply_lora(params, nnx.state(adapters), scaling))
 
 
-def lora_loss_fn(base_graphdef: nnx.GraphDef, loss_fn, scaling: float):
+def merge_layer(layer_params: nnx.State, layer_adapters: nnx.State, scaling: float) -> nnx.State:
+    """One decoder layer's parameters with every adapted kernel replaced by ``W + s·A@B``.
+
+    ``layer_params``: one layer's slice of ``nnx.split(model.layers)[1]``; ``layer_adapters``:
+    the same layer's slice of a :class:`LoraAdapters` state. Called inside the layer scan
+    (:class:`AdaptedTransformer`), so one layer's merged kernels exist at a time.
+    """
+    deltas = {}
+    for name, (path, _) in LORA_TARGETS.items():
+        if name in layer_adapters:
+            pair = layer_adapters[name]
+            # A layer axis of 1 keeps this product a batched matmul, which the "dots" remat
+            # policy does not store: the backward pass recomputes each layer's merged
+            # kernels instead of keeping all of them from the forward pass.
+            a, b = pair["a"].get_value()[None], pair["b"].get_value()[None]
+            deltas[path[1:]] = lora_delta(a, b, scaling)[0]
+    return _add_deltas(layer_params, deltas)
+
+
+def _add_deltas(params: nnx.State, deltas: dict) -> nnx.State:
+    """``params`` with ``W + delta`` at each path of ``deltas`` (added in float32, stored
+    back in ``W``'s dtype)."""
+
+    def merge(key_path, leaf):
+        path = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
+        if path in deltas:
+            return (leaf.astype(jnp.float32) + deltas[path]).astype(leaf.dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(merge, params)
+
+
+class AdaptedTransformer:
+    """A ``Transformer`` seen through LoRA adapters, merged one layer at a time.
+
+    It offers what the loss functions use of a model (``config``, ``hidden_states``,
+    ``output_embedding``, ``logits``), computing with ``W + s·A@B`` for every adapted
+    kernel. :func:`apply_lora` builds the whole merged model at once, which for a 7B
+    model costs another copy of the weights and, in the backward pass, a dense gradient
+    of every adapted kernel; here the merge happens inside the layer scan
+    (:func:`merge_layer`), so both exist for one layer at a time. The two are the same
+    network: with ``B = 0`` both equal the base model exactly.
+    """
+
+    def __init__(self, base: Transformer, adapters: nnx.State, scaling: float):
+        self.base = base
+        self.adapters = adapters
+        self.scaling = scaling
+        self.config = base.config
+
+    def hidden_states(self, tokens, positions, attention_mask, cache=None):
+        adapter = (self.adapters, lambda p, a: merge_layer(p, a, self.scaling))
+        return self.base.hidden_states(tokens, positions, attention_mask, cache, adapter)
+
+    def output_embedding(self) -> jax.Array:
+        return self.base.output_embedding()  # embeddings are not LoRA targets
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return self.base.logits(hidden)
+
+
+def lora_loss_fn(base_graphdef: nnx.GraphDef, loss_fn, scaling: float, *, reference=False):
     """Wraps a policy loss function so that the trained "model" is a :class:`LoraAdapters`.
 
-    The returned ``fn(adapters, batch, algo_state, step, rng, frozen)`` expects
-    the base parameters as ``frozen`` (see :func:`jaxalign.training.make_train_step`'s
-    ``frozen_shardings``), merges them with the adapters by :func:`apply_lora`,
-    and calls ``loss_fn(policy, batch, algo_state, step, rng, None)`` on the
-    merged ``Transformer``. Gradients reach only the adapters.
+    The returned ``fn(adapters, batch, algo_state, step, rng, frozen)`` expects the base
+    parameters as ``frozen`` (see :func:`jaxalign.training.make_train_step`'s
+    ``frozen_shardings``) and calls ``loss_fn(policy, batch, algo_state, step, rng, ref)``
+    on the policy base ⊕ adapters (an :class:`AdaptedTransformer`). Gradients reach only
+    the adapters.
+
+    ``reference=True``: ``frozen`` is ``{"base": base params, "reference": adapters}`` and
+    ``ref`` is the model base ⊕ those adapters (SPA's on-the-fly π_{i-1}: the previous
+    round's adapters on the same frozen base, so no second copy of the weights); else
+    ``ref`` is ``None``.
     """
 
     def wrapped(adapters, batch, algo_state, step, rng, frozen=None):
@@ -176,8 +241,11 @@ def lora_loss_fn(base_graphdef: nnx.GraphDef, loss_fn, scaling: float):
             raise ValueError(
                 "LoRA training needs the base parameters as train_step's `frozen` argument"
             )
-        merged = apply_lora(jax.lax.stop_gradient(frozen), nnx.state(adapters), scaling)
-        policy = nnx.merge(base_graphdef, merged)
-        return loss_fn(policy, batch, algo_state, step, rng, None)
+        frozen = jax.lax.stop_gradient(frozen)
+        base_params = frozen["base"] if reference else frozen
+        base = nnx.merge(base_graphdef, base_params)
+        policy = AdaptedTransformer(base, nnx.state(adapters), scaling)
+        ref = AdaptedTransformer(base, frozen["reference"], scaling) if reference else None
+        return loss_fn(policy, batch, algo_state, step, rng, ref)
 
     return wrapped
