@@ -462,3 +462,24 @@ def test_a_self_refining_round_matches_a_plain_reimplementation(run, tmp_path):
         )
     assert result["steps"] >= 3 and checked_flags > 0
     assert any(r["flagged"] for r in rows), "some pair must be flagged for the test to mean much"
+
+
+def test_a_bfloat16_round_starts_at_margin_zero_and_loss_log_2(run, tmp_path):
+    """With ``train.compute_dtype=bfloat16`` the on-the-fly reference computes in the same
+    dtype as the policy, so at a round's first step (policy = reference = π_{i-1}) every
+    margin is 0 and the loss is log 2, as in float32."""
+    base, _, candidates = run
+    ctx = _train_changes(_with(base, flag_warmup_ratio=0.0), compute_dtype="bfloat16")
+    start = _perturbed(ctx.init_params, seed=6)
+    pairs, _ = spa.judge_candidates(ctx, start, candidates * 2)
+    pairs = [{**p, "id": f"{p['id']}-{k}"} for k, p in enumerate(pairs)]
+    spa.train_stage(ctx, 1, start, pairs, tmp_path)
+    steps = [
+        m
+        for m in (json.loads(line) for line in ctx.metrics.path.read_text().splitlines())
+        if m.get("tag") == "round_1/train"
+    ]
+    first = min(steps, key=lambda m: m["step"])
+    assert first["rewards/margin"] == 0.0
+    assert math.isclose(first["train/loss"], math.log(2), rel_tol=1e-6)
+    assert first["spa/extrapolated_margin"] == 0.0
