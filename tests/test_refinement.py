@@ -228,3 +228,79 @@ def test_spa_loss_gradient_flows_only_through_the_policy():
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_ref))
     g_pol = jax.grad(f)(params, ref_params)
     assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree.leaves(g_pol))
+
+
+def _loss_setup(**kwargs):
+    from flax import nnx
+
+    policy, reference = _tiny_models()
+    graphdef, ref_params = nnx.split(reference)
+    batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(0)).items()}
+    buf = refinement.init_margin_buffer(16)
+    prior = jnp.asarray([-0.2, 0.0, 0.1, 0.3, 0.05], jnp.float32)
+    buf = refinement.push_margins(buf, prior, jnp.ones(5, bool))
+    settings = dict(beta=0.5, lam=0.25, quantile=0.5, alpha=0.1, flag_after_step=3, chunk_size=4)
+    settings.update(kwargs)
+    loss_fn = refinement.spa_loss_fn(graphdef, **settings)
+    b = 4
+    ids = np.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+    attn = np.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    lmask = np.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+    lp, lr, lm = _naive_terms(
+        policy, reference, jnp.asarray(ids), jnp.asarray(attn), lmask, settings["lam"]
+    )
+    beta = settings["beta"]
+    margin = beta * ((lm[:b] - lr[:b]) - (lm[b:] - lr[b:]))
+    delta = beta * ((lp[:b] - lr[:b]) - (lp[b:] - lr[b:]))
+    tau = np.quantile(np.asarray(prior), settings["quantile"])
+    w = np.asarray(batch["weight"], np.float64)
+
+    def naive(smoothing, weight):
+        per = -(1 - smoothing) * np.log(1 / (1 + np.exp(-delta))) - smoothing * np.log(
+            1 / (1 + np.exp(delta))
+        )
+        return (weight * per).sum() / weight.sum()
+
+    def run(step, **batch_changes):
+        return loss_fn(policy, {**batch, **batch_changes}, buf, jnp.asarray(step), None, ref_params)
+
+    z = ((margin < tau) & (w > 0)).astype(np.float64)
+    return run, naive, z, w, loss_fn, policy, batch, buf
+
+
+def test_spa_loss_needs_the_reference_and_says_so():
+    _, _, _, _, loss_fn, policy, batch, buf = _loss_setup()
+    with pytest.raises(
+        ValueError, match=r"needs the reference parameters as train_step's `frozen`"
+    ):
+        loss_fn(policy, batch, buf, jnp.asarray(0), None)
+
+
+def test_flagging_starts_at_flag_after_step_exactly():
+    run, naive, z, w, *_ = _loss_setup(flag_after_step=3)
+    assert z.any() and not z.all()
+    before, (aux_before, _) = run(2)
+    at, (aux_at, _) = run(3)
+    assert float(aux_before["spa/flagging_active"]) == 0.0
+    assert float(aux_at["spa/flagging_active"]) == 1.0
+    np.testing.assert_allclose(float(before), naive(np.zeros(4), w), rtol=2e-5)
+    np.testing.assert_allclose(float(at), naive(0.1 * z, w), rtol=2e-5)
+
+
+def test_label_modes_read_the_judges_preference():
+    p = jnp.asarray([0.9, 0.6, 0.8, 0.7], jnp.float32)
+    run, naive, z, w, *_ = _loss_setup(label_mode="soft")
+    loss, _ = run(5, p=p)
+    np.testing.assert_allclose(float(loss), naive(np.where(z > 0, 1 - np.asarray(p), 0.0), w), 2e-5)
+    run, naive, z, w, *_ = _loss_setup(label_mode="confidence")
+    loss, _ = run(5, p=p)
+    np.testing.assert_allclose(float(loss), naive(np.zeros(4), w * np.abs(2 * p - 1)), rtol=2e-5)
+    loss, _ = run(5)  # no p in the batch: a sure judge (p = 1), weights unchanged
+    np.testing.assert_allclose(float(loss), naive(np.zeros(4), w), rtol=2e-5)
+
+
+def test_without_refinement_it_is_dpo_on_the_fly():
+    run, naive, _, w, *_ = _loss_setup(refine=False, flag_after_step=0)
+    loss, (aux, _) = run(5)
+    np.testing.assert_allclose(float(loss), naive(np.zeros(4), w), rtol=2e-5)
+    assert not any(k.startswith(("spa/", "pairs/")) for k in aux)
