@@ -96,6 +96,9 @@ def response_logps(
     tokenizer,
     config,
     mesh=None,
+    *,
+    progress: bool = False,
+    desc: str = "judge log-probs",
 ) -> np.ndarray:
     """``[N, 2]`` summed log-probs of each record's (``chosen``, ``rejected``) response.
 
@@ -111,7 +114,7 @@ def response_logps(
         )
     score = pair_scorer(graphdef, params, config.train.logp_chunk_size, mesh)
     out = np.zeros((len(records), 2), np.float64)
-    for batch in batches:
+    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         ref = score(batch)
         rows = np.asarray(batch["index"])
         valid = rows >= 0

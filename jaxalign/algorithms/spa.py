@@ -291,8 +291,17 @@ def candidate_rewards(
     cfg = ctx.config
     records, slots = _scoring_records(candidates)
 
-    def logps(params):
-        return scoring.response_logps(ctx.graphdef, params, records, ctx.tokenizer, cfg, ctx.mesh)
+    def logps(params, desc):
+        return scoring.response_logps(
+            ctx.graphdef,
+            params,
+            records,
+            ctx.tokenizer,
+            cfg,
+            ctx.mesh,
+            progress=ctx.progress,
+            desc=desc,
+        )
 
     num_tokens = None
     if cfg.spa.judge_reward == "mean":
@@ -301,9 +310,9 @@ def candidate_rewards(
     if sampled_by_judge and cfg.spa.judge_from_sampler:
         judge_logps = _sampler_logps(ctx, candidates, slots)
     if judge_logps is None:
-        judge_logps = logps(judge)
+        judge_logps = logps(judge, "judge: log π_{i-1}")
     per_slot = judging.implicit_reward(
-        judge_logps, logps(ctx.init_params), cfg.train.beta, num_tokens
+        judge_logps, logps(ctx.init_params, "judge: log π_init"), cfg.train.beta, num_tokens
     )
     rewards = [[0.0] * len(r["responses"]) for r in candidates]
     for (k, a, b), (r_a, r_b) in zip(slots, per_slot.tolist(), strict=True):
@@ -427,7 +436,7 @@ def train_stage(
         raise ValueError(f"round {round_index}: no usable preference pairs to train on")
     if seed_round or not spa.refine:
         batches = scoring.with_reference_logps(
-            ctx.graphdef, policy, batches, cfg.train, mesh=ctx.mesh
+            ctx.graphdef, policy, batches, cfg.train, progress=ctx.progress, mesh=ctx.mesh
         )
         loss_fn = training.dpo_loss_fn(cfg.train)
         frozen, algo_state, flag_after = None, None, None
