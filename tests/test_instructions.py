@@ -243,7 +243,11 @@ def test_checks_agree_with_ifeval_reference():
 def test_case_checks_agree_with_ifeval_where_the_language_is_english():
     pytest.importorskip("if_verifiable")
     from if_verifiable.ifeval import instructions as ifeval
+    from langdetect import DetectorFactory
 
+    # IFEval's case checkers first ask langdetect whether the text is English; langdetect
+    # samples at random unless seeded, and on short upper-case text it answers either way.
+    DetectorFactory.seed = 0
     for cls, kind in (
         (ifeval.LowercaseLettersEnglishChecker, "lowercase"),
         (ifeval.CapitalLettersEnglishChecker, "uppercase"),
@@ -252,7 +256,7 @@ def test_case_checks_agree_with_ifeval_where_the_language_is_english():
         checker.build_description()
         for text in (
             "the quick brown fox jumps over the lazy dog",
-            "THE QUICK BROWN FOX JUMPS",
+            "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG AND RUNS AWAY INTO THE WOODS",
             "The Quick brown fox",
         ):
             assert check({"type": kind}, text) == checker.check_following(text), (kind, text)
