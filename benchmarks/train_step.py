@@ -41,29 +41,14 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from machine import cpu_description  # noqa: E402
 
-from jaxalign import parallel, training  # noqa: E402
+from jaxalign import parallel, throughput, training  # noqa: E402
 from jaxalign.models.llama import ModelConfig, Transformer  # noqa: E402
 
 PROMPT_FRACTION = 0.25
-
-
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-``repeats`` float32 FLOP/s of a jitted ``n x n x n`` matmul."""
-    a = jnp.ones((n, n), jnp.float32)
-    b = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def torch_matmul_peaks(n: int = 2048, repeats: int = 10) -> dict[str, float]:
@@ -279,7 +264,7 @@ def _serve(kind: str, config: ModelConfig, batch: dict, chunk: int, conn) -> Non
     try:
         if kind == "jaxalign":
             run, info = jax_stepper(config, batch, chunk)
-            info["peak"] = matmul_peak()
+            info["peak"] = throughput.measure_cpu_matmul_peak(repeats=10)
         else:
             import torch
 

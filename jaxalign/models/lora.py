@@ -145,13 +145,7 @@ def apply_lora(base_params: nnx.State, lora_params: nnx.State, scaling: float) -
             pair = lora_params[name]
             deltas[path] = lora_delta(pair["a"].get_value(), pair["b"].get_value(), scaling)
 
-    def merge(key_path, leaf):
-        path = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
-        if path in deltas:
-            return (leaf.astype(jnp.float32) + deltas[path]).astype(leaf.dtype)
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(merge, base_params)
+    return _add_deltas(base_params, deltas)
 
 
 def merged_model(model: Transformer, adapters: LoraAdapters, scaling: float) -> Transformer:
