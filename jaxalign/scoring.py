@@ -80,8 +80,8 @@ def with_reference_logps(
     ``mesh``: run the pass sharded over it (see :func:`pair_scorer`); every process
     must then hold the same ``batches``.
     """
-    if config.compute_dtype is not None:  # the dtype the policy computes in (configure_model)
-        graphdef, _ = nnx.split(training.configure_model(nnx.merge(graphdef, params), config))
+    if config.compute_dtype is not None:  # the dtype the policy computes in
+        graphdef = training.compute_graphdef(graphdef, params, config)
     score = pair_scorer(graphdef, params, config.logp_chunk_size, mesh)
     return [
         {**batch, **score(batch)}

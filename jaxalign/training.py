@@ -504,6 +504,13 @@ def configure_model(model: Transformer, config: TrainConfig) -> Transformer:
     return copy
 
 
+def compute_graphdef(graphdef: nnx.GraphDef, params, config: TrainConfig) -> nnx.GraphDef:
+    """The structure of the model as training computes it (``config``'s compute dtype and
+    remat, :func:`configure_model`), for passes that must match the policy: a reference
+    whose margins are 0 where its weights are the policy's."""
+    return nnx.split(configure_model(nnx.merge(graphdef, params), config))[0]
+
+
 def state_shardings_for(
     state: TrainState, param_shardings: Any, optimizer: optax.GradientTransformation, mesh: Mesh
 ) -> TrainState:

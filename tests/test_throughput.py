@@ -58,20 +58,7 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 def test_every_logged_step_has_throughput_and_results_do_not(tmp_path, monkeypatch):
     monkeypatch.setattr(throughput, "measure_cpu_matmul_peak", lambda: 50e9)
     monkeypatch.setenv("JAXALIGN_CACHE", str(tmp_path / "cache"))
-    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model, batches = _model_and_batches()
-    writer = MetricsWriter(tmp_path / "metrics.jsonl")
-    result = loop.train(
-        model,
-        batches,
-        CONFIG,
-        mesh,
-        loss_fn=_dpo_loss(),
-        epochs=2,
-        metrics=writer,
-        progress=False,
-        log=lambda m: None,
-    )
+    batches, result = _train_tiny(MetricsWriter(tmp_path / "metrics.jsonl"))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 2 * len(batches) + 1))
     tokens = [throughput.batch_tokens(b) for b in batches]
@@ -85,6 +72,24 @@ def test_every_logged_step_has_throughput_and_results_do_not(tmp_path, monkeypat
 
 def _dpo_loss():
     return training.dpo_loss_fn(CONFIG)
+
+
+def _train_tiny(metrics=None):
+    """Two epochs of DPO on the tiny model on one device; ``(batches, TrainResult)``."""
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model, batches = _model_and_batches()
+    result = loop.train(
+        model,
+        batches,
+        CONFIG,
+        mesh,
+        loss_fn=_dpo_loss(),
+        epochs=2,
+        metrics=metrics,
+        progress=False,
+        log=lambda m: None,
+    )
+    return batches, result
 
 
 def _model_and_batches():
@@ -131,18 +136,7 @@ def test_a_steps_metrics_are_read_after_the_next_step_is_dispatched(tmp_path, mo
 
     monkeypatch.setattr(training, "make_train_step", counting_make)
     monkeypatch.setattr(loop.jax, "device_get", counting_get)
-    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model, batches = _model_and_batches()
-    loop.train(
-        model,
-        batches,
-        CONFIG,
-        mesh,
-        loss_fn=_dpo_loss(),
-        epochs=2,
-        progress=False,
-        log=lambda m: None,
-    )
+    _train_tiny()
     order = [kind for kind, _ in events if kind in ("dispatch", "get")]
     dispatched = [key for kind, key in events if kind == "dispatch"]
     fetched = [key for kind, key in events if kind == "get" and key in dispatched]

@@ -445,9 +445,8 @@ def train_stage(
         flag_after = int(spa.flag_warmup_ratio * total_steps)
         # The on-the-fly reference computes as the policy does (train.compute_dtype), so a
         # round's first step, where the two are the same weights, has margin 0.
-        reference_graphdef = nnx.split(training.configure_model(ctx.model(policy), cfg.train))[0]
         loss_fn = refinement.spa_loss_fn(
-            reference_graphdef,
+            training.compute_graphdef(ctx.graphdef, policy, cfg.train),
             beta=cfg.train.beta,
             lam=spa.lambda_for_round(round_index),
             quantile=spa.noise_quantile,
