@@ -292,7 +292,22 @@ def base_overrides(settings: Settings, data: dict, run_dir: pathlib.Path) -> lis
         f"spa.seed_epochs={settings.seed_epochs}",
         "spa.round_epochs=1",
         f"spa.prompts_per_round={data['prompts_per_round']}",
+        *paper_spa_overrides(),
         "eval.enabled=false",
+    ]
+
+
+def paper_spa_overrides() -> list[str]:
+    """Every other ``spa`` field at its paper default (``SPAConfig``'s), so an arm never
+    inherits the options of the config ``jaxalign run`` starts from (the demo's
+    ``judge_reward: mean``): an arm's own overrides come after these and win."""
+    from jaxalign.config import SPAConfig
+
+    set_here = {"rounds", "prompts_per_round", "seed_epochs", "round_epochs"}
+    return [
+        f"spa.{f.name}={json.dumps(getattr(SPAConfig(), f.name), separators=(',', ':'))}"
+        for f in dataclasses.fields(SPAConfig)
+        if f.name not in set_here
     ]
 
 
@@ -300,7 +315,7 @@ def recommended_overrides() -> list[str]:
     """The ``spa`` group of the recommended config, as overrides."""
     config = yaml.safe_load(RECOMMENDED.read_text()) if RECOMMENDED.exists() else {}
     return [
-        f"spa.{k}={json.dumps(v)}"
+        f"spa.{k}={json.dumps(v, separators=(',', ':'))}"
         for k, v in (config.get("spa") or {}).items()
         if k not in ("rounds", "prompts_per_round", "seed_epochs", "round_epochs")
     ]
