@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from jaxalign import parallel, sampling
@@ -206,6 +207,8 @@ def iter_sample_batches(
     stats = stats if stats is not None else GenerationStats()
     root = jax.random.key(seed)
     keys = [prompt_key(root, identity) for identity in identities]
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, parallel.place_params(state, mesh))  # once, not per batch
     bar = tqdm(total=len(prompts) * config.n, unit="sample", disable=not progress, desc="sampling")
     try:
         for members in batches:

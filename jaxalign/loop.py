@@ -42,7 +42,7 @@ from jaxalign import checkpoint, parallel, throughput, training
 from jaxalign.data.iteration import epoch_order
 from jaxalign.loading import default_cache_dir
 from jaxalign.models.llama import Transformer
-from jaxalign.parallel import model_shardings, shard_host_batch, tree_to_host
+from jaxalign.parallel import model_shardings, place_params, shard_host_batch, tree_to_host
 
 Order = Callable[[int], np.ndarray]  # epoch -> permutation of the batch indices
 
@@ -140,7 +140,7 @@ def train(
     frozen_shardings = None
     if frozen is not None:
         frozen_shardings = model_shardings(frozen, mesh)
-        frozen = jax.device_put(frozen, frozen_shardings)
+        frozen = place_params(frozen, mesh)
     step_fn = training.make_train_step(
         graphdef,
         config,

@@ -227,6 +227,29 @@ def shard_model_state(state: nnx.State, mesh: Mesh, rules=None) -> nnx.State:
     return jax.device_put(state, model_shardings(state, mesh, rules))
 
 
+def place_params(state: nnx.State, mesh: Mesh | None = None) -> nnx.State:
+    """``state`` on the devices a stage computes on, moved at most once.
+
+    With a ``mesh``: each leaf with its training sharding (:func:`model_shardings`: FSDP
+    and tensor axes as configured); without one, on the default device. Leaves already
+    placed that way are returned as they are, so calling this on placed parameters moves
+    nothing. A stage calls it once and hands the result to every batch: a jitted program
+    given host arrays would copy them to the devices again on every call.
+    """
+    if mesh is None:
+        device = jax.local_devices()[0]
+        target = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(device), state)
+    else:
+        target = model_shardings(state, mesh)
+
+    def place(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(place, state, target)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A sharding that keeps a full copy on every device of ``mesh``."""
     return NamedSharding(mesh, PartitionSpec())

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from jaxalign import training
 from jaxalign.data.buckets import bucket_length
 from jaxalign.data.pairs import pair_batches
-from jaxalign.parallel import model_shardings, shard_host_batch, to_host
+from jaxalign.parallel import place_params, shard_host_batch, to_host
 
 # ----------------------------------------------------------------------------- pair batches
 
@@ -47,14 +47,14 @@ def pair_scorer(
     mesh, across hosts too (every process must hold the same batch). Without one, it
     runs on this process's default device.
     """
+    placed = place_params(params, mesh)  # once for all batches
     if mesh is None:
 
         def score(batch):
-            ref = training.compute_reference_logps(graphdef, params, batch, chunk_size)
+            ref = training.compute_reference_logps(graphdef, placed, batch, chunk_size)
             return {k: np.asarray(v) for k, v in ref.items()}
 
         return score
-    placed = jax.device_put(params, model_shardings(params, mesh))
     fields = [k for k in training.PAIR_FIELDS if k.endswith(("ids", "mask"))]
 
     def score(batch):

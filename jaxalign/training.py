@@ -68,6 +68,7 @@ from jaxalign.parallel import (
     batch_divisor,
     batch_sharding,
     model_shardings,
+    place_params,
     replicated,
 )
 from jaxalign.validation import (
@@ -565,6 +566,9 @@ def create_train_state(
 
     abstract = jax.eval_shape(init, params, algo_state)
     shardings = state_shardings_for(abstract, param_shardings, optimizer, mesh)
+    # Each device receives only its shards: host arrays handed to the jit directly would be
+    # copied whole to every device first.
+    params = place_params(params, mesh)
     state = jax.jit(init, out_shardings=shardings)(params, algo_state)
     return graphdef, state, shardings
 
