@@ -6,12 +6,15 @@ sequence bucket, on a mesh of simulated CPU devices (``--xla_force_host_platform
 
 - ``train_dpo``: the DPO step, reference log-probs precomputed (SPA's round 0, ``jaxalign dpo``);
 - ``train_spa``: SPA's self-refinement step, the reference π_{i-1} run on the fly (rounds ≥ 1);
+- ``train_dpo_lora``, ``train_spa_lora``: the same with ``spa.lora_rank`` (default for SPA
+  configs that set it): LoRA adapters trained over the frozen base, π_{i-1} = base ⊕ a frozen
+  copy of the previous adapters;
 - ``train_ple``: PLE's LoRA step (ranking + weighted SFT rows) over the frozen base (PLE runs);
 - ``judge``: one batched log-prob pass (the judge's π_init and π_{i-1}, DPO's reference);
 - ``sample``: the sampler's prefill and decode loop at ``run.generate_batch_size`` prompts ×
   ``spa.samples_per_prompt`` samples, ``data.max_prompt_tokens`` + ``sampling.max_new_tokens``.
-  Its weights are placed as :func:`jaxalign.sampling.generate` places weights that are not on
-  the mesh yet: replicated on every device.
+  Its weights have the training shardings (FSDP/tensor as configured), as a stage places them
+  once (:func:`jaxalign.parallel.place_params`).
 
 For each program and mesh size it reads ``compiled.memory_analysis()`` (per device:
 arguments, outputs, temporaries, aliased bytes) and ``cost_analysis()`` FLOPs, and prints
@@ -259,6 +262,50 @@ def plan_programs(config, cfg: ModelConfig, devices: int, programs: list[str]) -
         )
         buffer = jax.eval_shape(lambda: refinement.init_margin_buffer(spa.margin_window))
         train_step("train_spa", loss, reference=False, algo_state=buffer, frozen=params)
+    if "train_dpo_lora" in programs or "train_spa_lora" in programs:
+        from jaxalign.models import lora
+
+        spa = config.spa
+        rank = spa.lora_rank or 16
+        base = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        adapters = nnx.split(
+            nnx.eval_shape(
+                lambda: lora.LoraAdapters(
+                    Transformer(cfg, rngs=nnx.Rngs(0)),
+                    rank=rank,
+                    targets=spa.lora_targets,
+                    rngs=nnx.Rngs(0),
+                )
+            )
+        )
+        base_graphdef, base_params = nnx.split(training.configure_model(base, train))
+        plain = dataclasses.replace(train, compute_dtype=None, remat=None)
+        scaling = lora.lora_scaling(rank, spa.lora_alpha)
+        if "train_dpo_lora" in programs:
+            loss = lora.lora_loss_fn(base_graphdef, training.dpo_loss_fn(plain), scaling)
+            train_step("train_dpo_lora", loss, reference=True, frozen=base_params, trained=adapters)
+        if "train_spa_lora" in programs:
+            refine = refinement.spa_loss_fn(
+                None,
+                beta=train.beta,
+                lam=spa.lambda_for_round(1),
+                quantile=spa.noise_quantile,
+                alpha=spa.smoothing_alpha,
+                flag_after_step=0,
+                label_mode=spa.label_mode,
+                chunk_size=train.logp_chunk_size,
+            )
+            loss = lora.lora_loss_fn(base_graphdef, refine, scaling, reference=True)
+            buffer = jax.eval_shape(lambda: refinement.init_margin_buffer(spa.margin_window))
+            frozen = {"base": base_params, "reference": adapters[1]}
+            train_step(
+                "train_spa_lora",
+                loss,
+                reference=False,
+                algo_state=buffer,
+                frozen=frozen,
+                trained=adapters,
+            )
     if "train_ple" in programs:
         from jaxalign import enhancement
         from jaxalign.models import lora
@@ -316,9 +363,7 @@ def plan_programs(config, cfg: ModelConfig, devices: int, programs: list[str]) -
         mask = jax.ShapeDtypeStruct((prompts, p_len), jnp.bool_, sharding=rows_sharding)
         key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), prompts))
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-        state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), sample_params
-        )
+        state = abstract(sample_params, parallel.model_shardings(sample_params, mesh))
         t = time.perf_counter()
         compiled = (
             sampling._compiled(sample_graphdef, sconfig).lower(state, ids, mask, key).compile()
@@ -348,15 +393,23 @@ def round_seconds(config, cfg: ModelConfig, chip: str, plan: dict, mfu: float) -
         + 2 * cfg.vocab_size * cfg.hidden_size
     )
     slice_peak = peak * devices * mfu
-    # Training: policy forward + backward and the on-the-fly reference (6N + 2N per token).
-    train_s = 8 * n_params * prompts * tokens * config.spa.round_epochs / slice_peak
+    # Training: policy forward + backward and the on-the-fly reference (6N + 2N per token);
+    # with LoRA the backward pass needs no weight gradients of the base (4N + 2N).
+    per_token = 6 if config.spa.lora else 8
+    train_s = per_token * n_params * prompts * tokens * config.spa.round_epochs / slice_peak
     # The judge: two forward passes (π_init, π_{i-1}) over every sample.
     judge_s = 2 * 2 * n_params * prompts * n * tokens / slice_peak
-    # Decode: every step reads the weights each device holds (replicated) and its KV cache.
+    # Decode: every step reads the whole model on every device (FSDP gathers the shards
+    # it does not hold) and its share of the KV cache.
     sample = plan.get("sample")
     steps = config.sampling.max_new_tokens
     batches = -(-prompts // config.run.generate_batch_size)
-    per_step = (sample["arguments"] if sample else 0) / bandwidth
+    weight_bytes = n_params * jnp.dtype(cfg.param_dtype).itemsize
+    rows = config.run.generate_batch_size * n / devices  # rows split over the devices
+    positions = config.data.max_prompt_tokens + steps
+    cache_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.dim_per_head * positions * rows
+    cache_bytes *= jnp.dtype(cfg.dtype).itemsize
+    per_step = (weight_bytes + cache_bytes) / bandwidth if sample else 0
     sample_s = batches * steps * per_step
     return {
         "sample_s": round(sample_s),
@@ -383,6 +436,8 @@ def main(argv=None) -> int:
         programs = args.programs.split(",")
     elif config.run.algorithm == "ple":
         programs = ["train_ple", "judge", "sample"]
+    elif config.spa.lora:
+        programs = ["train_dpo_lora", "train_spa_lora", "judge", "sample"]
     else:
         programs = ["train_dpo", "train_spa", "judge", "sample"]
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -28,7 +28,7 @@ import yaml
 from jaxalign.data.layouts import PAIR_LAYOUTS
 from jaxalign.judging import RULE_JUDGES
 from jaxalign.models.llama import DTYPE_NAMES
-from jaxalign.models.lora import LORA_TARGETS
+from jaxalign.models.lora import ALL_LINEAR, LORA_TARGETS
 from jaxalign.sampling import SamplingConfig
 from jaxalign.training import TrainConfig
 from jaxalign.validation import (
@@ -157,6 +157,19 @@ class SPAConfig:
     # Beyond the paper (1.0: keep all): keep only this share of a round's pairs, those
     # with the largest judged margins.
     keep_fraction: float = 1.0
+    # Beyond the paper (0: full fine-tuning, the paper's): train LoRA adapters of rank
+    # `lora_rank` instead (jaxalign.models.lora). The loaded model stays frozen and is
+    # π_init, the judge's reference and round 0's; round i continues the adapters of
+    # round i-1 against π_{i-1} = base ⊕ those adapters, so one copy of the weights is
+    # held, without optimizer moments.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by α / r
+    lora_targets: tuple[str, ...] = ALL_LINEAR
+
+    @property
+    def lora(self) -> bool:
+        """Whether the rounds train LoRA adapters rather than every weight."""
+        return self.lora_rank > 0
 
     def __post_init__(self):
         check_fields(
@@ -190,6 +203,9 @@ class SPAConfig:
                 "judge_from_sampler": BOOLEAN,
                 # A share of the round's pairs; 0 would leave nothing to train on.
                 "keep_fraction": number(0, 1, low_open=True),
+                "lora_rank": NON_NEGATIVE_INT,  # 0: full fine-tuning
+                "lora_alpha": POSITIVE,
+                "lora_targets": list_of(one_of(*LORA_TARGETS), non_empty=True, unique=True),
             },
         )
 

@@ -270,8 +270,28 @@ def load(
 
 RUN_CONFIG = "config.yaml"  # the run's config, written when it starts
 RUN_STATE = "state.json"  # the stages it finished (jaxalign.algorithms.rounds)
-# Where a round keeps the parameters it trained, by algorithm.
+# Where a round keeps the parameters it trained, by algorithm (SPA with spa.lora_rank: lora).
 ROUND_PARAMS = {"spa": "model", "ple": "lora"}
+
+
+def _adapter_group(config: dict) -> dict | None:
+    """The config group whose ``lora_*`` settings shaped a run's adapters; ``None`` when the
+    run trained every weight."""
+    algorithm = config["run"]["algorithm"]
+    if algorithm == "ple":
+        return config.get("ple") or {}
+    spa = config.get("spa") or {}
+    if algorithm == "spa" and spa.get("lora_rank", 0) > 0:
+        return spa
+    return None
+
+
+def _round_params(config: dict) -> str:
+    if _adapter_group(config) is not None:
+        return "lora"
+    return ROUND_PARAMS[config["run"]["algorithm"]]
+
+
 _ROUND_DIR = re.compile(r"round_(\d+)")
 _TRAIN_STAGE = re.compile(r"round_(\d+)/train")
 
@@ -283,7 +303,8 @@ class RunModel:
     run_dir: Path
     algorithm: str  # spa | ple | dpo: the run's run.algorithm
     round_index: int | None  # None for a DPO run, which has no rounds
-    params_dir: Path  # orbax parameters: the whole model (spa, dpo) or LoRA adapters (ple)
+    params_dir: Path  # orbax parameters: the whole model (spa, dpo) or LoRA adapters (ple,
+    # spa with spa.lora_rank)
     config: dict  # the run's config.yaml
     finished_rounds: tuple[int, ...]  # every round whose training finished
 
@@ -294,7 +315,7 @@ class RunModel:
 
     @property
     def is_adapters(self) -> bool:
-        return self.algorithm == "ple"
+        return _adapter_group(self.config) is not None
 
 
 def _run_layout(path: Path) -> tuple[Path, int | None, str | None] | None:
@@ -388,7 +409,7 @@ def find_run_model(path: str | Path) -> RunModel | None:
                 f"{run_dir / RUN_STATE}); rerun the run's command to finish it"
             )
         return RunModel(run_dir, algorithm, 0, path, config, finished)
-    expected = ROUND_PARAMS[algorithm]
+    expected = _round_params(config)
     if folder is not None and round_index is None:
         raise ValueError(
             f"{path}: a {algorithm} run keeps its models in round_K/{expected}/; pass "
@@ -437,9 +458,9 @@ def load_run_model(
             f"is needed to rebuild its model and does not load: {e}"
         ) from None
     if run.is_adapters:
-        ple = run.config.get("ple", {})
-        rank, alpha = ple.get("lora_rank", 8), ple.get("lora_alpha", 16.0)
-        targets = tuple(ple.get("lora_targets", lora.ALL_LINEAR))
+        group = _adapter_group(run.config)
+        rank, alpha = group.get("lora_rank", 8), group.get("lora_alpha", 16.0)
+        targets = tuple(group.get("lora_targets", lora.ALL_LINEAR))
         adapters = lora.LoraAdapters(base, rank=rank, targets=targets, rngs=nnx.Rngs(0))
         nnx.update(adapters, _restore(run, nnx.state(adapters)))
         return lora.merged_model(base, adapters, lora.lora_scaling(rank, alpha)), tokenizer

@@ -228,6 +228,12 @@ def _training(facts: CardFacts) -> str:
             "pairs with DPO plus self-refinement: de-coupled noise detection from extrapolated",
             f"logits, and label smoothing α = {spa.get('smoothing_alpha')} for the pairs it flags.",
         ]
+        if spa.get("lora_rank", 0) > 0:
+            lines += [
+                f"Every round trains LoRA adapters (r = {spa.get('lora_rank')}, "
+                f"α = {spa.get('lora_alpha')}) on the frozen starting model, continuing the",
+                "previous round's; the exported weights have them merged in (`W + s·A@B`).",
+            ]
     elif facts.algorithm == "ple":
         ple = cfg.get("ple", {})
         lines += [

@@ -180,13 +180,19 @@ def spa_loss_fn(
 
     ``batch["p"] [B]`` (the judge's preference probability) is used by the
     ``soft`` and ``confidence`` label modes; it defaults to 1.
+
+    ``graphdef=None``: ``frozen`` is the reference model itself rather than its
+    parameters (LoRA, :func:`jaxalign.models.lora.lora_loss_fn` with ``reference=True``).
     """
 
     def loss_fn(model, batch, algo_state, step, rng, frozen=None):
         if frozen is None:
             raise ValueError("spa_loss_fn needs the reference parameters as train_step's `frozen`")
 
-        reference = nnx.merge(graphdef, jax.lax.stop_gradient(frozen))
+        if graphdef is None:
+            reference = frozen
+        else:
+            reference = nnx.merge(graphdef, jax.lax.stop_gradient(frozen))
         b = batch["chosen_ids"].shape[0]
 
         def both(name):

@@ -52,37 +52,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
 from jaxalign import checkpoint, enhancement, judging, loop, training
 from jaxalign.algorithms import stages
 from jaxalign.algorithms.rounds import RoundRunner, atomic_write_jsonl, finish_run, read_jsonl
-from jaxalign.algorithms.stages import RunContext, eval_stage
+from jaxalign.algorithms.stages import Adapters, RunContext, eval_stage
 from jaxalign.config import Config
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import sample_texts
 from jaxalign.models import lora
 from jaxalign.report import PLE_SUMMARY_COLUMNS, format_table
-
-
-@dataclasses.dataclass(frozen=True)
-class Adapters:
-    """What PLE trains: LoRA adapters of the base model (their structure, start and scale)."""
-
-    graphdef: nnx.GraphDef
-    init: nnx.State  # B = 0: the adapted model starts equal to the base
-    scaling: float  # s = α / r
-
-    def load(self, path: str) -> nnx.State:
-        """Adapter parameters a finished stage saved at ``path``."""
-        return stages.load_params(path, self.init)
-
-    def merged(self, ctx: RunContext, adapters: nnx.State) -> nnx.State:
-        """The base parameters with ``adapters`` folded in, ``W + s·A@B``: the policy."""
-        merge = jax.jit(lora.apply_lora, static_argnums=2)
-        return jax.device_get(merge(ctx.init_params, adapters, self.scaling))
 
 
 def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
@@ -166,14 +147,7 @@ def ple_iteration(
 def _adapters(ctx: RunContext) -> Adapters:
     """LoRA adapters of every ``ple.lora_targets`` kernel (paper: r = 8, α = 16, all linear)."""
     p = ctx.config.ple
-    adapters = lora.LoraAdapters(
-        ctx.model(ctx.init_params),
-        rank=p.lora_rank,
-        targets=p.lora_targets,
-        rngs=nnx.Rngs(ctx.config.run.seed),
-    )
-    graphdef, init = nnx.split(adapters)
-    return Adapters(graphdef, init, lora.lora_scaling(p.lora_rank, p.lora_alpha))
+    return stages.lora_adapters(ctx, p.lora_rank, p.lora_alpha, p.lora_targets)
 
 
 def _queries(p, prompts: list[dict], t: int) -> list[dict]:

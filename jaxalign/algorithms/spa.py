@@ -52,6 +52,7 @@ from jaxalign.config import Config
 from jaxalign.data.pairs import pair_batches
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import encode_prompts, sample_texts
+from jaxalign.models import lora
 from jaxalign.report import SUMMARY_COLUMNS, format_table, write_report
 
 
@@ -76,7 +77,9 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
     policy = runner.produce(
         0,
         "train",
-        lambda d: train_stage(ctx, 0, ctx.init_params, seed_pairs, d),
+        lambda d: train_stage(
+            ctx, 0, ctx.init_params, seed_pairs, d, _trained_adapters(ctx, runner, -1)
+        ),
         load=lambda result: _trained_policy(ctx, result),
     )
     evaluate(0, policy)
@@ -124,7 +127,7 @@ def spa_round(
     return runner.produce(
         i,
         "train",
-        lambda d: train_stage(ctx, i, policy, pairs, d),
+        lambda d: train_stage(ctx, i, policy, pairs, d, _trained_adapters(ctx, runner, i - 1)),
         load=lambda result: _trained_policy(ctx, result),
     )
 
@@ -154,8 +157,20 @@ def _round_prompts(cfg: Config, prompts: list[dict], log) -> Iterator[tuple[int,
 
 
 def _trained_policy(ctx: RunContext, train_result: dict) -> nnx.State:
-    """The parameters a finished train stage saved."""
+    """The parameters a finished train stage saved (with LoRA: the loaded model with the
+    stage's adapters merged in)."""
+    if "lora" in train_result:
+        spec = _lora_spec(ctx)
+        return spec.merged(ctx, spec.load(train_result["lora"]))
     return stages.load_params(train_result["model"], ctx.init_params)
+
+
+def _trained_adapters(ctx: RunContext, runner: RoundRunner, i: int) -> nnx.State | None:
+    """π_i's LoRA adapters (``None`` without ``spa.lora_rank``); before round 0, the fresh ones."""
+    spec = _lora_spec(ctx)
+    if spec is None:
+        return None
+    return spec.init if i < 0 else spec.load(runner.result(i, "train")["lora"])
 
 
 # ----------------------------------------------------------------------------- 1. sample
@@ -417,7 +432,12 @@ def judge_stage(
 
 
 def train_stage(
-    ctx: RunContext, round_index: int, policy: nnx.State, records: list[dict], out: pathlib.Path
+    ctx: RunContext,
+    round_index: int,
+    policy: nnx.State,
+    records: list[dict],
+    out: pathlib.Path,
+    adapters: nnx.State | None = None,
 ) -> tuple[dict, nnx.State]:
     """π_i from ``policy`` = π_{i-1} (π_init in round 0) on the round's pairs, with reference
     π_{i-1}; saves it to ``model/`` and returns the stage's result and π_i.
@@ -426,9 +446,17 @@ def train_stage(
     precomputed once (:func:`jaxalign.scoring.with_reference_logps`), so training holds
     one model. Rounds ≥ 1 add self-refinement (:func:`jaxalign.refinement.spa_loss_fn`),
     which needs the reference's per-token logits: π_{i-1} runs on the fly, frozen.
+
+    With ``spa.lora_rank``, ``adapters`` are π_{i-1}'s (round 0: the fresh ones, ``B = 0``)
+    and ``policy`` is the loaded model with them merged in: the adapters train, from
+    there, on the frozen loaded model, π_{i-1}'s reference is the same base with a frozen
+    copy of them, and the stage saves them to ``lora/``.
     """
     cfg = ctx.config
     spa = cfg.spa
+    spec = _lora_spec(ctx)
+    if spec is not None and adapters is None:
+        raise ValueError("spa.lora_rank is set: train_stage needs π_{i-1}'s adapters")
     seed_round = round_index == 0
     epochs = spa.seed_epochs if seed_round else spa.round_epochs
     batches, build_report = pair_batches(records, ctx.tokenizer, cfg)
@@ -446,7 +474,7 @@ def train_stage(
         # The on-the-fly reference computes as the policy does (train.compute_dtype), so a
         # round's first step, where the two are the same weights, has margin 0.
         loss_fn = refinement.spa_loss_fn(
-            training.compute_graphdef(ctx.graphdef, policy, cfg.train),
+            None if spec else training.compute_graphdef(ctx.graphdef, policy, cfg.train),
             beta=cfg.train.beta,
             lam=spa.lambda_for_round(round_index),
             quantile=spa.noise_quantile,
@@ -457,10 +485,13 @@ def train_stage(
         )
         frozen = policy  # reference π_{i-1}, run on the fly
         algo_state = refinement.init_margin_buffer(spa.margin_window)
+    model, train_config = ctx.model(policy), cfg.train
+    if spec is not None:
+        model, train_config, loss_fn, frozen = _lora_training(ctx, spec, adapters, loss_fn, frozen)
     result = loop.train(
-        ctx.model(policy),
+        model,
         batches,
-        cfg.train,
+        train_config,
         ctx.mesh,
         loss_fn=loss_fn,
         epochs=epochs,
@@ -480,12 +511,15 @@ def train_stage(
         atomic_write_jsonl(
             out / "refinement.jsonl", [{"id": ids[p["index"]], **p} for p in result.per_pair]
         )
-    model_dir = out / "model"
     saved = time.perf_counter()
-    checkpoint.save_params(model_dir, result.params)
+    if spec is None:
+        trained, params = {"model": str(out / "model")}, result.params
+    else:
+        trained, params = {"lora": str(out / "lora")}, spec.merged(ctx, result.params)
+    checkpoint.save_params(next(iter(trained.values())), result.params)
     checkpoint_seconds = time.perf_counter() - saved
     summary = {
-        "model": str(model_dir),
+        **trained,
         "pairs": build_report.kept,
         "steps": result.steps,
         "skipped_steps": result.skipped_steps,
@@ -496,7 +530,30 @@ def train_stage(
     }
     summary.update({f"final/{k}": v for k, v in result.last_metrics.items()})
     summary.update({f"mean/{k}": v for k, v in result.mean_metrics.items()})
-    return summary, result.params
+    return summary, params
+
+
+def _lora_spec(ctx: RunContext) -> stages.Adapters | None:
+    """The LoRA adapters ``spa.lora_rank`` asks for; ``None`` for full fine-tuning."""
+    spa = ctx.config.spa
+    if not spa.lora:
+        return None
+    return stages.lora_adapters(ctx, spa.lora_rank, spa.lora_alpha, spa.lora_targets)
+
+
+def _lora_training(ctx: RunContext, spec: stages.Adapters, adapters: nnx.State, loss_fn, frozen):
+    """What a LoRA train stage hands :func:`jaxalign.loop.train` in place of the full model's
+    ``(model, train config, loss, frozen)``: the adapters are the trained model (compute
+    dtype and remat apply to the frozen base), the base rides along frozen, and an
+    on-the-fly reference π_{i-1} (``frozen`` given) is the base with a copy of ``adapters``.
+    """
+    cfg = ctx.config
+    base_graphdef, base = nnx.split(training.configure_model(ctx.model(ctx.init_params), cfg.train))
+    on_the_fly = frozen is not None
+    loss_fn = lora.lora_loss_fn(base_graphdef, loss_fn, spec.scaling, reference=on_the_fly)
+    frozen = {"base": base, "reference": adapters} if on_the_fly else base
+    train_config = dataclasses.replace(cfg.train, compute_dtype=None, remat=None)
+    return nnx.merge(spec.graphdef, adapters), train_config, loss_fn, frozen
 
 
 # ----------------------------------------------------------------------------- the summary

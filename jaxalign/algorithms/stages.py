@@ -43,6 +43,7 @@ from jaxalign.data.records import read_prompt_records
 from jaxalign.evaluation import score_answers, win_rate
 from jaxalign.generation import sample_texts
 from jaxalign.loading import compile_cache_dir, hub_id_of_path, load, provenance
+from jaxalign.models import lora
 from jaxalign.models.llama import Transformer
 from jaxalign.report import MetricsWriter
 from jaxalign.reward_judge import load_reward_judge
@@ -108,6 +109,35 @@ def load_params(path: str, like: nnx.State) -> nnx.State:
     """Parameters a finished stage saved at ``path``, in the structure and dtypes of ``like``."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
     return checkpoint.load_params(path, abstract)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """LoRA adapters of the loaded model, as PLE and SPA with ``spa.lora_rank`` train them:
+    their structure, start and scale."""
+
+    graphdef: nnx.GraphDef
+    init: nnx.State  # B = 0: the adapted model starts equal to the base
+    scaling: float  # s = α / r
+
+    def load(self, path: str) -> nnx.State:
+        """Adapter parameters a finished stage saved at ``path``."""
+        return load_params(path, self.init)
+
+    def merged(self, ctx: RunContext, adapters: nnx.State) -> nnx.State:
+        """The base parameters with ``adapters`` folded in, ``W + s·A@B``: the policy."""
+        merge = jax.jit(lora.apply_lora, static_argnums=2)
+        return jax.device_get(merge(ctx.init_params, adapters, self.scaling))
+
+
+def lora_adapters(ctx: RunContext, rank: int, alpha: float, targets) -> Adapters:
+    """Adapters of rank ``rank`` on every ``targets`` kernel of the loaded model, ``B = 0``
+    (the adapted model starts equal to it) and ``A`` drawn from ``run.seed``."""
+    adapters = lora.LoraAdapters(
+        ctx.model(ctx.init_params), rank=rank, targets=targets, rngs=nnx.Rngs(ctx.config.run.seed)
+    )
+    graphdef, init = nnx.split(adapters)
+    return Adapters(graphdef, init, lora.lora_scaling(rank, alpha))
 
 
 def sampling_config(ctx: RunContext, **changes) -> SamplingConfig:
