@@ -125,3 +125,18 @@ def test_a_run_resumes_across_settings_that_change_no_result_and_refuses_others(
     changed = {**new, "train": {"learning_rate": 2e-5}}
     with pytest.raises(ValueError, match=r"different config \(changed: train.learning_rate\)"):
         RoundRunner(tmp_path, changed, log=lambda m: None)
+
+
+def test_an_option_added_since_a_run_resumes_at_its_default_and_refuses_other_values(tmp_path):
+    """A run made before ``spa.lora_rank`` existed resumes with it at its default (the
+    behaviour the run had); set to anything else, or changed where the run recorded it,
+    the resume is refused."""
+    defaults = {"spa": {"lora_rank": 0, "beta": 0.1}}
+    old = {"spa": {"beta": 0.1}}
+    rounds.RoundRunner(tmp_path, old, log=lambda m: None)
+    rounds.RoundRunner(tmp_path, {"spa": {"beta": 0.1, "lora_rank": 0}}, defaults=defaults)
+    with pytest.raises(ValueError, match=r"changed: spa.lora_rank\)"):
+        rounds.RoundRunner(tmp_path, {"spa": {"beta": 0.1, "lora_rank": 8}}, defaults=defaults)
+    with pytest.raises(ValueError, match=r"changed: spa.beta\)"):
+        rounds.RoundRunner(tmp_path, {"spa": {"beta": 0.2, "lora_rank": 0}}, defaults=defaults)
+    assert rounds.config_differences({"a": 1}, {"a": 1, "b": 2}) == ["b"]  # no defaults given

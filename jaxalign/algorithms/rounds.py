@@ -201,10 +201,19 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
+def config_differences(old: dict, new: dict, defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two config dicts.
+
+    ``defaults``: a key missing from ``old`` (a run made before that option existed) that
+    ``new`` holds at its default value here is not a difference: options are added with
+    the behaviour they had before as their default."""
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    d = _flatten(defaults) if defaults is not None else {}
+    return sorted(
+        k
+        for k in set(a) | set(b)
+        if a.get(k) != b.get(k) and not (k not in a and k in d and b.get(k) == d[k])
+    )
 
 
 class RoundRunner:
@@ -216,13 +225,23 @@ class RoundRunner:
         out = runner.stage(1, "sample", lambda d: {"candidates": str(d / "candidates.jsonl")})
         params = runner.produce(1, "train", train, load=lambda result: read(result["model"]))
 
+    ``defaults``: the config's default values (:func:`config_differences`), so a run made
+    before an option existed resumes when the option is at its default.
+
     ``fn(round_dir)`` does the work and returns a JSON-able dict of results
     (artifact paths, counts, metrics); the dict is stored, and on a rerun the
     stored dict is returned without calling ``fn``. :meth:`produce` does the same
     for a stage that also hands a value (parameters) to the next one.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, config: dict, *, log: Callable = print):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: dict,
+        *,
+        log: Callable = print,
+        defaults: dict | None = None,
+    ):
         self.run_dir = run_path(run_dir)
         self.primary = parallel.is_primary_process()
         if self.primary:
@@ -233,7 +252,9 @@ class RoundRunner:
         state_path = self.run_dir / STATE_FILE
         if config_path.exists():
             old = yaml.safe_load(config_path.read_text()) or {}
-            changed = [k for k in config_differences(old, config) if k not in _RESUMABLE_CHANGES]
+            changed = [
+                k for k in config_differences(old, config, defaults) if k not in _RESUMABLE_CHANGES
+            ]
             if changed:
                 raise ValueError(
                     f"{self.run_dir} holds a run made with a different config "

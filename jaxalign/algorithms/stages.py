@@ -80,7 +80,9 @@ def start_run(config: Config, log: Callable[[str], None]) -> tuple[RunContext, R
         log = lambda message: None  # noqa: E731 -- only process 0 logs
     if config.run.compile_cache:
         parallel.use_compile_cache(compile_cache_dir())
-    runner = RoundRunner(config.run.output_dir, to_dict(config), log=log)
+    runner = RoundRunner(
+        config.run.output_dir, to_dict(config), log=log, defaults=to_dict(Config())
+    )
     mesh = parallel.make_mesh(config.run.mesh.data, config.run.mesh.fsdp, config.run.mesh.tensor)
     log(parallel.describe_devices(mesh))
     log(f"loading {config.model.name}")
