@@ -248,10 +248,13 @@ def plan_programs(config, cfg: ModelConfig, devices: int, programs: list[str]) -
 
     if "train_dpo" in programs:
         train_step("train_dpo", training.dpo_loss_fn(train), reference=True)
-    if "train_spa" in programs:
-        spa = config.spa
-        loss = refinement.spa_loss_fn(
-            graphdef,
+    spa = config.spa
+    buffer = jax.eval_shape(lambda: refinement.init_margin_buffer(spa.margin_window))
+
+    def spa_loss(reference_graphdef):
+        """SPA's round-1 refinement loss (``None``: the reference comes as a model)."""
+        return refinement.spa_loss_fn(
+            reference_graphdef,
             beta=train.beta,
             lam=spa.lambda_for_round(1),
             quantile=spa.noise_quantile,
@@ -260,12 +263,13 @@ def plan_programs(config, cfg: ModelConfig, devices: int, programs: list[str]) -
             label_mode=spa.label_mode,
             chunk_size=train.logp_chunk_size,
         )
-        buffer = jax.eval_shape(lambda: refinement.init_margin_buffer(spa.margin_window))
+
+    if "train_spa" in programs:
+        loss = spa_loss(graphdef)
         train_step("train_spa", loss, reference=False, algo_state=buffer, frozen=params)
     if "train_dpo_lora" in programs or "train_spa_lora" in programs:
         from jaxalign.models import lora
 
-        spa = config.spa
         rank = spa.lora_rank or 16
         base = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
         adapters = nnx.split(
@@ -285,18 +289,7 @@ def plan_programs(config, cfg: ModelConfig, devices: int, programs: list[str]) -
             loss = lora.lora_loss_fn(base_graphdef, training.dpo_loss_fn(plain), scaling)
             train_step("train_dpo_lora", loss, reference=True, frozen=base_params, trained=adapters)
         if "train_spa_lora" in programs:
-            refine = refinement.spa_loss_fn(
-                None,
-                beta=train.beta,
-                lam=spa.lambda_for_round(1),
-                quantile=spa.noise_quantile,
-                alpha=spa.smoothing_alpha,
-                flag_after_step=0,
-                label_mode=spa.label_mode,
-                chunk_size=train.logp_chunk_size,
-            )
-            loss = lora.lora_loss_fn(base_graphdef, refine, scaling, reference=True)
-            buffer = jax.eval_shape(lambda: refinement.init_margin_buffer(spa.margin_window))
+            loss = lora.lora_loss_fn(base_graphdef, spa_loss(None), scaling, reference=True)
             frozen = {"base": base_params, "reference": adapters[1]}
             train_step(
                 "train_spa_lora",

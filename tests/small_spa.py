@@ -1,5 +1,15 @@
 """The config of a small SPA run on the tiny model (one round of 8 prompts, 8 fake devices),
-shared by the tests that run one end to end."""
+shared by the tests that run one end to end, and the slices of the demo data it reads."""
+
+from jaxalign.data.records import DEMO_FILES
+
+
+def write_small_demo_data(root):
+    """``seed.jsonl`` (8 demo pairs), ``prompts.jsonl`` (8) and ``eval.jsonl`` (4) in ``root``."""
+    for name, key, count in (("seed", "pairs", 8), ("prompts", "prompts", 8), ("eval", "eval", 4)):
+        lines = DEMO_FILES[key].read_text().splitlines()[:count]
+        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
 
 
 def small_spa_overrides(model, seed, prompts, evals, out) -> list[str]:

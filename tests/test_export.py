@@ -12,12 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from small_spa import small_spa_overrides
+from small_spa import small_spa_overrides, write_small_demo_data
 
 from jaxalign import cli
 from jaxalign.algorithms import spa
 from jaxalign.config import load_config
-from jaxalign.data.records import DEMO_FILES
 from jaxalign.loading import load
 
 TOKENS = [[1, 20, 300, 4000, 5, 77, 9, 12000]]
@@ -27,10 +26,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_data")
-    for name, key, count in (("seed", "pairs", 8), ("prompts", "prompts", 8), ("eval", "eval", 4)):
-        lines = DEMO_FILES[key].read_text().splitlines()[:count]
-        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return write_small_demo_data(root)
 
 
 def _spa_config(data, model_dir, out, *extra):

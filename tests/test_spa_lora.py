@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from small_spa import small_spa_overrides
+from small_spa import small_spa_overrides, write_small_demo_data
 
 from jaxalign import checkpoint
 from jaxalign.algorithms import spa
 from jaxalign.config import load_config
-from jaxalign.data.records import DEMO_FILES
 from jaxalign.loading import load
 from jaxalign.models import lora
 
@@ -27,10 +26,7 @@ TOKENS = jnp.asarray([[1, 20, 300, 4000, 5, 77, 9, 12000]], jnp.int32)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("spa_lora_data")
-    for name, key, count in (("seed", "pairs", 8), ("prompts", "prompts", 8), ("eval", "eval", 4)):
-        lines = DEMO_FILES[key].read_text().splitlines()[:count]
-        (root / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return write_small_demo_data(root)
 
 
 def _config(data, model_dir, out):
