@@ -125,9 +125,16 @@ class Checkpointer:
 
 
 def save_params(path: str | os.PathLike, params: Any) -> None:
-    """Writes a model's parameter state (a pytree) to ``path``, replacing what was there."""
+    """Writes a model's parameter state (a pytree) to ``path``, replacing what was there.
+
+    Device arrays are written from host copies (gathered from every process when they
+    span several), so the files carry no sharding and any topology reads them back: a
+    run trained on a pod slice loads on one CPU. Every process must call this together.
+    """
+    from jaxalign.parallel import tree_to_host
+
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(checkpoint_path(path), params, force=True)
+        checkpointer.save(checkpoint_path(path), tree_to_host(params), force=True)
         checkpointer.wait_until_finished()
 
 

@@ -42,7 +42,7 @@ from jaxalign import checkpoint, parallel, throughput, training
 from jaxalign.data.iteration import epoch_order
 from jaxalign.loading import default_cache_dir
 from jaxalign.models.llama import Transformer
-from jaxalign.parallel import model_shardings, place_params, shard_host_batch, tree_to_host
+from jaxalign.parallel import model_shardings, place_params, shard_host_batch
 
 Order = Callable[[int], np.ndarray]  # epoch -> permutation of the batch indices
 
@@ -230,7 +230,7 @@ def train(
         ckpt.wait()
         ckpt.close()
     return TrainResult(
-        params=tree_to_host(state.params),
+        params=state.params,  # on the devices, as trained: the next stage reuses them
         steps=total,
         skipped_steps=int(state.skipped_steps),
         last_metrics=last,

@@ -1,7 +1,11 @@
 """Checkpoint round trips: a killed-and-resumed run is bit-identical to an uninterrupted one."""
 
+import dataclasses
+import os
+
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxalign import checkpoint, parallel, training
@@ -108,6 +112,41 @@ def test_params_only_round_trip(tmp_path):
     np.testing.assert_array_equal(
         model2(np.ones((1, 3), np.int32))[0], model(np.ones((1, 3), np.int32))[0]
     )
+
+
+def test_params_sharded_on_a_mesh_load_in_a_process_with_one_device(tmp_path):
+    """Trained parameters live sharded on the run's mesh; the saved files must still load
+    where that mesh does not exist (export or evaluation on one CPU)."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py fakes them on CPU)")
+    import subprocess
+    import sys
+
+    mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
+    params = nnx.state(Transformer(TINY, rngs=nnx.Rngs(3)))
+    placed = parallel.place_params(params, mesh)
+    checkpoint.save_params(tmp_path / "policy", placed)
+    np.save(tmp_path / "embed.npy", np.asarray(params["embed_tokens"][...]))
+    script = f"""
+import os
+os.environ.pop("XLA_FLAGS", None)
+import jax, numpy as np
+from flax import nnx
+from jaxalign import checkpoint
+from jaxalign.models.llama import ModelConfig, Transformer
+config = ModelConfig(**{dataclasses.asdict(TINY)!r})
+abstract = nnx.state(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+loaded = checkpoint.load_params({str(tmp_path / "policy")!r}, abstract)
+assert len(jax.devices()) == 1
+np.testing.assert_array_equal(loaded["embed_tokens"][...], np.load({str(tmp_path / "embed.npy")!r}))
+print("loaded")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded" in done.stdout
 
 
 def test_bucket_urls_reach_orbax_whole_and_local_paths_absolute(monkeypatch, tmp_path):

@@ -152,3 +152,46 @@ def test_training_places_policy_and_reference_once(host_model, weight_moves, fro
     )
     assert result.steps == 12
     assert len(weight_moves) == (2 if frozen else 1)
+
+
+def test_trained_weights_stay_on_the_devices_for_the_next_stage(
+    host_model, weight_moves, host_params_seen
+):
+    """``loop.train`` hands back the parameters where it trained them (the training
+    shardings), so sampling from them, the next stage, moves nothing."""
+    mesh = mesh_or_none("mesh")
+    graphdef, state = host_model
+    config = training.TrainConfig(learning_rate=1e-3, logp_chunk_size=16)
+    batches = scoring.with_reference_logps(
+        graphdef, state, tiny_batches(n=8, batch_size=4), config, mesh=mesh
+    )
+    result = loop.train(
+        nnx.merge(graphdef, state),
+        batches,
+        config,
+        mesh,
+        loss_fn=training.dpo_loss_fn(config, graphdef),
+        epochs=1,
+        progress=False,
+        log=lambda m: None,
+    )
+    shardings = jax.tree.leaves(parallel.model_shardings(result.params, mesh))
+    leaves = jax.tree.leaves(result.params)
+    assert all(isinstance(x, jax.Array) for x in leaves)
+    assert all(
+        x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, shardings, strict=True)
+    )
+    weight_moves.clear()
+    host_params_seen.clear()
+    sample_texts(
+        nnx.merge(graphdef, result.params),
+        DecodingTokenizer(),
+        [f"question {i}?" for i in range(8)],
+        SamplingConfig(max_new_tokens=4, n=2),
+        seed=0,
+        batch_size=4,
+        mesh=mesh,
+        progress=False,
+    )
+    assert weight_moves == []
+    assert host_params_seen == [0, 0]

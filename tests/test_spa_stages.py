@@ -71,8 +71,10 @@ def _prompt_records():
 
 
 def _perturbed(params, scale=0.05, seed=0):
-    """A policy that differs from π_init, so implicit rewards are not all zero."""
-    leaves, tree = jax.tree.flatten(params)
+    """A policy that differs from π_init, so implicit rewards are not all zero; host arrays,
+    as a stage loaded from disk hands them on (the plain re-implementations below compute
+    with them eagerly on one device)."""
+    leaves, tree = jax.tree.flatten(jax.device_get(params))
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     noisy = [
         x + scale * jax.random.normal(k, x.shape, x.dtype)
