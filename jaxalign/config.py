@@ -311,6 +311,34 @@ class PLEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """``jaxalign dpo``, the standalone DPO command (SPA's round 0 follows ``spa.lora_*``)."""
+
+    # 0: every weight trains. r > 0: LoRA adapters of rank r train on the frozen loaded
+    # model, which is also the reference; `<output_dir>/lora` holds them and the exported
+    # model has them merged in.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by α / r
+    lora_targets: tuple[str, ...] = ALL_LINEAR
+
+    @property
+    def lora(self) -> bool:
+        """Whether the run trains LoRA adapters rather than every weight."""
+        return self.lora_rank > 0
+
+    def __post_init__(self):
+        check_fields(
+            self,
+            "dpo",
+            {
+                "lora_rank": NON_NEGATIVE_INT,  # 0: full fine-tuning
+                "lora_alpha": POSITIVE,
+                "lora_targets": list_of(one_of(*LORA_TARGETS), non_empty=True, unique=True),
+            },
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """End-of-round evaluation against the starting model."""
 
@@ -402,6 +430,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     spa: SPAConfig = SPAConfig()
     ple: PLEConfig = PLEConfig()
+    dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):

@@ -280,9 +280,9 @@ def _adapter_group(config: dict) -> dict | None:
     algorithm = config["run"]["algorithm"]
     if algorithm == "ple":
         return config.get("ple") or {}
-    spa = config.get("spa") or {}
-    if algorithm == "spa" and spa.get("lora_rank", 0) > 0:
-        return spa
+    group = config.get(algorithm) or {}  # spa.lora_rank, dpo.lora_rank
+    if algorithm in ("spa", "dpo") and group.get("lora_rank", 0) > 0:
+        return group
     return None
 
 
@@ -330,8 +330,8 @@ def _run_layout(path: Path) -> tuple[Path, int | None, str | None] | None:
         named = _ROUND_DIR.fullmatch(path.parent.name)
         if named and (path.parent.parent / RUN_CONFIG).is_file():
             return path.parent.parent, int(named.group(1)), path.name
-        if path.name == "model" and (path.parent / RUN_CONFIG).is_file():
-            return path.parent, None, "model"  # jaxalign dpo's output directory
+        if path.name in ("model", "lora") and (path.parent / RUN_CONFIG).is_file():
+            return path.parent, None, path.name  # jaxalign dpo's output directory
     return None
 
 
@@ -385,9 +385,11 @@ def find_run_model(path: str | Path) -> RunModel | None:
     config = read_run_config(run_dir)
     algorithm = config["run"]["algorithm"]
     if algorithm == "dpo":
-        params = run_dir / "model"
+        params = run_dir / ("lora" if _adapter_group(config) is not None else "model")
         if round_index is not None:
             raise ValueError(f"{path}: a DPO run has no rounds; pass {run_dir}")
+        if folder is not None and folder != params.name:
+            raise ValueError(f"{path}: this DPO run keeps its model in {params}")
         if not (params / "_CHECKPOINT_METADATA").is_file():
             raise ValueError(
                 f"{run_dir}: this DPO run has not finished ({params} is not written yet); "

@@ -251,6 +251,13 @@ def _training(facts: CardFacts) -> str:
             f"{train.get('epochs')} epoch(s) (β = {train.get('beta')}, loss "
             f"`{train.get('loss', 'sigmoid')}`).",
         ]
+        dpo = cfg.get("dpo", {})
+        if dpo.get("lora_rank", 0) > 0:
+            lines += [
+                f"It trains LoRA adapters (r = {dpo.get('lora_rank')}, α = "
+                f"{dpo.get('lora_alpha')}) on the frozen starting model; the exported weights",
+                "have them merged in (`W + s·A@B`).",
+            ]
     lines += [
         "",
         f"Optimiser: AdamW, learning rate {train.get('learning_rate')}, batch "

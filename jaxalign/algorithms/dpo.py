@@ -28,6 +28,7 @@ every host still runs the same sequence of identically shaped global batches.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -50,6 +51,7 @@ from jaxalign.algorithms.rounds import (
 )
 from jaxalign.data import pairs as pair_data
 from jaxalign.data.records import DataError, ReadReport, kept_record_index, read_record_share
+from jaxalign.models import lora
 from jaxalign.models.llama import Transformer
 from jaxalign.report import MetricsWriter
 from jaxalign.scoring import with_reference_logps
@@ -67,14 +69,23 @@ def train_dpo(
     progress: bool = True,
     log: Callable[[str], None] = print,
     host_local: bool = False,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets: Sequence[str] = lora.ALL_LINEAR,
 ) -> tuple[nnx.State, dict]:
     """Trains ``model`` on pair ``batches`` with resumable checkpoints in ``output_dir``.
 
-    Returns the final parameters and the last step's metrics. A rerun with the
-    same arguments continues from the newest checkpoint. ``output_dir`` may be a
-    local path or a ``gs://`` URL (checkpoints, reference cache, metrics and model).
-    ``host_local``: ``batches`` are this process's rows only (``host_pair_batches``);
-    the reference log-probs are then computed and cached per process.
+    Returns the final parameters (on ``mesh``, as trained) and the last step's metrics.
+    A rerun with the same arguments continues from the newest checkpoint. ``output_dir``
+    may be a local path or a ``gs://`` URL (checkpoints, reference cache, metrics and
+    model). ``host_local``: ``batches`` are this process's rows only
+    (``host_pair_batches``); the reference log-probs are then computed and cached per
+    process.
+
+    ``lora_rank`` r > 0: LoRA adapters of rank r on the ``lora_targets`` kernels train
+    instead of every weight (``A`` drawn from ``seed``, ``B = 0``, scale α/r); ``model``
+    stays frozen and is the reference. The adapters go to ``<output_dir>/lora`` and the
+    returned parameters are ``model``'s with them merged in.
     """
     out = run_path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,13 +103,25 @@ def train_dpo(
     if not has_tb:
         log("tensorboardX is not installed: metrics go to metrics.jsonl only")
     writer = MetricsWriter(out / "metrics.jsonl", str(out / "tensorboard") if has_tb else None)
+    trained, train_config, loss_fn, frozen = model, config, training.dpo_loss_fn(config), None
+    if lora_rank:
+        adapters = lora.LoraAdapters(
+            model, rank=lora_rank, targets=tuple(lora_targets), rngs=nnx.Rngs(seed)
+        )
+        scaling = lora.lora_scaling(lora_rank, lora_alpha)
+        # The adapters are the trained model; compute dtype and remat apply to the base.
+        base_graphdef, frozen = nnx.split(training.configure_model(model, config))
+        loss_fn = lora.lora_loss_fn(base_graphdef, loss_fn, scaling)
+        trained = adapters
+        train_config = dataclasses.replace(config, compute_dtype=None, remat=None)
     result = loop.train(
-        model,
+        trained,
         batches,
-        config,
+        train_config,
         mesh,
-        loss_fn=training.dpo_loss_fn(config),
+        loss_fn=loss_fn,
         epochs=config.epochs,
+        frozen=frozen,
         metrics=writer,
         tag="dpo",
         progress=progress,
@@ -110,8 +133,11 @@ def train_dpo(
         host_local=host_local,
     )
     writer.close()
-    checkpoint.save_params(out / "model", result.params)
-    return result.params, result.last_metrics
+    if not lora_rank:
+        checkpoint.save_params(out / "model", result.params)
+        return result.params, result.last_metrics
+    checkpoint.save_params(out / "lora", result.params)
+    return stages.merge_adapters(params, result.params, scaling, mesh), result.last_metrics
 
 
 def write_run_config(output_dir: str | os.PathLike, config: dict) -> None:

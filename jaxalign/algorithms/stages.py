@@ -93,6 +93,9 @@ def start_run(config: Config, log: Callable[[str], None]) -> tuple[RunContext, R
         cache_dir=config.model.cache_dir,
     )
     graphdef, init_params = nnx.split(model)
+    # On the devices for the whole run, as training shards it: every stage reads it
+    # (π_init is the judge's reference, SPA's round-0 start and LoRA's frozen base).
+    init_params = parallel.place_params(init_params, mesh)
     context = RunContext(
         config=config,
         run_dir=runner.run_dir,
@@ -128,8 +131,15 @@ class Adapters:
 
     def merged(self, ctx: RunContext, adapters: nnx.State) -> nnx.State:
         """The base parameters with ``adapters`` folded in, ``W + s·A@B``: the policy."""
-        merge = jax.jit(lora.apply_lora, static_argnums=2)
-        return jax.device_get(merge(ctx.init_params, adapters, self.scaling))
+        return merge_adapters(ctx.init_params, adapters, self.scaling, ctx.mesh)
+
+
+def merge_adapters(base: nnx.State, adapters: nnx.State, scaling: float, mesh) -> nnx.State:
+    """``W + s·A@B`` for every adapted kernel of ``base``, computed on ``mesh`` and left
+    there with the base's training shardings, where the next stage reads it."""
+    shardings = parallel.model_shardings(base, mesh)
+    merge = jax.jit(lora.apply_lora, static_argnums=2, out_shardings=shardings)
+    return merge(parallel.place_params(base, mesh), parallel.place_params(adapters, mesh), scaling)
 
 
 def lora_adapters(ctx: RunContext, rank: int, alpha: float, targets) -> Adapters:

@@ -10,7 +10,9 @@ Metrics go to ``<output_dir>/metrics.jsonl`` (and TensorBoard when
 ``--save-every`` steps. Rerunning the same command resumes from the latest
 checkpoint; the batch order of every epoch is a function of the seed, so a
 resumed run sees the same batches as an uninterrupted one. The final
-parameters are written to ``<output_dir>/model`` (``checkpoint.load_params``), and
+parameters are written to ``<output_dir>/model`` (``checkpoint.load_params``; with
+``dpo.lora_rank`` r > 0, LoRA adapters train on the frozen model and go to
+``<output_dir>/lora``), and
 the model as a Hugging Face folder with a model card to ``<output_dir>/model_hf``
 (unless ``run.export_hf=none``); ``<output_dir>/config.yaml`` records the run, so
 ``jaxalign eval --model <output_dir>`` takes the trained model.
@@ -143,6 +145,9 @@ def main(args: argparse.Namespace) -> int:
         progress=config.run.progress,
         log=log,
         host_local=host_local,
+        lora_rank=config.dpo.lora_rank,
+        lora_alpha=config.dpo.lora_alpha,
+        lora_targets=config.dpo.lora_targets,
     )
     counts = {
         "pairs_read": read_report.read,
