@@ -65,9 +65,7 @@ def test_dpo_with_lora_trains_only_adapters_from_the_reference(dpo_lora_run, tin
     assert last["train/loss"] < first["train/loss"]
 
 
-def test_dpo_lora_export_is_the_base_with_the_adapters_merged_by_hand(
-    dpo_lora_run, tiny_model_dir
-):
+def test_dpo_lora_export_is_the_base_with_the_adapters_merged_by_hand(dpo_lora_run, tiny_model_dir):
     _, out = dpo_lora_run
     base, _ = load(tiny_model_dir)
     base_params = nnx.state(base)
