@@ -140,3 +140,60 @@ def test_an_option_added_since_a_run_resumes_at_its_default_and_refuses_other_va
     with pytest.raises(ValueError, match=r"changed: spa.beta\)"):
         rounds.RoundRunner(tmp_path, {"spa": {"beta": 0.2, "lora_rank": 0}}, defaults=defaults)
     assert rounds.config_differences({"a": 1}, {"a": 1, "b": 2}) == ["b"]  # no defaults given
+
+
+def test_round_runner_records_each_stage_and_logs_it(tmp_path, monkeypatch):
+    """What a stage leaves: its result, its wall time (≥ 0 and within the call), the last
+    stage's key, ``state.json`` and ``config.yaml`` as a person reads them; the log lines a
+    run prints; a nested run directory and its round folders made as needed."""
+    run_dir = tmp_path / "a" / "b" / "run"  # parents do not exist yet
+    config = {"run": {"seed": 1}, "model": {"name": "m"}, "data": {"z": 1, "a": 2}}
+    lines = []
+    clock = [100.0, 102.5]  # the stage's start and end; later calls see the end
+    monkeypatch.setattr(
+        rounds.time, "perf_counter", lambda: clock.pop(0) if clock[1:] else clock[0]
+    )
+    runner = rounds.RoundRunner(run_dir, config, log=lines.append)
+    assert runner.round_dir(0) == runner.round_dir(0) == run_dir / "round_0"  # twice is fine
+    result = runner.produce(0, "train", lambda d: ({"model": str(d / "model")}, "params"), None)
+    assert result == "params"
+    state = json.loads((run_dir / "state.json").read_text())
+    entry = state["stages"]["round_0/train"]
+    assert entry["result"] == {"model": str(run_dir / "round_0" / "model")}
+    assert entry["seconds"] == 2.5 and runner.seconds(0, "train") == 2.5
+    assert state["last_stage"] == "round_0/train"
+    assert (run_dir / "state.json").read_text().startswith('{\n "stages": {\n  "round_0/train"')
+    assert lines[0] == "[round_0/train] starting"
+    assert lines[1].startswith("[round_0/train] finished in 2.5s (")
+    assert "programs compiled in" in lines[1] and "from the cache)" in lines[1]
+    # config.yaml keeps the config's own key order (data: z before a)
+    text = (run_dir / "config.yaml").read_text()
+    assert text.index("run:") < text.index("model:") < text.index("data:")
+    assert text.index("z: 1") < text.index("a: 2")
+    again = rounds.RoundRunner(run_dir, config, log=lines.append)
+    assert again.produce(0, "train", None, lambda r: ("loaded", r)) == ("loaded", entry["result"])
+    assert lines[-1] == "[round_0/train] done earlier, skipping"
+
+
+def test_a_changed_config_names_every_changed_key(tmp_path):
+    config = {"run": {"seed": 1}, "train": {"beta": 0.1, "lr": 1.0}}
+    rounds.RoundRunner(tmp_path / "run", config, log=lambda m: None)
+    changed = {"run": {"seed": 2}, "train": {"beta": 0.2, "lr": 1.0}}
+    with pytest.raises(ValueError) as e:
+        rounds.RoundRunner(tmp_path / "run", changed, log=lambda m: None)
+    assert str(e.value) == (
+        f"{tmp_path / 'run'} holds a run made with a different config (changed: run.seed, "
+        "train.beta). Resume with the original config, or choose a new run.output_dir."
+    )
+
+
+def test_config_differences_without_defaults_counts_a_missing_key():
+    assert rounds.config_differences({"a": 1}, {"a": 1, "b": 2}) == ["b"]
+    assert rounds.config_differences({"a": 1}, {"a": 1, "b": 2}, {"b": 2}) == []
+    assert rounds.config_differences({"a": 1}, {"a": 1, "b": 3}, {"b": 2}) == ["b"]
+
+
+def test_read_jsonl_skips_blank_lines_anywhere(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"x": 1}\n\n   \n{"x": 2}\n\n')
+    assert rounds.read_jsonl(path) == [{"x": 1}, {"x": 2}]
