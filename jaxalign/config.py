@@ -121,6 +121,14 @@ class DataConfig:
         )
 
 
+# The `lora_*` options of SPA and of `jaxalign dpo` (PLE's rank must be positive).
+LORA_CHECKS = {
+    "lora_rank": NON_NEGATIVE_INT,  # 0: full fine-tuning
+    "lora_alpha": POSITIVE,
+    "lora_targets": list_of(one_of(*LORA_TARGETS), non_empty=True, unique=True),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class SPAConfig:
     """SPA (Kim et al., arXiv 2406.04412); defaults are the paper's."""
@@ -203,9 +211,7 @@ class SPAConfig:
                 "judge_from_sampler": BOOLEAN,
                 # A share of the round's pairs; 0 would leave nothing to train on.
                 "keep_fraction": number(0, 1, low_open=True),
-                "lora_rank": NON_NEGATIVE_INT,  # 0: full fine-tuning
-                "lora_alpha": POSITIVE,
-                "lora_targets": list_of(one_of(*LORA_TARGETS), non_empty=True, unique=True),
+                **LORA_CHECKS,
             },
         )
 
@@ -321,21 +327,8 @@ class DPOConfig:
     lora_alpha: float = 16.0  # the update is scaled by α / r
     lora_targets: tuple[str, ...] = ALL_LINEAR
 
-    @property
-    def lora(self) -> bool:
-        """Whether the run trains LoRA adapters rather than every weight."""
-        return self.lora_rank > 0
-
     def __post_init__(self):
-        check_fields(
-            self,
-            "dpo",
-            {
-                "lora_rank": NON_NEGATIVE_INT,  # 0: full fine-tuning
-                "lora_alpha": POSITIVE,
-                "lora_targets": list_of(one_of(*LORA_TARGETS), non_empty=True, unique=True),
-            },
-        )
+        check_fields(self, "dpo", LORA_CHECKS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -128,6 +128,20 @@ def test_reference_pass_places_the_weights_once(host_model, weight_moves, host_p
     assert host_params_seen == [0] * len(batches)
 
 
+def _train(graphdef, state, batches, config, mesh, epochs, frozen=None):
+    return loop.train(
+        nnx.merge(graphdef, state),
+        batches,
+        config,
+        mesh,
+        loss_fn=training.dpo_loss_fn(config, graphdef),
+        epochs=epochs,
+        frozen=frozen,
+        progress=False,
+        log=lambda m: None,
+    )
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["precomputed", "frozen-reference"])
 def test_training_places_policy_and_reference_once(host_model, weight_moves, frozen):
     """12 steps: the policy is placed once (its updates stay on the devices), and an
@@ -139,17 +153,7 @@ def test_training_places_policy_and_reference_once(host_model, weight_moves, fro
     if not frozen:
         batches = scoring.with_reference_logps(graphdef, state, batches, config, mesh=mesh)
     weight_moves.clear()
-    result = loop.train(
-        nnx.merge(graphdef, state),
-        batches,
-        config,
-        mesh,
-        loss_fn=training.dpo_loss_fn(config, graphdef),
-        epochs=2,
-        frozen=state if frozen else None,
-        progress=False,
-        log=lambda m: None,
-    )
+    result = _train(graphdef, state, batches, config, mesh, 2, state if frozen else None)
     assert result.steps == 12
     assert len(weight_moves) == (2 if frozen else 1)
 
@@ -165,16 +169,7 @@ def test_trained_weights_stay_on_the_devices_for_the_next_stage(
     batches = scoring.with_reference_logps(
         graphdef, state, tiny_batches(n=8, batch_size=4), config, mesh=mesh
     )
-    result = loop.train(
-        nnx.merge(graphdef, state),
-        batches,
-        config,
-        mesh,
-        loss_fn=training.dpo_loss_fn(config, graphdef),
-        epochs=1,
-        progress=False,
-        log=lambda m: None,
-    )
+    result = _train(graphdef, state, batches, config, mesh, epochs=1)
     shardings = jax.tree.leaves(parallel.model_shardings(result.params, mesh))
     leaves = jax.tree.leaves(result.params)
     assert all(isinstance(x, jax.Array) for x in leaves)
