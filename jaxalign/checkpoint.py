@@ -23,6 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxalign.parallel import tree_to_host
+
 
 def checkpoint_path(path: str | os.PathLike) -> epath.Path:
     """``path`` as orbax wants it: absolute when local, untouched when it is a URL."""
@@ -131,8 +133,6 @@ def save_params(path: str | os.PathLike, params: Any) -> None:
     span several), so the files carry no sharding and any topology reads them back: a
     run trained on a pod slice loads on one CPU. Every process must call this together.
     """
-    from jaxalign.parallel import tree_to_host
-
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(checkpoint_path(path), tree_to_host(params), force=True)
         checkpointer.wait_until_finished()

@@ -128,8 +128,6 @@ def test_params_sharded_on_a_mesh_load_in_a_process_with_one_device(tmp_path):
     checkpoint.save_params(tmp_path / "policy", placed)
     np.save(tmp_path / "embed.npy", np.asarray(params["embed_tokens"][...]))
     script = f"""
-import os
-os.environ.pop("XLA_FLAGS", None)
 import jax, numpy as np
 from flax import nnx
 from jaxalign import checkpoint

@@ -28,7 +28,6 @@ every host still runs the same sequence of identically shaped global batches.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import io
 import json
@@ -109,11 +108,8 @@ def train_dpo(
             model, rank=lora_rank, targets=tuple(lora_targets), rngs=nnx.Rngs(seed)
         )
         scaling = lora.lora_scaling(lora_rank, lora_alpha)
-        # The adapters are the trained model; compute dtype and remat apply to the base.
-        base_graphdef, frozen = nnx.split(training.configure_model(model, config))
-        loss_fn = lora.lora_loss_fn(base_graphdef, loss_fn, scaling)
+        train_config, loss_fn, frozen = stages.lora_training(model, config, loss_fn, scaling)
         trained = adapters
-        train_config = dataclasses.replace(config, compute_dtype=None, remat=None)
     result = loop.train(
         trained,
         batches,

@@ -55,14 +55,13 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from jaxalign import checkpoint, enhancement, judging, loop, training
+from jaxalign import checkpoint, enhancement, judging, loop
 from jaxalign.algorithms import stages
 from jaxalign.algorithms.rounds import RoundRunner, atomic_write_jsonl, finish_run, read_jsonl
 from jaxalign.algorithms.stages import Adapters, RunContext, eval_stage
 from jaxalign.config import Config
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import sample_texts
-from jaxalign.models import lora
 from jaxalign.report import PLE_SUMMARY_COLUMNS, format_table
 
 
@@ -390,13 +389,11 @@ def train_adapters(
     new adapter parameters and ``{steps, skipped_steps, final/..., mean/...}``.
     """
     cfg = ctx.config
-    # The adapters are the trained "model"; compute dtype and remat apply to the base.
-    state_cfg = dataclasses.replace(cfg.train, compute_dtype=None, remat=None)
-    base_graphdef, base_params = nnx.split(
-        training.configure_model(ctx.model(ctx.init_params), cfg.train)
-    )
-    loss_fn = lora.lora_loss_fn(
-        base_graphdef, enhancement.ple_loss_fn(cfg.train, cfg.ple.sft_coefficient), spec.scaling
+    state_cfg, loss_fn, base_params = stages.lora_training(
+        ctx.model(ctx.init_params),
+        cfg.train,
+        enhancement.ple_loss_fn(cfg.train, cfg.ple.sft_coefficient),
+        spec.scaling,
     )
     result = loop.train(
         nnx.merge(spec.graphdef, adapters),

@@ -52,7 +52,6 @@ from jaxalign.config import Config
 from jaxalign.data.pairs import pair_batches
 from jaxalign.data.records import read_preference_records, read_prompt_records
 from jaxalign.generation import encode_prompts, sample_texts
-from jaxalign.models import lora
 from jaxalign.report import SUMMARY_COLUMNS, format_table, write_report
 
 
@@ -547,12 +546,13 @@ def _lora_training(ctx: RunContext, spec: stages.Adapters, adapters: nnx.State, 
     dtype and remat apply to the frozen base), the base rides along frozen, and an
     on-the-fly reference π_{i-1} (``frozen`` given) is the base with a copy of ``adapters``.
     """
-    cfg = ctx.config
-    base_graphdef, base = nnx.split(training.configure_model(ctx.model(ctx.init_params), cfg.train))
-    on_the_fly = frozen is not None
-    loss_fn = lora.lora_loss_fn(base_graphdef, loss_fn, spec.scaling, reference=on_the_fly)
-    frozen = {"base": base, "reference": adapters} if on_the_fly else base
-    train_config = dataclasses.replace(cfg.train, compute_dtype=None, remat=None)
+    train_config, loss_fn, frozen = stages.lora_training(
+        ctx.model(ctx.init_params),
+        ctx.config.train,
+        loss_fn,
+        spec.scaling,
+        reference=adapters if frozen is not None else None,
+    )
     return nnx.merge(spec.graphdef, adapters), train_config, loss_fn, frozen
 
 

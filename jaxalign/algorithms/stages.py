@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxalign import checkpoint, judging, model_card, parallel
+from jaxalign import checkpoint, judging, model_card, parallel, training
 from jaxalign.algorithms.rounds import (
     RoundRunner,
     RunPath,
@@ -140,6 +140,25 @@ def merge_adapters(base: nnx.State, adapters: nnx.State, scaling: float, mesh) -
     shardings = parallel.model_shardings(base, mesh)
     merge = jax.jit(lora.apply_lora, static_argnums=2, out_shardings=shardings)
     return merge(parallel.place_params(base, mesh), parallel.place_params(adapters, mesh), scaling)
+
+
+def lora_training(
+    base: Transformer,
+    train_config: training.TrainConfig,
+    loss_fn: training.LossFn,
+    scaling: float,
+    reference: nnx.State | None = None,
+) -> tuple[training.TrainConfig, training.LossFn, Any]:
+    """``(train config, loss, frozen)`` for :func:`jaxalign.loop.train` when LoRA adapters
+    are the trained model over the frozen ``base`` (SPA, PLE, ``jaxalign dpo``): compute
+    dtype and remat apply to the base, ``loss_fn`` sees base ⊕ adapters, and the base rides
+    along as the step's ``frozen`` argument. With ``reference`` adapters, an on-the-fly
+    reference base ⊕ ``reference`` rides along too."""
+    base_graphdef, params = nnx.split(training.configure_model(base, train_config))
+    on_the_fly = reference is not None
+    loss = lora.lora_loss_fn(base_graphdef, loss_fn, scaling, reference=on_the_fly)
+    frozen = {"base": params, "reference": reference} if on_the_fly else params
+    return dataclasses.replace(train_config, compute_dtype=None, remat=None), loss, frozen
 
 
 def lora_adapters(ctx: RunContext, rank: int, alpha: float, targets) -> Adapters:
