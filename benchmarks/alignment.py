@@ -23,7 +23,8 @@ prompt; a pair is the best against the worst by gold score, ties dropped.
 
 Reported per arm (and per SPA round) on the held-out prompts (``--eval-split``, default
 ``eval``, 320 prompts; options are chosen on ``dev``): gold score; win rate against the
-SFT model per prompt (2 samples at T 0.7, mean gold per prompt; and greedy) with a
+SFT model per prompt (``--eval-samples`` samples at T 0.7, default 2, mean gold per prompt;
+and greedy) with a
 paired-bootstrap 95% interval; response length and EOS rate. Per SPA round: the gold
 score, EOS rate and length of the round's own samples, self-label agreement with the
 gold judge overall and by judged-margin tercile, the flagged fraction and how many
@@ -68,6 +69,11 @@ class Settings:
     """What every arm shares; ``--quick`` shrinks the sizes."""
 
     train_prompts: int = 1600
+    # Label only the first N train prompts (0: all): the seed prompts and as many round
+    # prompts as the SPA arms use, so dpo_all is DPO on the gold labels of every prompt SPA
+    # sees (the paper's comparison) at the size a CPU session fits. The seed's size still
+    # comes from train_prompts.
+    pool_prompts: int = 0
     eval_prompts: int = 320
     seed_fraction: float = 0.033  # SPA: 2K of 60K UltraFeedback labels
     pool_samples: int = 4
@@ -193,7 +199,7 @@ def pool_step(out: pathlib.Path, settings: Settings, models: Models) -> list[dic
     path = out / "pool.jsonl"
     if path.exists():
         return read_jsonl(path)
-    records = task_records("train", settings.train_prompts)
+    records = task_records("train", settings.pool_prompts or settings.train_prompts)
     log(f"pool: {settings.pool_samples} SFT samples for each of {len(records)} train prompts")
     completions = sample(
         models,
@@ -242,7 +248,9 @@ def data_step(out: pathlib.Path, settings: Settings, pool: list[dict]) -> dict:
     """Seed pairs, all pairs and the round prompts, as files the training runs read."""
     data = out / "data"
     files = {k: data / f"{k}.jsonl" for k in ("seed_pairs", "all_pairs", "round_prompts")}
-    n_seed = max(1, round(settings.seed_fraction * len(pool)))
+    n_seed = max(1, round(settings.seed_fraction * settings.train_prompts))
+    if n_seed >= len(pool):
+        raise SystemExit(f"--pool-prompts {len(pool)} leaves no round prompts after {n_seed} seed")
     if not all(p.exists() for p in files.values()):
         pairs = [gold_pair(e) for e in pool]
         write_jsonl(files["seed_pairs"], [p for p in pairs[:n_seed] if p])
@@ -553,7 +561,8 @@ def comparisons(evals: dict[str, list[dict]], sft: list[dict], anchor: str = "dp
 
 def markdown(results: dict) -> str:
     lines = [
-        "| model | gold (2 samples) | win vs SFT [95% CI] | greedy gold | greedy win vs SFT "
+        f"| model | gold ({results['settings']['eval_samples']} samples) | win vs SFT [95% CI] "
+        "| greedy gold | greedy win vs SFT "
         "[95% CI] | EOS rate | mean tokens |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -637,6 +646,18 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--pool-samples", type=int, default=None)
     parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="sampled responses per eval prompt (default 2; more narrow the intervals)",
+    )
+    parser.add_argument(
+        "--pool-prompts",
+        type=int,
+        default=None,
+        help="label only the first N train prompts (seed + the rounds' prompts; default all)",
+    )
+    parser.add_argument(
         "--anchor",
         default="dpo_all",
         help="the arm trained on every gold label, whose gap to dpo_seed arms are measured on",
@@ -652,6 +673,10 @@ def main(argv=None) -> int:
     settings = QUICK if args.quick else Settings()
     if args.pool_samples is not None:
         settings = dataclasses.replace(settings, pool_samples=args.pool_samples)
+    if args.eval_samples is not None:
+        settings = dataclasses.replace(settings, eval_samples=args.eval_samples)
+    if args.pool_prompts is not None:
+        settings = dataclasses.replace(settings, pool_prompts=args.pool_prompts)
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     extra = {}

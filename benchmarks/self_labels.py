@@ -189,6 +189,19 @@ def pool_entries(models, config: dict, pool: str, prompts: int) -> list[dict]:
     return entries
 
 
+def candidate_entries(path: str) -> list[dict]:
+    """A round's candidates (train prompts, exact sampled tokens), each response gold-scored."""
+    from alignment import gold_scores, read_jsonl
+
+    entries = []
+    for record in read_jsonl(pathlib.Path(path)):
+        texts = [r["text"] for r in record["responses"]]
+        gold = gold_scores([record] * len(texts), texts)
+        responses = [{**r, "gold": g} for r, g in zip(record["responses"], gold, strict=True)]
+        entries.append({**record, "responses": responses})
+    return entries
+
+
 def pairwise_agreement(entries, reward: str) -> dict:
     """Over every pair of a prompt's responses that gold separates: does the reward agree?
 
@@ -221,14 +234,21 @@ def pairwise_agreement(entries, reward: str) -> dict:
 
 def evaluate_variant(entries, reward: str, pairing: str, truncated: str, beta: float) -> dict:
     from jaxalign.evaluation import paired_bootstrap
-    from jaxalign.judging import Candidate, select_pair
+    from jaxalign.judging import Candidate, length_controlled_rewards, select_pair
 
     margins, agree, separated, longer, chosen_eos, chosen_gold = [], [], [], [], [], []
     skipped = 0
-    for e in entries:
-        responses = e["responses"] if pairing == "best_worst" else e["responses"][:2]
+    groups = [e["responses"] if pairing == "best_worst" else e["responses"][:2] for e in entries]
+    base = "sum" if reward == "regress" else reward
+    all_rewards = [[beta * r[f"logratio_{base}"] for r in rs] for rs in groups]
+    if reward == "regress":  # spa.length_control=regress: the summed reward less b·length
+        all_rewards, _ = length_controlled_rewards(
+            all_rewards,
+            [[len(r["token_ids"]) for r in rs] for rs in groups],
+            [[r["finished"] or truncated == "keep" for r in rs] for rs in groups],
+        )
+    for responses, rewards in zip(groups, all_rewards, strict=True):
         candidates = [Candidate(r["text"], r["finished"], len(r["token_ids"])) for r in responses]
-        rewards = [beta * r[f"logratio_{reward}"] for r in responses]
         picked = select_pair(candidates, rewards, truncated)
         if isinstance(picked, str):
             skipped += 1
@@ -277,6 +297,12 @@ def main(argv=None) -> int:
         "benchmark pool (alignment.py's pool.jsonl, the SFT model's samples of the train "
         "prompts); the prompts judged are the run's round prompts (data.prompts), never its seed",
     )
+    parser.add_argument(
+        "--candidates",
+        help="judge a round's own candidates instead (an SPA run's round_K/candidates.jsonl: "
+        "π_{K-1}'s samples of round K's train prompts, with their exact tokens), to see how "
+        "each judge labels the later rounds' samples",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -302,6 +328,10 @@ def main(argv=None) -> int:
     cache = out / "samples.jsonl"
     if cache.exists():
         entries = read_jsonl(cache)
+    elif args.candidates:
+        entries = candidate_entries(args.candidates)
+        score_pool_responses(models, policy, entries, run)
+        cache.write_text("".join(json.dumps(e) + "\n" for e in entries))
     elif args.pool:
         entries = pool_entries(models, config, args.pool, args.prompts)
         score_pool_responses(models, policy, entries, run)
@@ -348,7 +378,8 @@ def main(argv=None) -> int:
         score_responses(models, policy, entries, temperature)
         cache.write_text("".join(json.dumps(e) + "\n" for e in entries))
 
-    rewards = ("sum", "mean") if args.pool else ("sum", "mean", "centered")
+    fixed = bool(args.pool or args.candidates)  # no sampling distributions: no "centered"
+    rewards = ("sum", "mean", "regress") if fixed else ("sum", "mean", "centered", "regress")
     variants = [
         evaluate_variant(entries, reward, pairing, truncated, beta)
         for reward, pairing, truncated in itertools.product(
@@ -360,13 +391,13 @@ def main(argv=None) -> int:
         "benchmark": "self_labels",
         "run": str(run),
         "round": args.round,
-        "split": "pool" if args.pool else args.split,
+        "split": "pool" if args.pool else "candidates" if args.candidates else args.split,
         "prompts": len(entries),
         "samples_per_prompt": args.samples,
         "samples_gold": float(np.mean([r["gold"] for r in responses])),
         "samples_eos": float(np.mean([r["finished"] for r in responses])),
         "variants": variants,
-        "pairwise": [pairwise_agreement(entries, reward) for reward in rewards],
+        "pairwise": [pairwise_agreement(entries, r) for r in rewards if r != "regress"],
     }
     lines = [
         "| reward | pairing | truncated | pairs | separated | agreement [95% CI] | by margin "

@@ -156,6 +156,10 @@ class SPAConfig:
     # The judge's reward: "sum" of token log-ratios (paper) or their "mean" over the
     # response's tokens (beyond the paper: the sum favours longer on-policy samples).
     judge_reward: str = "sum"
+    # Beyond the paper ("none"): "regress" takes the round's within-prompt linear trend of
+    # reward on response length out of the rewards before pairs are formed
+    # (jaxalign.judging.length_controlled_rewards), so length alone does not decide a label.
+    length_control: str = "none"
     # The judge's model: π_{i-1} ("previous", paper) or π_0 after the seed DPO ("seed").
     judge_policy: str = "previous"
     # When the judge is the model that sampled, take its log-probs of the sampled tokens from
@@ -207,6 +211,7 @@ class SPAConfig:
                 "label_mode": one_of("smooth", "drop", "soft", "confidence"),
                 "truncated_policy": one_of("keep", "skip", "reject"),
                 "judge_reward": one_of("sum", "mean"),
+                "length_control": one_of("none", "regress"),
                 "judge_policy": one_of("previous", "seed"),
                 "judge_from_sampler": BOOLEAN,
                 # A share of the round's pairs; 0 would leave nothing to train on.

@@ -41,6 +41,52 @@ def implicit_reward(policy_logps, reference_logps, beta: float, num_tokens=None)
     return reward
 
 
+def length_controlled_rewards(
+    rewards: Sequence[Sequence[float]],
+    lengths: Sequence[Sequence[int]],
+    include: Sequence[Sequence[bool]] | None = None,
+) -> tuple[list[list[float]], float]:
+    """Rewards with their length trend taken out: ``r'_kj = r_kj − b·n_kj`` (beyond SPA).
+
+    ``rewards[k][j]``, ``lengths[k][j]``: candidate ``j`` of prompt ``k`` and its token
+    count. ``b`` is the within-prompt least-squares slope of reward on length over the
+    round's candidates,
+
+        b = Σ_k Σ_j (r_kj − r̄_k)(n_kj − n̄_k) / Σ_k Σ_j (n_kj − n̄_k)²,
+
+    with ``r̄_k``, ``n̄_k`` the means over prompt ``k``'s included candidates (``include``,
+    default all; a prompt with fewer than two adds nothing), so lengths that differ between
+    prompts for the prompts' own reasons do not set it. Subtracting a term linear in the
+    length is the length control of length-controlled win rates (Dubois et al., arXiv
+    2404.04475) and of R-DPO (Park et al., arXiv 2403.19159): the summed implicit reward
+    moves by about the per-token log-ratio with every token, so without it a round's pairs
+    are decided by length as much as by content. Within one prompt, the adjusted reward
+    orders responses of equal length as ``r`` does. Returns ``(adjusted rewards, b)``;
+    ``b = 0`` when no included lengths differ.
+    """
+    if len(rewards) != len(lengths):
+        raise ValueError(f"{len(rewards)} prompts of rewards but {len(lengths)} of lengths")
+    include = include if include is not None else [[True] * len(r) for r in rewards]
+    numerator = denominator = 0.0
+    for k, (rs, ns, keep) in enumerate(zip(rewards, lengths, include, strict=True)):
+        if not len(rs) == len(ns) == len(keep):
+            raise ValueError(
+                f"prompt {k}: {len(rs)} rewards, {len(ns)} lengths, {len(keep)} include flags"
+            )
+        r = np.asarray([x for x, m in zip(rs, keep, strict=True) if m], np.float64)
+        n = np.asarray([x for x, m in zip(ns, keep, strict=True) if m], np.float64)
+        if len(r) < 2:
+            continue
+        numerator += float(np.dot(r - r.mean(), n - n.mean()))
+        denominator += float(np.sum((n - n.mean()) ** 2))
+    slope = numerator / denominator if denominator > 0 else 0.0
+    adjusted = [
+        [float(r) - slope * float(n) for r, n in zip(rs, ns, strict=True)]
+        for rs, ns in zip(rewards, lengths, strict=True)
+    ]
+    return adjusted, slope
+
+
 def preference_probability(reward_a, reward_b):
     """Bradley-Terry ``p(a ≻ b) = σ(r_a − r_b)``, computed stably for large margins."""
     diff = np.asarray(reward_a, np.float64) - np.asarray(reward_b, np.float64)

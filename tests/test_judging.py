@@ -249,3 +249,54 @@ def test_answer_checker_edges():
         judge([""], ["Paris"], [{"id": "r"}])
     with pytest.raises(ValueError):  # one record for two responses
         judge(["", ""], ["Paris", "Paris"], records)
+
+
+def test_length_controlled_rewards_by_hand():
+    rewards = [[1.0, 3.0, 2.0], [0.0, -2.0]]
+    lengths = [[10, 30, 20], [5, 15]]
+    # within-prompt: Σ(r − r̄)(n − n̄) = 20 and −10, Σ(n − n̄)² = 200 and 50 → b = 10 / 250
+    adjusted, slope = judging.length_controlled_rewards(rewards, lengths)
+    assert math.isclose(slope, 0.04, rel_tol=1e-12)
+    np.testing.assert_allclose(adjusted[0], [0.6, 1.8, 1.2], rtol=1e-12)
+    np.testing.assert_allclose(adjusted[1], [-0.2, -2.6], rtol=1e-12)
+    # Leaving prompt 0's second response out of the fit: (5 − 10) / (50 + 50) = −0.05; the
+    # excluded response is adjusted all the same.
+    include = [[True, False, True], [True, True]]
+    adjusted, slope = judging.length_controlled_rewards(rewards, lengths, include)
+    assert math.isclose(slope, -0.05, rel_tol=1e-12)
+    np.testing.assert_allclose(adjusted[0], [1.5, 4.5, 3.0], rtol=1e-12)
+    np.testing.assert_allclose(adjusted[1], [0.25, -1.25], rtol=1e-12)
+
+
+def test_length_slope_is_the_regression_with_one_intercept_per_prompt():
+    """The within-prompt slope equals least squares of reward on length plus a dummy per
+    prompt (numpy lstsq); prompts with one included response add nothing to the fit."""
+    rng = np.random.default_rng(3)
+    sizes = [4, 2, 3, 4, 1]
+    lengths = [rng.integers(1, 90, size=n).tolist() for n in sizes]
+    rewards = [
+        (rng.normal() - 0.03 * np.asarray(n) + rng.normal(size=len(n))).tolist() for n in lengths
+    ]
+    _, slope = judging.length_controlled_rewards(rewards, lengths)
+    rows = [
+        (k, n, r)
+        for k, (ns, rs) in enumerate(zip(lengths, rewards, strict=True))
+        for n, r in zip(ns, rs, strict=True)
+    ]
+    rows = [row for row in rows if sizes[row[0]] > 1]
+    design = np.zeros((len(rows), 1 + len(sizes)))
+    for i, (k, n, _) in enumerate(rows):
+        design[i, 0], design[i, 1 + k] = n, 1.0
+    keep = design.any(0)
+    coef = np.linalg.lstsq(design[:, keep], np.asarray([r for *_, r in rows]), rcond=None)[0]
+    assert math.isclose(slope, coef[0], rel_tol=1e-9)
+
+
+def test_length_control_without_length_differences_changes_nothing():
+    rewards = [[0.5, -0.5], [2.0]]
+    adjusted, slope = judging.length_controlled_rewards(rewards, [[7, 7], [3]])
+    assert slope == 0.0 and adjusted == rewards
+    with pytest.raises(ValueError, match="prompt 0: 2 rewards, 1 lengths"):
+        judging.length_controlled_rewards([[1.0, 2.0]], [[3]])
+    with pytest.raises(ValueError, match="2 prompts of rewards but 1 of lengths"):
+        judging.length_controlled_rewards([[1.0], [2.0]], [[3]])

@@ -201,6 +201,72 @@ def test_the_pair_is_the_best_against_the_worst_and_keep_fraction_keeps_the_sure
     assert half_counts.below_keep_fraction == len(pairs) - len(half)
 
 
+@pytest.mark.parametrize("truncated_policy", ["keep", "reject"])
+def test_length_control_pairs_by_the_reward_less_its_length_trend(run, truncated_policy):
+    """``spa.length_control=regress``: the slope is least squares of the implicit reward on
+    the response's token count with one intercept per prompt (numpy lstsq, over the
+    responses the pair choice ranks), and the pair is the best against the worst by
+    ``r − b·n``; the records carry ``b`` and the adjusted rewards."""
+    base, _, sampled = run
+    ctx = _with(base, length_control="regress", truncated_policy=truncated_policy)
+    # Responses of 3, 6, 9 and 12 tokens, every other one finished, so lengths differ
+    # within each prompt (the tiny model's own samples all run to the limit).
+    candidates = [
+        {
+            **c,
+            "responses": [
+                {
+                    **x,
+                    "text": f"{x['text']} #{j}",
+                    "token_ids": x["token_ids"][: 3 + 3 * j],
+                    "num_tokens": len(x["token_ids"][: 3 + 3 * j]),
+                    "finished": j % 2 == 0,
+                    "truncated": j % 2 == 1,
+                }
+                for j, x in enumerate(c["responses"])
+            ],
+        }
+        for c in sampled
+    ]
+    judge = _perturbed(ctx.init_params, seed=4)
+    raw = spa.candidate_rewards(ctx, judge, candidates)
+    rows, dummies = [], []
+    for k, (record, rewards) in enumerate(zip(candidates, raw, strict=True)):
+        for response, r in zip(record["responses"], rewards, strict=True):
+            if response["finished"] or truncated_policy == "keep":
+                rows.append((response["num_tokens"], r))
+                dummies.append(k)
+    design = np.zeros((len(rows), 1 + len(candidates)))
+    design[:, 0] = [n for n, _ in rows]
+    design[np.arange(len(rows)), 1 + np.asarray(dummies)] = 1.0
+    design = design[:, design.any(0)]
+    slope = np.linalg.lstsq(design, np.asarray([r for _, r in rows]), rcond=None)[0][0]
+    pairs, counts = spa.judge_candidates(ctx, judge, candidates)
+    assert pairs and counts.kept == len(pairs)
+    by_id = {c["id"]: (c, r) for c, r in zip(candidates, raw, strict=True)}
+    for pair in pairs:
+        assert math.isclose(pair["length_slope"], slope, rel_tol=1e-6, abs_tol=1e-9)
+        record, rewards = by_id[pair["id"]]
+        adjusted = [
+            r - slope * x["num_tokens"] for r, x in zip(rewards, record["responses"], strict=True)
+        ]
+        for side in ("chosen", "rejected"):
+            want = adjusted[pair[f"{side}_index"]]
+            assert math.isclose(pair[f"reward_{side}"], want, rel_tol=1e-6, abs_tol=1e-9)
+        if pair["rule"] is None:
+            finished = [
+                j
+                for j, x in enumerate(record["responses"])
+                if x["text"].strip() and (x["finished"] or truncated_policy == "keep")
+            ]
+            distinct = {}
+            for j in finished:
+                distinct.setdefault(record["responses"][j]["text"].strip(), j)
+            usable = list(distinct.values())
+            assert pair["chosen_index"] == max(usable, key=lambda j: (adjusted[j], -j))
+            assert pair["rejected_index"] == min(usable, key=lambda j: (adjusted[j], j))
+
+
 def test_a_round_trains_against_its_starting_policy_and_logs_its_flags(run, tmp_path):
     """Round i ≥ 1 trains π_i from π_{i-1} with reference π_{i-1}: at the first step the
     policy is its reference, so every margin is 0 and the loss is log 2. Every pair's

@@ -342,7 +342,11 @@ def judge_candidates(
     Every candidate gets its reward (:func:`candidate_rewards`); a prompt's pair is its
     highest-reward candidate against its lowest (with SPA's two samples, those two), a
     response cut at the token limit treated as ``spa.truncated_policy`` says
-    (:func:`jaxalign.judging.make_pairs`); with ``spa.keep_fraction < 1`` only the pairs with
+    (:func:`jaxalign.judging.make_pairs`), after the round's length trend is taken out of
+    the rewards with ``spa.length_control = regress``
+    (:func:`jaxalign.judging.length_controlled_rewards`; each record then carries the slope
+    ``length_slope``, and its rewards and margin are the adjusted ones); with
+    ``spa.keep_fraction < 1`` only the pairs with
     the largest margins stay (:func:`jaxalign.judging.most_confident`). A pair record is a
     :class:`jaxalign.judging.JudgedPair` (margin, ``p``), the exact token ids of its prompt and
     responses, and the prompt record's other fields (``answer``, ``constraints``, ...).
@@ -350,6 +354,18 @@ def judge_candidates(
     """
     cfg = ctx.config
     rewards = candidate_rewards(ctx, judge, candidates, sampled_by_judge)
+    length_slope = None
+    if cfg.spa.length_control == "regress":
+        # The slope is fitted on the responses the pair choice ranks by reward: with
+        # truncated responses skipped or rejected, the finished ones.
+        rewards, length_slope = judging.length_controlled_rewards(
+            rewards,
+            [[x["num_tokens"] for x in r["responses"]] for r in candidates],
+            [
+                [x["finished"] or cfg.spa.truncated_policy == "keep" for x in r["responses"]]
+                for r in candidates
+            ],
+        )
     pairs, counts = judging.make_pairs(
         [r["id"] for r in candidates],
         [r["prompt"] for r in candidates],
@@ -371,6 +387,8 @@ def judge_candidates(
         source = by_id[pair.id]
         record = pair.to_record()
         record.update({k: v for k, v in source.items() if k not in _CANDIDATE_FIELDS})
+        if length_slope is not None:  # the rewards are r − b·n (spa.length_control)
+            record["length_slope"] = length_slope
         if "prompt_ids" in source:
             record["prompt_ids"] = source["prompt_ids"]
         for side in ("chosen", "rejected"):
@@ -423,6 +441,11 @@ def judge_stage(
         **{f"count/{k}": v for k, v in dataclasses.asdict(counts).items()},
         "margin_mean": float(np.mean([r["margin"] for r in records])) if records else None,
         "p_mean": float(np.mean([r["p"] for r in records])) if records else None,
+        **(
+            {"length_slope": records[0]["length_slope"]}
+            if records and "length_slope" in records[0]
+            else {}
+        ),
         **gold_agreement_of(ctx, records),
     }
 
