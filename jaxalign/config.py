@@ -162,6 +162,10 @@ class SPAConfig:
     length_control: str = "none"
     # The judge's model: π_{i-1} ("previous", paper) or π_0 after the seed DPO ("seed").
     judge_policy: str = "previous"
+    # The model that samples a round's candidates: π_{i-1} ("previous", paper) or π_0 ("seed"),
+    # whose samples its own implicit reward labels best (the judge is read off the seed
+    # pairs' distribution; on later policies' samples its agreement with gold falls).
+    sample_policy: str = "previous"
     # When the judge is the model that sampled, take its log-probs of the sampled tokens from
     # the sampler (the unmodified distribution's, equal to a forward pass's within 1e-4 in
     # float32), so the judge runs only π_init's forward pass.
@@ -213,6 +217,7 @@ class SPAConfig:
                 "judge_reward": one_of("sum", "mean"),
                 "length_control": one_of("none", "regress"),
                 "judge_policy": one_of("previous", "seed"),
+                "sample_policy": one_of("previous", "seed"),
                 "judge_from_sampler": BOOLEAN,
                 # A share of the round's pairs; 0 would leave nothing to train on.
                 "keep_fraction": number(0, 1, low_open=True),

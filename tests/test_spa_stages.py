@@ -316,6 +316,17 @@ def test_the_judge_is_the_previous_policy_unless_told_to_keep_the_seed_model(run
     assert same(spa.judge_policy(base, runner, 2, previous), previous)  # the paper: π_{i-1}
     assert same(spa.judge_policy(seed_ctx, runner, 1, previous), previous)  # π_0 is π_{i-1}
     assert same(spa.judge_policy(seed_ctx, runner, 2, previous), seed_model)
+    # spa.sample_policy=seed samples rounds ≥ 2 from π_0 too; with both on π_0 the sampler
+    # and the judge are one object (so the judge reads the sampler's log-probs).
+    sampler, judge = spa.round_policies(seed_ctx, runner, 2, previous)
+    assert sampler is previous and same(judge, seed_model)
+    both = _with(base, judge_policy="seed", sample_policy="seed")
+    sampler, judge = spa.round_policies(both, runner, 2, previous)
+    assert sampler is judge and same(sampler, seed_model)
+    sampler, judge = spa.round_policies(_with(base, sample_policy="seed"), runner, 3, previous)
+    assert same(sampler, seed_model) and judge is previous
+    sampler, judge = spa.round_policies(both, runner, 1, previous)  # π_0 is π_{i-1}
+    assert sampler is judge is previous
 
 
 def test_the_samplers_log_probs_are_the_forward_passes(run):

@@ -113,12 +113,13 @@ def spa_round(
 ) -> nnx.State:
     """Round ``i ≥ 1`` from ``policy`` = π_{i-1}: sample → judge → train; returns π_i.
 
-    The judge is π_{i-1} (paper) or, with ``spa.judge_policy = seed``, π_0."""
+    The sampler is π_{i-1} (paper) or, with ``spa.sample_policy = seed``, π_0; the judge is
+    π_{i-1} (paper) or, with ``spa.judge_policy = seed``, π_0."""
     if runner.done(i, "train"):
         return _trained_policy(ctx, runner.result(i, "train"))
-    sampled = runner.stage(i, "sample", lambda d: sample_stage(ctx, i, policy, prompts, d))
-    judge = judge_policy(ctx, runner, i, policy)
-    sampled_by_judge = judge is policy
+    sampler, judge = round_policies(ctx, runner, i, policy)
+    sampled = runner.stage(i, "sample", lambda d: sample_stage(ctx, i, sampler, prompts, d))
+    sampled_by_judge = judge is sampler
     judged = runner.stage(
         i, "judge", lambda d: judge_stage(ctx, judge, sampled["candidates"], d, sampled_by_judge)
     )
@@ -131,12 +132,25 @@ def spa_round(
     )
 
 
+def round_policies(
+    ctx: RunContext, runner: RoundRunner, i: int, policy: nnx.State
+) -> tuple[nnx.State, nnx.State]:
+    """``(sampler, judge)`` of round ``i``: the model that samples its candidates and the one
+    whose implicit reward labels them. Each is ``policy`` = π_{i-1} (paper), or π_0, the seed
+    DPO's model, with ``spa.sample_policy = seed`` / ``spa.judge_policy = seed`` (the same
+    object when both are π_0, so the judge can take its log-probs from the sampler)."""
+    spa_config = ctx.config.spa
+    seed = None
+    if i > 1 and "seed" in (spa_config.sample_policy, spa_config.judge_policy):
+        seed = _trained_policy(ctx, runner.result(0, "train"))
+    sampler = seed if seed is not None and spa_config.sample_policy == "seed" else policy
+    judge = seed if seed is not None and spa_config.judge_policy == "seed" else policy
+    return sampler, judge
+
+
 def judge_policy(ctx: RunContext, runner: RoundRunner, i: int, policy: nnx.State) -> nnx.State:
-    """The model whose implicit reward labels round ``i``'s pairs: ``policy`` = π_{i-1}
-    (paper), or π_0, the seed DPO's model, with ``spa.judge_policy = seed``."""
-    if ctx.config.spa.judge_policy == "seed" and i > 1:
-        return _trained_policy(ctx, runner.result(0, "train"))
-    return policy
+    """The model whose implicit reward labels round ``i``'s pairs (:func:`round_policies`)."""
+    return round_policies(ctx, runner, i, policy)[1]
 
 
 def _round_prompts(cfg: Config, prompts: list[dict], log) -> Iterator[tuple[int, list[dict]]]:
