@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -90,3 +92,42 @@ def test_alignment_arms_run_the_papers_spa_settings_whatever_the_base_config():
     assert paper.spa.judge_reward == "sum" and paper.spa.prompts_per_round == (4, 8, 12)
     assert (mine.spa.samples_per_prompt, mine.spa.judge_policy) == (4, "seed")
     assert mine.spa.judge_reward == "sum" and mine.spa.truncated_policy == "keep"
+
+
+def test_alignment_pool_prompts_keep_the_seed_size_of_the_whole_train_split(tmp_path):
+    """``--pool-prompts N`` labels only the first N train prompts: the seed is still
+    ``seed_fraction`` of the whole split, the round prompts are the rest of the N, and
+    dpo_all's pairs are the gold pairs of all N (every prompt SPA sees)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import alignment
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    settings = alignment.Settings(train_prompts=200, seed_fraction=0.03, pool_prompts=20)
+    pool = [
+        {
+            "id": f"t{k}",
+            "prompt": f"prompt {k}",
+            "constraints": [],
+            "responses": [
+                {"text": f"a{k}", "finished": True},
+                {"text": f"b{k}", "finished": False},
+            ],
+            "gold": [1.0, 0.5] if k % 4 else [0.5, 0.5],  # every fourth prompt ties
+        }
+        for k in range(20)
+    ]
+    data = alignment.data_step(tmp_path, settings, pool)
+    assert data["counts"] == {
+        "seed_pairs": 4,
+        "all_pairs": 15,
+        "round_prompts": 14,
+        "seed_prompts": 6,
+    }
+    seed = alignment.read_jsonl(pathlib.Path(data["files"]["seed_pairs"]))
+    assert [p["id"] for p in seed] == ["t1", "t2", "t3", "t5"]  # round(0.03 · 200) = 6 prompts
+    assert all(p["chosen"].startswith("a") for p in seed)
+    assert data["prompts_per_round"] == [1, 4, 9]  # 14 split 8 : 20 : 30, the rest to the last
+    with pytest.raises(SystemExit, match="leaves no round prompts"):
+        alignment.data_step(tmp_path / "small", settings, pool[:6])
