@@ -562,3 +562,39 @@ def test_a_bfloat16_round_starts_at_margin_zero_and_loss_log_2(run, tmp_path):
     assert first["rewards/margin"] == 0.0
     assert math.isclose(first["train/loss"], math.log(2), rel_tol=1e-6)
     assert first["spa/extrapolated_margin"] == 0.0
+
+
+@pytest.mark.parametrize("sample_policy", ["previous", "seed"])
+def test_a_round_samples_from_the_model_sample_policy_names(
+    tiny_model_dir, tmp_path, monkeypatch, sample_policy
+):
+    """Round 2 of ``spa_round`` writes the candidates that π_1 (paper) or, with
+    ``spa.sample_policy=seed``, π_0 samples from its prompts: token for token the
+    candidates :func:`spa.sample_candidates` draws from that model directly."""
+    from jaxalign import checkpoint
+
+    ctx, runner = _context(tiny_model_dir, tmp_path / "run", f"spa.sample_policy={sample_policy}")
+    seed_model = _perturbed(ctx.init_params, seed=6)
+    checkpoint.save_params(tmp_path / "seed_model", seed_model)
+    runner.stage(0, "train", lambda d: {"model": str(tmp_path / "seed_model")})
+    previous = _perturbed(ctx.init_params, seed=7)
+
+    class Judged(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Judged
+
+    monkeypatch.setattr(spa, "train_stage", stop)
+    prompts = _prompt_records()[:2]
+    with pytest.raises(Judged):
+        spa.spa_round(ctx, runner, 2, previous, prompts)
+    written = read_jsonl(runner.result(2, "sample")["candidates"])
+    sampler = seed_model if sample_policy == "seed" else previous
+    other = previous if sample_policy == "seed" else seed_model
+
+    def tokens(records):
+        return [[x["token_ids"] for x in r["responses"]] for r in records]
+
+    assert tokens(written) == tokens(spa.sample_candidates(ctx, 2, sampler, prompts))
+    assert tokens(written) != tokens(spa.sample_candidates(ctx, 2, other, prompts))
