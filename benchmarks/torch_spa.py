@@ -74,7 +74,11 @@ def load_causal_lm(folder: str, gguf_file: str | None = None):
 
     kwargs = {} if gguf_file is None else {"gguf_file": gguf_file}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
-    return model.float().eval()
+    # A GGUF-loaded model counts as quantised and refuses .float(); check the dtype instead.
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"{folder}: expected float32 weights, got {sorted(map(str, dtypes))}")
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- 1. sample
@@ -324,9 +328,9 @@ def train_refined(policy, pairs: Sequence[dict], settings: PeerSettings, pad_id:
     window = MarginWindow(settings.margin_window)
     rng = np.random.default_rng(settings.seed)
     flagged = skipped = 0
-    loss = torch.zeros(())
+    loss = torch.zeros(())  # the last step's, reported
     for step in range(total):
-        epoch, position = divmod(step, batches)
+        position = step % batches
         if position == 0:
             order = rng.permutation(len(pairs))
         chunk = [pairs[j] for j in order[position * settings.batch_size :][: settings.batch_size]]
@@ -364,7 +368,7 @@ def train_refined(policy, pairs: Sequence[dict], settings: PeerSettings, pad_id:
         "skipped_steps": skipped,
         "flagged": flagged,
         "flag_after_step": flag_after,
-        "final_loss": float(loss),
+        "final_loss": loss.item(),
     }
 
 
@@ -378,14 +382,16 @@ def run_round(
     eos_ids: Sequence[int],
     pad_id: int,
     settings: dict,
+    threads: int | None = None,
 ) -> dict:
     """One SPA round from ``π_{i-1}`` (the Hugging Face folder ``policy_folder``) with judge
     reference ``π_init`` (``(folder, gguf_file or None)``, see :func:`load_causal_lm`) on
     ``prompt_ids`` (encoded prompts); returns seconds per stage and what each made.
 
     Loading the two models is not timed; each stage is, from its first call to its last
-    result (torch has nothing to compile)."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    result (torch has nothing to compile). ``threads``: torch's intra-op threads (default:
+    one per core)."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     config = PeerSettings(**settings)
     init = load_causal_lm(*init_source).requires_grad_(False)
     policy = load_causal_lm(policy_folder)
