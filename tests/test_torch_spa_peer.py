@@ -267,6 +267,7 @@ def test_spa_round_with_the_torch_peer_prints_both_sides(tiny_model_dir, tmp_pat
     seed.write_text("\n".join(DEMO_FILES["pairs"].read_text().splitlines()[:4]) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as users run
     env["PYTHONPATH"] = str(ROOT)
+    env["TMPDIR"] = str(tmp_path)  # the script's run directory (tempfile.mkdtemp) lands here
     overrides = [
         f"model.name={tiny_model_dir}",
         f"data.seed_pairs={seed}",
