@@ -24,9 +24,9 @@ prompt; a pair is the best against the worst by gold score, ties dropped.
 Reported per arm (and per SPA round) on the held-out prompts (``--eval-split``, default
 ``eval``, 320 prompts; options are chosen on ``dev``): gold score; win rate against the
 SFT model per prompt (``--eval-samples`` samples at T 0.7, default 2, mean gold per prompt;
-and greedy) with a paired-bootstrap 95% interval; response length and EOS rate. Per SPA round: the gold
-score, EOS rate and length of the round's own samples, self-label agreement with the
-gold judge overall and by judged-margin tercile, the flagged fraction and how many
+and greedy) with a paired-bootstrap 95% interval; response length and EOS rate. Per SPA
+round: the gold score, EOS rate and length of the round's own samples, self-label agreement
+with the gold judge overall and by judged-margin tercile, the flagged fraction and how many
 flagged pairs were mislabelled. And the comparisons the method is about: each arm minus
 ``dpo_seed`` in win rate (paired bootstrap), and the share of the ``dpo_seed`` →
 ``dpo_all`` gold-score gap an arm closes.
