@@ -292,6 +292,19 @@ def test_length_slope_is_the_regression_with_one_intercept_per_prompt():
     assert math.isclose(slope, coef[0], rel_tol=1e-9)
 
 
+def test_length_slope_skips_prompts_without_two_included_responses_and_small_spreads():
+    # A first prompt with one response adds nothing and does not end the fit; lengths one
+    # token apart (Σ(n − n̄)² = 1/2) still set the slope: (−0.2·(−0.5) + 0.2·0.5) / 0.5.
+    adjusted, slope = judging.length_controlled_rewards([[9.0], [1.0, 1.4]], [[50], [3, 4]])
+    assert math.isclose(slope, 0.4, rel_tol=1e-12)
+    np.testing.assert_allclose(adjusted[0], [9.0 - 20.0], rtol=1e-12)
+    np.testing.assert_allclose(adjusted[1], [1.0 - 1.2, 1.4 - 1.6], rtol=1e-12)
+    with pytest.raises(ValueError):  # include flags for fewer prompts than the rewards
+        judging.length_controlled_rewards(
+            [[1.0, 2.0], [3.0, 4.0]], [[1, 2], [3, 4]], [[True, True]]
+        )
+
+
 def test_length_control_without_length_differences_changes_nothing():
     rewards = [[0.5, -0.5], [2.0]]
     adjusted, slope = judging.length_controlled_rewards(rewards, [[7, 7], [3]])
