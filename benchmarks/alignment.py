@@ -454,6 +454,20 @@ def summarise_eval(rows: list[dict], sft: list[dict]) -> dict:
     return result
 
 
+def constraint_rates(rows: list[dict], records: dict[str, dict]) -> dict[str, float]:
+    """Per constraint type, the share of sampled responses that satisfy it (each prompt's
+    constraints checked on each of its samples): which instructions an arm learned."""
+    from jaxalign.instructions import check
+
+    met: dict[str, list[bool]] = {}
+    for row in rows:
+        for constraint in records[row["id"]]["constraints"]:
+            met.setdefault(constraint["type"], []).extend(
+                check(constraint, s["text"]) for s in row["samples"]
+            )
+    return {kind: float(np.mean(v)) for kind, v in sorted(met.items())}
+
+
 # ----------------------------------------------------------------------------- SPA rounds
 
 
@@ -591,6 +605,18 @@ def markdown(results: dict) -> str:
                 f"{s['ci'][1]:+.3f}] | {gap_text} | {g['win_rate_minus_dpo_seed']:+.3f} "
                 f"[{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] |"
             )
+    rates = results.get("constraints", {})
+    if rates:
+        models = list(rates)
+        kinds = sorted({k for r in rates.values() for k in r}, key=lambda k: -rates[models[0]][k])
+        lines += [
+            "",
+            "| constraint met (samples) | " + " | ".join(models) + " |",
+            "|---|" + "---|" * len(models),
+        ]
+        for kind in kinds:
+            cells = " | ".join(f"{rates[m][kind]:.2f}" if kind in rates[m] else "—" for m in models)
+            lines.append(f"| {kind} | {cells} |")
     for arm, rounds in results.get("rounds", {}).items():
         lines += [
             "",
@@ -699,8 +725,10 @@ def main(argv=None) -> int:
 
     split = args.eval_split
     sft = eval_step(out, f"{split}__sft", settings, models, models.model, eval_records)
+    by_id = {r["id"]: r for r in eval_records}
     evals: dict[str, list[dict]] = {}
     models_summary: dict[str, dict] = {"sft": summarise_eval(sft, sft)}
+    rates: dict[str, dict[str, float]] = {"sft": constraint_rates(sft, by_id)}
     rounds: dict[str, list[dict]] = {}
     for arm in arms:
         if arm == "sft":
@@ -722,6 +750,7 @@ def main(argv=None) -> int:
                 eval_records,
             )
             models_summary[key] = summarise_eval(rows, sft)
+            rates[key] = constraint_rates(rows, by_id)
         evals[arm] = rows  # the arm's last round
         if not arm.startswith("dpo"):
             rounds[arm] = round_diagnostics(run_dir, prompts)
@@ -734,6 +763,7 @@ def main(argv=None) -> int:
         "data": data["counts"] | {"prompts_per_round": data["prompts_per_round"]},
         "models": models_summary,
         "comparisons": comparisons(evals, sft, args.anchor),
+        "constraints": rates,
         "rounds": rounds,
         "seconds_this_invocation": round(time.perf_counter() - start, 1),
     }

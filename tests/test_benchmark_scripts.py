@@ -131,3 +131,23 @@ def test_alignment_pool_prompts_keep_the_seed_size_of_the_whole_train_split(tmp_
     assert data["prompts_per_round"] == [1, 4, 9]  # 14 split 8 : 20 : 30, the rest to the last
     with pytest.raises(SystemExit, match="leaves no round prompts"):
         alignment.data_step(tmp_path / "small", settings, pool[:6])
+
+
+def test_alignment_constraint_rates_count_each_sample_against_each_constraint():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import alignment
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    records = {
+        "e0": {"id": "e0", "constraints": [{"type": "no_comma"}, {"type": "max_words", "n": 3}]},
+        "e1": {"id": "e1", "constraints": [{"type": "no_comma"}]},
+    }
+    rows = [
+        {"id": "e0", "samples": [{"text": "a b"}, {"text": "a, b"}, {"text": "a b, c d"}]},
+        {"id": "e1", "samples": [{"text": "x y z"}]},
+    ]
+    rates = alignment.constraint_rates(rows, records)
+    # no_comma: yes, no, no (e0) and yes (e1) = 2/4; fewer than 3 words: yes, yes, no = 2/3
+    assert rates == {"max_words": 2 / 3, "no_comma": 0.5}
