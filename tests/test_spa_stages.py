@@ -313,9 +313,9 @@ def test_the_judge_is_the_previous_policy_unless_told_to_keep_the_seed_model(run
             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
         )
 
-    assert same(spa.judge_policy(base, runner, 2, previous), previous)  # the paper: π_{i-1}
-    assert same(spa.judge_policy(seed_ctx, runner, 1, previous), previous)  # π_0 is π_{i-1}
-    assert same(spa.judge_policy(seed_ctx, runner, 2, previous), seed_model)
+    assert same(spa.round_policies(base, runner, 2, previous)[1], previous)  # the paper: π_{i-1}
+    assert same(spa.round_policies(seed_ctx, runner, 1, previous)[1], previous)  # π_0 is π_{i-1}
+    assert same(spa.round_policies(seed_ctx, runner, 2, previous)[1], seed_model)
     # spa.sample_policy=seed samples rounds ≥ 2 from π_0 too; with both on π_0 the sampler
     # and the judge are one object (so the judge reads the sampler's log-probs).
     sampler, judge = spa.round_policies(seed_ctx, runner, 2, previous)

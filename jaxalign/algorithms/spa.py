@@ -148,11 +148,6 @@ def round_policies(
     return sampler, judge
 
 
-def judge_policy(ctx: RunContext, runner: RoundRunner, i: int, policy: nnx.State) -> nnx.State:
-    """The model whose implicit reward labels round ``i``'s pairs (:func:`round_policies`)."""
-    return round_policies(ctx, runner, i, policy)[1]
-
-
 def _round_prompts(cfg: Config, prompts: list[dict], log) -> Iterator[tuple[int, list[dict]]]:
     """``(i, prompts of round i)`` for rounds 1.. ``spa.rounds``: each round takes the next
     ``spa.prompts_for_round(i)`` unused prompts, and the rounds stop when none are left."""
