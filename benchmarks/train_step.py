@@ -110,8 +110,9 @@ def model_flops(config: ModelConfig, sequences: int, length: int) -> float:
     return 6 * matmul_params(config) * tokens + attention * sequences
 
 
-def jax_stepper(config: ModelConfig, batch: dict, chunk: int):
-    """``(run_one_step, info)`` for jaxalign's jitted DPO step (compiled here)."""
+def build_jax_step(config: ModelConfig, batch: dict, chunk: int):
+    """jaxalign's jitted DPO step on ``batch`` (reference log-probs precomputed), compiled:
+    ``(step, state, device_batch, compiled, compile_s)``."""
     train_config = training.TrainConfig(logp_chunk_size=chunk, batch_size=len(batch["weight"]))
     mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = Transformer(config, rngs=nnx.Rngs(0))
@@ -129,7 +130,13 @@ def jax_stepper(config: ModelConfig, batch: dict, chunk: int):
     device_batch = parallel.make_global_batch(batch, mesh)
     t = time.perf_counter()
     compiled = step.lower(state, device_batch).compile()
-    info = {"compile_s": time.perf_counter() - t}
+    return step, state, device_batch, compiled, time.perf_counter() - t
+
+
+def jax_stepper(config: ModelConfig, batch: dict, chunk: int):
+    """``(run_one_step, info)`` for jaxalign's jitted DPO step (compiled here)."""
+    step, state, device_batch, compiled, compile_s = build_jax_step(config, batch, chunk)
+    info = {"compile_s": compile_s}
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     info["xla_flops"] = float(cost.get("flops", float("nan")))

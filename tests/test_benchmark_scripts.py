@@ -151,3 +151,40 @@ def test_alignment_constraint_rates_count_each_sample_against_each_constraint():
     rates = alignment.constraint_rates(rows, records)
     # no_comma: yes, no, no (e0) and yes (e1) = 2/4; fewer than 3 words: yes, yes, no = 2/3
     assert rates == {"max_words": 2 / 3, "no_comma": 0.5}
+
+
+def test_profile_table_counts_each_matmuls_flops_from_the_compiled_hlo():
+    """benchmarks/profile_step.py joins a trace's ops with the compiled HLO: a jitted
+    ``tanh(a @ b) @ c.T`` has matmuls of exactly 2·m·k·n and 2·m·n·p FLOPs, and its traced
+    ops (each timed once per call) carry those FLOPs in the table."""
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    m, k, n, p = 96, 64, 160, 48
+    f = jax.jit(lambda a, b, c: jnp.tanh(a @ b) @ c.T)
+    args = (jnp.ones((m, k)), jnp.ones((k, n)), jnp.ones((p, n)))
+    compiled = f.lower(*args).compile()
+    instructions, computations = profile_step.parse_hlo(compiled.as_text())
+    flops = [
+        profile_step.op_flops(name, instructions, computations) for name in computations["ENTRY"]
+    ]
+    assert sorted(x for x in flops if x) == sorted([2.0 * m * k * n, 2.0 * m * n * p])
+    f(*args).block_until_ready()
+    with tempfile.TemporaryDirectory() as trace:
+        with jax.profiler.trace(trace):
+            for _ in range(3):
+                f(*args).block_until_ready()
+        events = profile_step.profile_events(trace)
+    rows, kinds = profile_step.op_table(events, compiled.as_text(), steps=3)
+    matmul = next(r for r in kinds if r["kind"] == "matmul")
+    assert matmul["seconds_per_step"] > 0
+    counted = sum(r["gflops"] * r["seconds_per_step"] for r in rows if r["kind"] == "matmul")
+    assert abs(counted * 1e9 - 2.0 * m * n * (k + p)) < 1e-3 * m * n * (k + p)
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
