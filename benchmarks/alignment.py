@@ -721,7 +721,9 @@ def main(argv=None) -> int:
     data = data_step(out, settings, pool)
     log(f"data: {data['counts']}, prompts per round {data['prompts_per_round']}")
     eval_records = task_records(args.eval_split, settings.eval_prompts)
-    prompts = {r["id"]: r for r in read_jsonl(pathlib.Path(data["files"]["round_prompts"]))}
+    # Every train prompt by id: an extra arm may draw its rounds' prompts beyond the pool
+    # (data.prompts=...), and its rounds' diagnostics gold-score them too.
+    prompts = {r["id"]: r for r in task_records("train", settings.train_prompts)}
 
     split = args.eval_split
     sft = eval_step(out, f"{split}__sft", settings, models, models.model, eval_records)
