@@ -9,9 +9,10 @@ compiled HLO: its kind, shapes and, for matmuls, FLOPs and achieved GFLOP/s.
     python benchmarks/profile_step.py [--pairs 8] [--length 256] [--chunk 64] [--top 25]
     python benchmarks/profile_step.py --xla-flags "--xla_cpu_use_xnnpack=false"
 
-Prints the table (Markdown) and one JSON line. Ops of one step may run concurrently on
-the CPU client's threads, so their summed seconds can exceed the step's wall time; the
-shares are of the summed op time.
+Prints the table (Markdown) and one JSON line. Ops of one step may run side by side on
+the CPU client's threads: an op's seconds are the wall time it ran, with time shared with
+other ops split evenly among them, so the seconds add up to the step's busy wall time and
+an op's GFLOP/s is what the machine achieved while running it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ class Instruction:
     def attribute(self, key: str) -> str | None:
         m = re.search(rf"\b{key}=([%\w.\-]+|\{{[^}}]*\}})", self.rest)
         return m.group(1).lstrip("%") if m else None
+
+    @property
+    def source(self) -> str:
+        """Where the op came from: ``forward``, ``backward`` (``transpose(jvp(...))``), or
+        ``""``, with the JAX primitive (``op_name``'s last part), e.g. ``backward dot_general``."""
+        m = re.search(r'op_name="([^"]+)"', self.rest)
+        if not m:
+            return ""
+        name = m.group(1)
+        phase = "backward" if "transpose(" in name else "forward" if "jvp(" in name else ""
+        return f"{phase} {name.rsplit('/', 1)[-1]}".strip()
 
     def operands(self) -> list[str]:
         """Names of the operands: the ``%names`` before the argument list closes."""
@@ -136,10 +148,12 @@ def op_kind(name: str, instructions: dict[str, Instruction], flops: float) -> st
 
 
 def profile_events(trace_dir: str) -> list[tuple[str, float]]:
-    """``(hlo op, seconds)`` of every timed op in the trace under ``trace_dir``."""
+    """``(hlo op, seconds)`` of every timed op in the trace under ``trace_dir``: the wall
+    time it ran, with time it shared with other ops split evenly among them (the CPU client
+    runs independent ops side by side), so the seconds add up to the busy wall time."""
     import jax
 
-    events = []
+    spans = []
     for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
         data = jax.profiler.ProfileData.from_file(path)
         for plane in data.planes:
@@ -147,8 +161,28 @@ def profile_events(trace_dir: str) -> list[tuple[str, float]]:
                 for event in line.events:
                     stats = dict(event.stats)
                     if "hlo_op" in stats:
-                        events.append((str(stats["hlo_op"]), event.duration_ns / 1e9))
-    return events
+                        spans.append((event.start_ns, event.end_ns, str(stats["hlo_op"])))
+    return split_overlaps(spans)
+
+
+def split_overlaps(spans: list[tuple[float, float, str]]) -> list[tuple[str, float]]:
+    """``(start_ns, end_ns, name)`` intervals → ``(name, seconds)``, each stretch of time
+    divided evenly among the intervals open during it."""
+    bounds = sorted({t for start, end, _ in spans for t in (start, end)})
+    index = {t: i for i, t in enumerate(bounds)}
+    # Difference array over the elementary segments: how many spans cover each one.
+    cover = [0] * (len(bounds) + 1)
+    for start, end, _ in spans:
+        cover[index[start]] += 1
+        cover[index[end]] -= 1
+    share, open_count = [], 0
+    for i in range(len(bounds) - 1):
+        open_count += cover[i]
+        share.append((bounds[i + 1] - bounds[i]) / open_count if open_count else 0.0)
+    prefix = [0.0]
+    for x in share:
+        prefix.append(prefix[-1] + x)
+    return [(name, (prefix[index[end]] - prefix[index[start]]) / 1e9) for start, end, name in spans]
 
 
 def op_table(
@@ -172,6 +206,7 @@ def op_table(
                 "op": name,
                 "kind": kind,
                 "shape": ins.shape if ins else "",
+                "source": ins.source if ins else "",
                 "seconds_per_step": s / steps,
                 "share": s / total,
                 "calls_per_step": calls[name] / steps,
@@ -210,10 +245,11 @@ def markdown(rows: list[dict], kind_rows: list[dict], top: int) -> str:
             for r in kind_rows
         ),
         "",
-        "| op | kind | shape | calls/step | s/step | share | GFLOP/s |",
-        "|---|---|---|---|---|---|---|",
+        "| op | kind | source | shape | calls/step | s/step | share | GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
         *(
-            f"| {r['op']} | {r['kind']} | `{r['shape'][:60]}` | {r['calls_per_step']:.0f} "
+            f"| {r['op']} | {r['kind']} | {r['source']} | `{r['shape'][:60]}` "
+            f"| {r['calls_per_step']:.0f} "
             f"| {r['seconds_per_step']:.3f} | {r['share']:.1%} | {gf(r['gflops'])} |"
             for r in rows[:top]
         ),

@@ -188,3 +188,14 @@ def test_profile_table_counts_each_matmuls_flops_from_the_compiled_hlo():
     counted = sum(r["gflops"] * r["seconds_per_step"] for r in rows if r["kind"] == "matmul")
     assert abs(counted * 1e9 - 2.0 * m * n * (k + p)) < 1e-3 * m * n * (k + p)
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
+
+
+def test_profile_splits_the_time_ops_share_evenly_among_them():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from profile_step import split_overlaps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # a: 0-4 s alone for 0-1, with b for 1-3 (b: 1-3), alone 3-4; c: 5-6 alone.
+    spans = [(0, 4e9, "a"), (1e9, 3e9, "b"), (5e9, 6e9, "c")]
+    assert split_overlaps(spans) == [("a", 3.0), ("b", 1.0), ("c", 1.0)]
