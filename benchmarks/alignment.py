@@ -693,6 +693,12 @@ def main(argv=None) -> int:
         choices=("all", "final"),
         help="evaluate every SPA round (the report) or only each arm's last (to choose options)",
     )
+    parser.add_argument(
+        "--no-train",
+        action="store_true",
+        help="evaluate the rounds each arm's run has finished, without starting or resuming "
+        "its training (a run stopped early)",
+    )
     args = parser.parse_args(argv)
 
     settings = QUICK if args.quick else Settings()
@@ -735,9 +741,14 @@ def main(argv=None) -> int:
     for arm in arms:
         if arm == "sft":
             continue
-        run_dir = train_step(
-            arm, out, arm_overrides(arm, settings, data, out / "runs" / arm, extra)
-        )
+        if args.no_train:
+            run_dir = out / "runs" / arm
+            if not (run_dir / "state.json").exists():
+                raise SystemExit(f"--no-train: arm {arm} has no run in {run_dir}")
+        else:
+            run_dir = train_step(
+                arm, out, arm_overrides(arm, settings, data, out / "runs" / arm, extra)
+            )
         trained = round_models(run_dir)
         if args.eval_rounds == "final":
             trained = {max(trained): trained[max(trained)]}
