@@ -12,7 +12,10 @@ compiled HLO: its kind, shapes and, for matmuls, FLOPs and achieved GFLOP/s.
 Prints the table (Markdown) and one JSON line. Ops of one step may run side by side on
 the CPU client's threads: an op's seconds are the wall time it ran, with time shared with
 other ops split evenly among them, so the seconds add up to the step's busy wall time and
-an op's GFLOP/s is what the machine achieved while running it.
+an op's GFLOP/s is what the machine achieved while running it. One caveat: XLA's own
+``dot`` thunks (Eigen; e.g. a backward pass's weight gradients) run asynchronously, and the
+trace records only their launch, so their work is charged to the ops that run after them:
+read the per-kind matmul row, which counts every matmul's FLOPs, rather than single rows.
 """
 
 from __future__ import annotations
