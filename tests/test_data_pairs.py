@@ -196,3 +196,70 @@ def test_pair_report_round_trips_through_json():
     _, report = build_pair_batches(_random_records(20), CharTokenizer(), batch_size=4, **LIMITS)
     again = PairReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert dataclasses.asdict(again) == dataclasses.asdict(report)
+
+
+class SamplerTokenizer(CharTokenizer):
+    """CharTokenizer with two generation-ending ids, 2 (end of turn) and 3 (EOS)."""
+
+    eos_token_ids = (2, 3)
+    end_of_turn_id = 2
+
+
+@pytest.mark.parametrize(
+    "record, want",
+    [
+        ({"chosen": "ab"}, [97, 98, 2]),  # text, finished by default: encoded with EOS
+        ({"chosen": "ab", "chosen_eos": False}, [97, 98]),  # text, cut: no EOS
+        ({"chosen": "x", "chosen_ids": [5, 6, 3]}, [5, 6, 3]),  # ids ending with an EOS id
+        ({"chosen": "x", "chosen_ids": [5, 6]}, [5, 6, 2]),  # stopped by a stop string
+        ({"chosen": "x", "chosen_ids": [], "chosen_eos": True}, [2]),
+        ({"chosen": "x", "chosen_ids": [5, 2], "chosen_eos": False}, [5]),  # cut: EOS dropped
+        ({"chosen": "x", "chosen_ids": [5, 6], "chosen_eos": False}, [5, 6]),
+        ({"chosen": "x", "chosen_ids": [], "chosen_eos": False}, []),
+        ({"chosen": "x", "chosen_ids": ["7", 8.0]}, [7, 8, 2]),  # ids as JSON gave them
+    ],
+)
+def test_response_ids_end_a_finished_response_and_only_it(record, want):
+    from jaxalign.data.pairs import response_ids
+
+    assert response_ids(record, "chosen", SamplerTokenizer()) == want
+    # the other side is read from its own fields only
+    other = {k.replace("chosen", "rejected"): v for k, v in record.items()}
+    assert response_ids({**other, "chosen": "zz"}, "rejected", SamplerTokenizer()) == want
+
+
+def test_tokenise_keeps_given_prompt_ids_cuts_from_the_left_and_counts_cut_responses():
+    from jaxalign.data.pairs import _tokenise
+
+    tok = SamplerTokenizer()
+    record = {"prompt_ids": [9, 8, 7, 6, 5], "chosen": "abcd", "rejected": "xy", "prompt": "?"}
+    prompt, chosen, rejected, prompt_cut, cuts = _tokenise(record, tok, 3, 3, True)
+    assert prompt == [7, 6, 5] and prompt_cut  # the prompt's end survives
+    assert chosen == [97, 98, 99] and rejected == [120, 121, 2] and cuts == 1
+    prompt, chosen, rejected, prompt_cut, cuts = _tokenise(record, tok, 5, 5, True)
+    assert prompt == [9, 8, 7, 6, 5] and not prompt_cut and cuts == 0
+    assert chosen == [97, 98, 99, 100, 2]
+    # without prompt ids the prompt is encoded (BOS + characters here)
+    without_ids = {k: v for k, v in record.items() if k != "prompt_ids"}
+    prompt, *_ = _tokenise(without_ids, tok, 9, 9, True)
+    assert prompt == [1, 63]
+    prompt, _, _, _, cuts = _tokenise(
+        {"prompt": "abc", "chosen": "abcd", "rejected": "wxyz"}, tok, 2, 2, True
+    )
+    assert prompt == [98, 99] and cuts == 2
+
+
+def test_pad_token_id_falls_back_to_zero():
+    from jaxalign.data.pairs import pad_token_id
+
+    class NoPad:
+        pass
+
+    class NonePad:
+        pad_token_id = None
+
+    class Pad:
+        pad_token_id = 5
+
+    assert pad_token_id(NoPad()) == 0 and pad_token_id(NonePad()) == 0
+    assert pad_token_id(Pad()) == 5 and isinstance(pad_token_id(Pad()), int)
