@@ -263,3 +263,35 @@ def test_pad_token_id_falls_back_to_zero():
 
     assert pad_token_id(NoPad()) == 0 and pad_token_id(NonePad()) == 0
     assert pad_token_id(Pad()) == 5 and isinstance(pad_token_id(Pad()), int)
+
+
+def test_bucket_pairs_checks_its_limits_and_counts_every_skip():
+    class Recording(CharTokenizer):
+        templates: list = []
+
+        def encode_prompt(self, prompt, use_chat_template=True):
+            self.templates.append(use_chat_template)
+            return super().encode_prompt(prompt)
+
+        def encode_response(self, text, add_eos=True):
+            return [] if text == "-" else super().encode_response(text, add_eos)
+
+    tok = Recording()
+    one = [{"prompt": "a", "chosen": "b", "rejected": "c"}]
+    for bad in (
+        {"max_prompt_tokens": 0, "max_response_tokens": 4},
+        {"max_prompt_tokens": 4, "max_response_tokens": 0},
+    ):
+        with pytest.raises(ValueError, match=r"must be positive"):
+            bucket_pairs(one, tok, **bad)
+    buckets, report = bucket_pairs(one, tok, max_prompt_tokens=1, max_response_tokens=1)
+    assert report.kept == 1 and tok.templates == [True]  # the chat template by default
+    with pytest.raises(ValueError, match=r"2 indices for 1 records"):
+        bucket_pairs(one, tok, max_prompt_tokens=4, max_response_tokens=4, indices=[0, 1])
+    empties = [{"prompt": "a", "chosen": "-", "rejected": "b"}] * 2 + one
+    _, report = bucket_pairs(empties, tok, max_prompt_tokens=4, max_response_tokens=4)
+    assert (report.read, report.kept, report.skipped) == (3, 1, 2)
+    assert report.reasons["empty_response"] == 2
+    # the bucket is bucket_length(prompt + longest response, the limits' sum, min_bucket)
+    buckets, _ = bucket_pairs(one, tok, max_prompt_tokens=40, max_response_tokens=40, min_bucket=4)
+    assert list(buckets) == [bucket_length(2 + 2, 80, 4)] and bucket_length(4, 80, 4) != 16
