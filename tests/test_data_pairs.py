@@ -214,6 +214,7 @@ class SamplerTokenizer(CharTokenizer):
         ({"chosen": "x", "chosen_ids": [5, 6]}, [5, 6, 2]),  # stopped by a stop string
         ({"chosen": "x", "chosen_ids": [], "chosen_eos": True}, [2]),
         ({"chosen": "x", "chosen_ids": [5, 2], "chosen_eos": False}, [5]),  # cut: EOS dropped
+        ({"chosen": "x", "chosen_ids": [5, 6, 3], "chosen_eos": False}, [5, 6]),
         ({"chosen": "x", "chosen_ids": [5, 6], "chosen_eos": False}, [5, 6]),
         ({"chosen": "x", "chosen_ids": [], "chosen_eos": False}, []),
         ({"chosen": "x", "chosen_ids": ["7", 8.0]}, [7, 8, 2]),  # ids as JSON gave them
@@ -243,6 +244,14 @@ def test_tokenise_keeps_given_prompt_ids_cuts_from_the_left_and_counts_cut_respo
     without_ids = {k: v for k, v in record.items() if k != "prompt_ids"}
     prompt, *_ = _tokenise(without_ids, tok, 9, 9, True)
     assert prompt == [1, 63]
+
+    class Recording(SamplerTokenizer):
+        def encode_prompt(self, prompt, use_chat_template=True):
+            return [int(use_chat_template)]
+
+    for template in (True, False):
+        prompt, *_ = _tokenise(without_ids, Recording(), 9, 9, template)
+        assert prompt == [int(template)]
     prompt, _, _, _, cuts = _tokenise(
         {"prompt": "abc", "chosen": "abcd", "rejected": "wxyz"}, tok, 2, 2, True
     )
@@ -295,3 +304,8 @@ def test_bucket_pairs_checks_its_limits_and_counts_every_skip():
     # the bucket is bucket_length(prompt + longest response, the limits' sum, min_bucket)
     buckets, _ = bucket_pairs(one, tok, max_prompt_tokens=40, max_response_tokens=40, min_bucket=4)
     assert list(buckets) == [bucket_length(2 + 2, 80, 4)] and bucket_length(4, 80, 4) != 16
+
+
+def test_plan_needs_positive_rows():
+    with pytest.raises(ValueError, match=r"rows per host must be positive, got 0"):
+        plan_pair_batches([{16: 1}], 0)
