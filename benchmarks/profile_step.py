@@ -46,7 +46,6 @@ class Instruction:
     op: str
     shape: str
     rest: str
-    computation: str
 
     @property
     def dims(self) -> list[int]:
@@ -93,7 +92,7 @@ def parse_hlo(text: str) -> tuple[dict[str, Instruction], dict[str, list[str]]]:
             continue
         m = _INSTRUCTION.match(line)
         if m:
-            ins = Instruction(m["name"], m["op"], m["shape"], m["rest"], current)
+            ins = Instruction(m["name"], m["op"], m["shape"], m["rest"])
             instructions[ins.name] = ins
             computations[current].append(ins.name)
     computations["ENTRY"] = computations[entry]
