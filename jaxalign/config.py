@@ -166,6 +166,12 @@ class SPAConfig:
     # whose samples its own implicit reward labels best (the judge is read off the seed
     # pairs' distribution; on later policies' samples its agreement with gold falls).
     sample_policy: str = "previous"
+    # The DPO reference of round i's training: π_{i-1} ("previous", paper), which resets every
+    # round's margins to 0, so a preference the rounds share is learned again each round and
+    # the drift compounds; or π_0 ("seed", beyond the paper), one fixed anchor, against which
+    # what earlier rounds learned already counts (its loss saturates) and only new
+    # preferences pull. Round 1 is the same either way (π_0 = π_{i-1}).
+    reference_policy: str = "previous"
     # When the judge is the model that sampled, take its log-probs of the sampled tokens from
     # the sampler (the unmodified distribution's, equal to a forward pass's within 1e-4 in
     # float32), so the judge runs only π_init's forward pass.
@@ -218,6 +224,7 @@ class SPAConfig:
                 "length_control": one_of("none", "regress"),
                 "judge_policy": one_of("previous", "seed"),
                 "sample_policy": one_of("previous", "seed"),
+                "reference_policy": one_of("previous", "seed"),
                 "judge_from_sampler": BOOLEAN,
                 # A share of the round's pairs; 0 would leave nothing to train on.
                 "keep_fraction": number(0, 1, low_open=True),

@@ -186,6 +186,7 @@ OUT_OF_RANGE = {
     "spa.judge_reward": ["max", "''"],
     "spa.judge_policy": ["init", "''"],
     "spa.sample_policy": ["init", "''"],
+    "spa.reference_policy": ["init", "''"],
     "spa.length_control": ["linear", "''"],
     "spa.keep_fraction": ["0", "-0.5", "1.5"],
     "spa.lora_rank": ["-1", "-8"],

@@ -122,3 +122,53 @@ def test_a_killed_lora_run_resumes_to_the_same_adapters(
         strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_with_reference_policy_seed_round_2_is_anchored_at_round_0s_adapters(
+    data, tiny_model_dir, tmp_path, monkeypatch
+):
+    """``spa.reference_policy=seed``: round 2 continues round 1's adapters, but its on-the-fly
+    reference is base ⊕ round 0's adapters (π_0), so its first margin is not 0, where
+    round 1's (π_0 is π_{i-1}) is."""
+    from jaxalign.algorithms import stages
+
+    out = tmp_path / "spa"
+    config = load_config(
+        None,
+        [
+            *small_spa_overrides(
+                tiny_model_dir,
+                data / "seed.jsonl",
+                data / "prompts.jsonl",
+                data / "eval.jsonl",
+                out,
+            ),
+            f"spa.lora_rank={RANK}",
+            f"spa.lora_alpha={ALPHA}",
+            "eval.enabled=false",
+            "spa.rounds=2",
+            "spa.prompts_per_round=[4]",
+            "spa.reference_policy=seed",
+        ],
+    )
+    references = []
+    original = stages.lora_training
+
+    def spy(*args, reference=None, **kwargs):
+        references.append(reference)
+        return original(*args, reference=reference, **kwargs)
+
+    monkeypatch.setattr(stages, "lora_training", spy)
+    spa.run(config, log=lambda m: None)
+    assert len(references) == 3 and references[0] is None  # round 0: precomputed, no reference
+    base, _ = load(tiny_model_dir)
+    round_0 = _adapters(out, 0, base)
+    for handed in references[1:]:  # rounds 1 and 2: π_0's adapters
+        for x, y in zip(jax.tree.leaves(handed), jax.tree.leaves(round_0), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = {
+        t: next(r for r in rows if r.get("tag") == t) for t in ("round_1/train", "round_2/train")
+    }
+    assert abs(first["round_1/train"]["rewards/margin"]) < 1e-5
+    assert abs(first["round_2/train"]["rewards/margin"]) > 1e-5

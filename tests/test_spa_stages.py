@@ -598,3 +598,119 @@ def test_a_round_samples_from_the_model_sample_policy_names(
 
     assert tokens(written) == tokens(spa.sample_candidates(ctx, 2, sampler, prompts))
     assert tokens(written) != tokens(spa.sample_candidates(ctx, 2, other, prompts))
+
+
+def _first_step(ctx, tag):
+    return min(
+        (
+            m
+            for m in (json.loads(line) for line in ctx.metrics.path.read_text().splitlines())
+            if m.get("tag") == tag
+        ),
+        key=lambda m: m["step"],
+    )
+
+
+def test_a_round_anchored_at_the_seed_model_trains_against_it(run, tmp_path):
+    """``reference=π_0`` (``spa.reference_policy=seed``): round 2 starts at π_1 but its DPO
+    reference is π_0, so the first step's margins are ``β[(log π_1 − log π_0)(c) −
+    (log π_1 − log π_0)(r)]`` by hand, not 0, its extrapolated margins mix π_1 with π_0
+    (λ = 1/4), and its loss is the mean ``−log σ(margin)`` (nothing is flagged at step 1)."""
+    base, _, candidates = run
+    ctx = _with(base, flag_warmup_ratio=0.0)
+    start, anchor = _perturbed(ctx.init_params, seed=2), _perturbed(ctx.init_params, seed=5)
+    judged, _ = spa.judge_candidates(ctx, anchor, candidates * 3)
+    pairs = [{**p, "id": f"{p['id']}-{k}"} for k, p in enumerate(judged)]
+    spa.train_stage(ctx, 2, start, pairs, tmp_path, reference=anchor)
+    first = _first_step(ctx, "round_2/train")
+    rows = [r for r in read_jsonl(tmp_path / "refinement.jsonl") if r["step"] == 1]
+    by_id = {p["id"]: p for p in pairs}
+    batch = [by_id[r["id"]] for r in rows]
+    ids, response_mask = _plain_rows(ctx, batch)
+    logp, ref_logp, mixed = (
+        np.asarray(x, np.float64)
+        for x in _plain_sequence_logps(ctx.graphdef, start, anchor, ids, response_mask, 0.25)
+    )
+    b, beta = len(batch), ctx.config.train.beta
+    margins = beta * ((logp[:b] - ref_logp[:b]) - (logp[b:] - ref_logp[b:]))
+    extrapolated = beta * ((mixed[:b] - ref_logp[:b]) - (mixed[b:] - ref_logp[b:]))
+    assert np.abs(margins).max() > 1e-2  # π_1 ≠ π_0: the anchor shows
+    for r, want in zip(rows, extrapolated, strict=True):
+        assert math.isclose(r["extrapolated_margin"], want, rel_tol=1e-3, abs_tol=1e-5)
+    assert math.isclose(first["rewards/margin"], margins.mean(), rel_tol=1e-3, abs_tol=1e-5)
+    loss = np.mean(np.logaddexp(0.0, -margins))
+    assert math.isclose(first["train/loss"], loss, rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_a_dpo_round_anchored_at_the_seed_model_precomputes_its_log_probs(
+    run, tmp_path, monkeypatch
+):
+    """With ``spa.refine`` off a round is DPO with precomputed reference log-probs: they
+    come from the reference it is given (π_0), not from the policy it starts at."""
+    from jaxalign import scoring
+
+    base, _, candidates = run
+    ctx = _with(base, refine=False)
+    start, anchor = _perturbed(ctx.init_params, seed=2), _perturbed(ctx.init_params, seed=5)
+    pairs, _ = spa.judge_candidates(ctx, anchor, candidates)
+    scored_with = []
+    original = scoring.with_reference_logps
+
+    def spy(graphdef, params, *args, **kwargs):
+        scored_with.append(params)
+        return original(graphdef, params, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "with_reference_logps", spy)
+    spa.train_stage(ctx, 2, start, pairs, tmp_path, reference=anchor)
+    assert len(scored_with) == 1 and scored_with[0] is anchor
+    first = _first_step(ctx, "round_2/train")
+    assert abs(first["rewards/margin"]) > 1e-4  # against π_0, π_1's first margins are not 0
+
+
+@pytest.mark.parametrize(
+    ("sample_policy", "judge_policy"),
+    [("previous", "previous"), ("seed", "previous"), ("previous", "seed"), ("seed", "seed")],
+)
+@pytest.mark.parametrize("reference_policy", ["previous", "seed"])
+def test_a_rounds_reference_is_the_model_reference_policy_names(
+    tiny_model_dir, tmp_path, monkeypatch, sample_policy, judge_policy, reference_policy
+):
+    """``spa_round`` hands the train stage π_{i-1} as the reference (paper) or, with
+    ``spa.reference_policy=seed`` from round 2 on, π_0, whichever models sample and judge;
+    in round 1 π_0 is π_{i-1} either way."""
+    from jaxalign import checkpoint
+
+    ctx, runner = _context(
+        tiny_model_dir,
+        tmp_path / "run",
+        f"spa.sample_policy={sample_policy}",
+        f"spa.judge_policy={judge_policy}",
+        f"spa.reference_policy={reference_policy}",
+    )
+    seed_model = _perturbed(ctx.init_params, seed=6)
+    checkpoint.save_params(tmp_path / "seed_model", seed_model)
+    runner.stage(0, "train", lambda d: {"model": str(tmp_path / "seed_model")})
+    previous = _perturbed(ctx.init_params, seed=7)
+    handed = {}
+
+    class Trained(Exception):
+        pass
+
+    def capture(ctx, i, policy, pairs, out, adapters=None, **kwargs):
+        handed.update(policy=policy, **kwargs)
+        raise Trained
+
+    monkeypatch.setattr(spa, "train_stage", capture)
+    for i in (1, 2):
+        handed.clear()
+        with pytest.raises(Trained):
+            spa.spa_round(ctx, runner, i, previous, _prompt_records()[:2])
+        assert handed["policy"] is previous
+        if i == 1 or reference_policy == "previous":
+            assert handed["reference"] is previous
+        else:
+            pairs = zip(
+                jax.tree.leaves(handed["reference"]), jax.tree.leaves(seed_model), strict=True
+            )
+            assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
+        assert handed["reference_adapters"] is None  # full fine-tuning: no adapters

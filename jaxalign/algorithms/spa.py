@@ -9,8 +9,9 @@ Round 0 trains ``π_0`` by DPO on a small set of human-labelled seed pairs
    ``r(x,y) = β·(log π_{i-1}(y|x) − log π_init(y|x))``, recomputed by a forward
    pass; the higher-reward response is ``chosen`` and the pair keeps its margin
    and ``p = σ(r_c − r_r)``;
-3. **trains** ``π_i`` from ``π_{i-1}`` (reference ``π_{i-1}``, 1 epoch) with DPO
-   plus self-refinement (:mod:`jaxalign.refinement`);
+3. **trains** ``π_i`` from ``π_{i-1}`` (reference ``π_{i-1}``, or ``π_0`` with
+   ``spa.reference_policy = seed``; 1 epoch) with DPO plus self-refinement
+   (:mod:`jaxalign.refinement`);
 4. **evaluates** ``π_i`` against ``π_init`` with a gold judge, when configured.
 
 Each step is a stage: a function from its inputs (the run's context, the policy
@@ -114,7 +115,8 @@ def spa_round(
     """Round ``i ≥ 1`` from ``policy`` = π_{i-1}: sample → judge → train; returns π_i.
 
     The sampler is π_{i-1} (paper) or, with ``spa.sample_policy = seed``, π_0; the judge is
-    π_{i-1} (paper) or, with ``spa.judge_policy = seed``, π_0."""
+    π_{i-1} (paper) or, with ``spa.judge_policy = seed``, π_0; the training's reference is
+    π_{i-1} (paper) or, with ``spa.reference_policy = seed``, π_0."""
     if runner.done(i, "train"):
         return _trained_policy(ctx, runner.result(i, "train"))
     sampler, judge = round_policies(ctx, runner, i, policy)
@@ -124,10 +126,25 @@ def spa_round(
         i, "judge", lambda d: judge_stage(ctx, judge, sampled["candidates"], d, sampled_by_judge)
     )
     pairs = read_jsonl(judged["pairs"])
+    adapters = _trained_adapters(ctx, runner, i - 1)
+    reference, reference_adapters = policy, adapters
+    if i > 1 and ctx.config.spa.reference_policy == "seed":
+        loaded = [m for m in (sampler, judge) if m is not policy]  # π_0, where loaded already
+        reference = loaded[0] if loaded else _trained_policy(ctx, runner.result(0, "train"))
+        reference_adapters = _trained_adapters(ctx, runner, 0)
     return runner.produce(
         i,
         "train",
-        lambda d: train_stage(ctx, i, policy, pairs, d, _trained_adapters(ctx, runner, i - 1)),
+        lambda d: train_stage(
+            ctx,
+            i,
+            policy,
+            pairs,
+            d,
+            adapters,
+            reference=reference,
+            reference_adapters=reference_adapters,
+        ),
         load=lambda result: _trained_policy(ctx, result),
     )
 
@@ -469,9 +486,13 @@ def train_stage(
     records: list[dict],
     out: pathlib.Path,
     adapters: nnx.State | None = None,
+    *,
+    reference: nnx.State | None = None,
+    reference_adapters: nnx.State | None = None,
 ) -> tuple[dict, nnx.State]:
     """π_i from ``policy`` = π_{i-1} (π_init in round 0) on the round's pairs, with reference
-    π_{i-1}; saves it to ``model/`` and returns the stage's result and π_i.
+    ``reference`` (default ``policy``: π_{i-1}; ``spa.reference_policy = seed``: π_0); saves it
+    to ``model/`` and returns the stage's result and π_i.
 
     Round 0 (and every round with ``spa.refine`` off) is DPO, its reference log-probs
     precomputed once (:func:`jaxalign.scoring.with_reference_logps`), so training holds
@@ -480,14 +501,16 @@ def train_stage(
 
     With ``spa.lora_rank``, ``adapters`` are π_{i-1}'s (round 0: the fresh ones, ``B = 0``)
     and ``policy`` is the loaded model with them merged in: the adapters train, from
-    there, on the frozen loaded model, π_{i-1}'s reference is the same base with a frozen
-    copy of them, and the stage saves them to ``lora/``.
+    there, on the frozen loaded model, the reference is the same base with a frozen copy of
+    ``reference_adapters`` (default ``adapters``), and the stage saves them to ``lora/``.
     """
     cfg = ctx.config
     spa = cfg.spa
     spec = _lora_spec(ctx)
     if spec is not None and adapters is None:
         raise ValueError("spa.lora_rank is set: train_stage needs π_{i-1}'s adapters")
+    reference = policy if reference is None else reference
+    reference_adapters = adapters if reference_adapters is None else reference_adapters
     seed_round = round_index == 0
     epochs = spa.seed_epochs if seed_round else spa.round_epochs
     batches, build_report = pair_batches(records, ctx.tokenizer, cfg)
@@ -495,7 +518,7 @@ def train_stage(
         raise ValueError(f"round {round_index}: no usable preference pairs to train on")
     if seed_round or not spa.refine:
         batches = scoring.with_reference_logps(
-            ctx.graphdef, policy, batches, cfg.train, progress=ctx.progress, mesh=ctx.mesh
+            ctx.graphdef, reference, batches, cfg.train, progress=ctx.progress, mesh=ctx.mesh
         )
         loss_fn = training.dpo_loss_fn(cfg.train)
         frozen, algo_state, flag_after = None, None, None
@@ -514,11 +537,13 @@ def train_stage(
             label_mode=spa.label_mode,
             chunk_size=cfg.train.logp_chunk_size,
         )
-        frozen = policy  # reference π_{i-1}, run on the fly
+        frozen = reference  # run on the fly
         algo_state = refinement.init_margin_buffer(spa.margin_window)
     model, train_config = ctx.model(policy), cfg.train
     if spec is not None:
-        model, train_config, loss_fn, frozen = _lora_training(ctx, spec, adapters, loss_fn, frozen)
+        model, train_config, loss_fn, frozen = _lora_training(
+            ctx, spec, adapters, loss_fn, frozen, reference_adapters
+        )
     result = loop.train(
         model,
         batches,
@@ -572,18 +597,26 @@ def _lora_spec(ctx: RunContext) -> stages.Adapters | None:
     return stages.lora_adapters(ctx, spa.lora_rank, spa.lora_alpha, spa.lora_targets)
 
 
-def _lora_training(ctx: RunContext, spec: stages.Adapters, adapters: nnx.State, loss_fn, frozen):
+def _lora_training(
+    ctx: RunContext,
+    spec: stages.Adapters,
+    adapters: nnx.State,
+    loss_fn,
+    frozen,
+    reference_adapters: nnx.State,
+):
     """What a LoRA train stage hands :func:`jaxalign.loop.train` in place of the full model's
     ``(model, train config, loss, frozen)``: the adapters are the trained model (compute
     dtype and remat apply to the frozen base), the base rides along frozen, and an
-    on-the-fly reference π_{i-1} (``frozen`` given) is the base with a copy of ``adapters``.
+    on-the-fly reference (``frozen`` given) is the base with a copy of
+    ``reference_adapters`` (π_{i-1}'s, or π_0's with ``spa.reference_policy = seed``).
     """
     train_config, loss_fn, frozen = stages.lora_training(
         ctx.model(ctx.init_params),
         ctx.config.train,
         loss_fn,
         spec.scaling,
-        reference=adapters if frozen is not None else None,
+        reference=reference_adapters if frozen is not None else None,
     )
     return nnx.merge(spec.graphdef, adapters), train_config, loss_fn, frozen
 
