@@ -2,6 +2,7 @@
 
 import dataclasses
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -309,3 +310,96 @@ def test_bucket_pairs_checks_its_limits_and_counts_every_skip():
 def test_plan_needs_positive_rows():
     with pytest.raises(ValueError, match=r"rows per host must be positive, got 0"):
         plan_pair_batches([{16: 1}], 0)
+
+
+def test_every_batch_field_has_the_training_dtype():
+    """What the step's shardings and the loss expect: ``int32`` ids, masks and index,
+    ``float32`` weight, smoothing and p — the padding rows' too."""
+    records = [{"prompt": "ab", "chosen": "xyz", "rejected": "q", "weight": 2, "p": 1}]
+    (batch,), _ = build_pair_batches(
+        records, CharTokenizer(), batch_size=2, max_prompt_tokens=4, max_response_tokens=4
+    )
+    for side in ("chosen", "rejected"):
+        for field in ("ids", "attention_mask", "loss_mask"):
+            assert batch[f"{side}_{field}"].dtype == np.int32, (side, field)
+    assert batch["index"].dtype == np.int32
+    for field in ("weight", "smoothing", "p"):
+        assert batch[field].dtype == np.float32, field
+
+
+def test_a_padding_row_anywhere_in_a_batch_stays_blank():
+    """``_pack`` fills every real row, whatever rows of padding (index -1) come before it."""
+    from jaxalign.data.pairs import _pack
+
+    pad = (-1, [], [], [], {})
+    real = (4, [1, 97], [98, 2], [99], {"weight": 0.5, "smoothing": 0.2, "p": 0.8})
+    batch = _pack([pad, real, pad], 4, pad_id=7)
+    np.testing.assert_array_equal(batch["index"], [-1, 4, -1])
+    np.testing.assert_allclose(batch["weight"], [0.0, 0.5, 0.0])
+    np.testing.assert_allclose(batch["smoothing"], [0.0, 0.2, 0.0])
+    np.testing.assert_allclose(batch["p"], [1.0, 0.8, 1.0])
+    np.testing.assert_array_equal(batch["chosen_ids"], [[7] * 4, [1, 97, 98, 2], [7] * 4])
+    np.testing.assert_array_equal(batch["rejected_ids"][1], [1, 97, 99, 7])
+    np.testing.assert_array_equal(batch["rejected_loss_mask"], [[0] * 4, [0, 0, 1, 0], [0] * 4])
+
+
+def test_build_pair_batches_passes_its_options_on():
+    """The chat-template flag (default on), ``min_bucket`` and the tokenizer's pad id reach
+    the batches; a bad batch size is named."""
+
+    class Templated(CharTokenizer):
+        pad_token_id = 7
+
+        def encode_prompt(self, prompt, use_chat_template=True):
+            return [5, 5, *super().encode_prompt(prompt)] if use_chat_template else [1]
+
+    records = [{"prompt": "ab", "chosen": "x", "rejected": "y"}]
+    limits = {"max_prompt_tokens": 8, "max_response_tokens": 8}
+    (default,), _ = build_pair_batches(records, Templated(), batch_size=2, **limits)
+    (plain,), _ = build_pair_batches(
+        records, Templated(), batch_size=2, use_chat_template=False, **limits
+    )
+    np.testing.assert_array_equal(default["chosen_ids"][0, :6], [5, 5, 1, 97, 98, 120])
+    np.testing.assert_array_equal(plain["chosen_ids"][0, :3], [1, 120, 2])
+    assert (default["chosen_ids"][1] == 7).all()  # the padding row: the tokenizer's pad id
+    _, small = build_pair_batches(records, Templated(), batch_size=2, min_bucket=2, **limits)
+    _, large = build_pair_batches(records, Templated(), batch_size=2, min_bucket=16, **limits)
+    assert list(small.buckets) == [bucket_length(7, 16, 2)] and list(large.buckets) == [16]
+    assert bucket_length(7, 16, 2) != 16
+    with pytest.raises(ValueError) as e:
+        build_pair_batches(records, Templated(), batch_size=0, **limits)
+    assert str(e.value) == "batch_size must be positive, got 0"
+
+
+def test_pack_pair_batches_names_a_plan_that_does_not_fit():
+    rows = [(0, [1], [2], [3], {})]
+    with pytest.raises(ValueError) as e:
+        pack_pair_batches({16: rows, 32: rows}, [16], 1, 0)  # bucket 32 not planned
+    assert str(e.value) == (
+        "bucket 32 holds 1 pairs but the plan has room for 0; "
+        "build the plan from every host's counts"
+    )
+    with pytest.raises(ValueError) as e:
+        pack_pair_batches({16: rows * 3}, [16], 2, 0)
+    assert "bucket 16 holds 3 pairs but the plan has room for 2;" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        pack_pair_batches({16: rows}, [16, 32, 16], 1, 0)
+    assert str(e.value) == "the plan must list each bucket's batches together"
+
+
+def test_pair_report_reasons_combine_round_trip_and_summarise():
+    a = PairReport(read=3, kept=1, skipped=2, buckets={32: 1})
+    a.reasons.update({"empty_response": 2})
+    b = PairReport(read=1, kept=1, buckets={16: 1})
+    total = PairReport.combine([a, b])
+    assert total.reasons == {"empty_response": 2} and total.buckets == {16: 1, 32: 1}
+    again = PairReport.from_dict(a.to_dict())
+    assert again.reasons == {"empty_response": 2} and isinstance(again.reasons, Counter)
+    assert total.summary() == (
+        "pairs: read 4 = kept 2 + skipped 2 (empty_response: 2); "
+        "truncated prompts 0, responses 0; buckets {16: 1, 32: 1}; padding pairs 0"
+    )
+    assert b.summary() == (
+        "pairs: read 1 = kept 1 + skipped 0 (none); "
+        "truncated prompts 0, responses 0; buckets {16: 1}; padding pairs 0"
+    )

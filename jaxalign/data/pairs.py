@@ -246,8 +246,9 @@ def pack_pair_batches(
 
     ``by_bucket`` from :func:`bucket_pairs`; ``plan`` from :func:`plan_pair_batches`.
     """
-    planned = {length: len(list(group)) for length, group in itertools.groupby(plan)}
-    if len(planned) != len(set(plan)):
+    groups = [(length, len(list(group))) for length, group in itertools.groupby(plan)]
+    planned = dict(groups)
+    if len(groups) != len(planned):  # a length in two runs: one bucket's batches split
         raise ValueError("the plan must list each bucket's batches together")
     for length, pairs in by_bucket.items():
         if len(pairs) > planned.get(length, 0) * rows:
