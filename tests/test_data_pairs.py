@@ -403,3 +403,7 @@ def test_pair_report_reasons_combine_round_trip_and_summarise():
         "pairs: read 1 = kept 1 + skipped 0 (none); "
         "truncated prompts 0, responses 0; buckets {16: 1}; padding pairs 0"
     )
+    b.reasons.update({"too_long": 1})
+    assert PairReport.combine([a, b]).summary().startswith(
+        "pairs: read 4 = kept 2 + skipped 2 (empty_response: 2, too_long: 1); "
+    )
