@@ -1,6 +1,8 @@
 """PLE's label enhancement: threshold schedule, routing by reward gap, batches, the combined
 loss, principle placement; against hand computations."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,3 +235,142 @@ def test_sft_records_are_each_pairs_chosen_response():
     assert enhancement.sft_records(
         [{"id": "a", "prompt": "p", "chosen": "c", "rejected": "r"}]
     ) == [{"id": "a", "prompt": "p", "response": "c", "eos": True, "weight": 1.0}]
+
+
+def test_threshold_and_normalisation_edges():
+    with pytest.raises(ValueError) as e:
+        enhancement.threshold(-1)
+    assert str(e.value) == "iteration must be >= 0, got -1"
+    assert isinstance(enhancement.threshold(1, tau0=1, decay=1), float)
+    # outside the given range: clipped to [0, 1]; a degenerate range: all 0.5
+    np.testing.assert_array_equal(
+        enhancement.normalise_rewards(np.array([-1.0, 0.5, 3.0]), "minmax", (0.0, 2.0)),
+        [0.0, 0.25, 1.0],
+    )
+    np.testing.assert_array_equal(
+        enhancement.normalise_rewards(np.array([1.0, 2.0]), "minmax", (1.0, 1.0)), [0.5, 0.5]
+    )
+    empty = enhancement.normalise_rewards(np.zeros((0, 2)))
+    assert empty.shape == (0, 2) and empty.dtype == np.float64
+    got = enhancement.normalise_rewards(np.array([1, 3], np.int32))
+    assert got.dtype == np.float64 and list(got) == [0.0, 1.0]
+    with pytest.raises(ValueError) as e:
+        enhancement.normalise_rewards(np.ones(2), "rank")
+    assert str(e.value) == "reward normalisation must be minmax, sigmoid or none, got 'rank'"
+
+
+def test_sft_weights_by_hand():
+    w_y, w_yp = enhancement.sft_weights(np.array([-0.5, 0.25]), np.array([0.75, -1.0]))
+    np.testing.assert_array_equal(w_y, [0.0, 0.25])  # "reward": clipped at 0
+    np.testing.assert_array_equal(w_yp, [0.75, 0.0])
+    w_y, w_yp = enhancement.sft_weights(np.array([0.0, 1.0]), np.array([1.0, 1.0]), "softmax")
+    np.testing.assert_allclose(w_y, [1 / (1 + np.e), 0.5])
+    np.testing.assert_allclose(w_yp, [np.e / (1 + np.e), 0.5])
+    w_y, w_yp = enhancement.sft_weights(np.array([0.3]), np.array([0.9]), "uniform")
+    assert list(w_y) == [1.0] and list(w_yp) == [1.0]
+    with pytest.raises(ValueError) as e:
+        enhancement.sft_weights(np.ones(1), np.ones(1), "rank")
+    assert str(e.value) == "SFT weighting must be reward, softmax or uniform, got 'rank'"
+
+
+def test_route_pairs_writes_every_field():
+    """A ranking record's every field, both ways round (the EOS flags follow their
+    responses), and an SFT record's; a missing EOS flag means finished."""
+    recs = _records(3)
+    recs[0].update(response_eos=False)  # y cut, y_p finished; y_p wins
+    recs[1].update(principle_response_eos=False)  # y_p cut; y wins
+    rewards = np.array([[0.1, 0.9], [0.8, 0.2], [0.5, 0.55]])
+    ranking, sft, counts = enhancement.route_pairs(recs, rewards, 0.2)
+    assert ranking == [
+        {
+            "id": "q0",
+            "prompt": "x0",
+            "chosen": "p0",
+            "rejected": "y0",
+            "chosen_eos": True,
+            "rejected_eos": False,
+            "chosen_source": "principle",
+            "gap": pytest.approx(0.8),
+        },
+        {
+            "id": "q1",
+            "prompt": "x1",
+            "chosen": "y1",
+            "rejected": "p1",
+            "chosen_eos": True,
+            "rejected_eos": False,
+            "chosen_source": "plain",
+            "gap": pytest.approx(-0.6),
+        },
+    ]
+    assert sft == [
+        {
+            "id": "q2",
+            "prompt": "x2",
+            "response": "y2",
+            "eos": True,
+            "weight": 0.5,
+            "source": "plain",
+            "gap": pytest.approx(0.05),
+        },
+        {
+            "id": "q2",
+            "prompt": "x2",
+            "response": "p2",
+            "eos": True,
+            "weight": 0.55,
+            "source": "principle",
+            "gap": pytest.approx(0.05),
+        },
+    ]
+    assert dataclasses.asdict(counts) == {
+        "considered": 3,
+        "ranking": 2,
+        "sft": 1,
+        "skipped_empty": 0,
+        "principle_better": 1,
+    }
+    # "principle": y_p must win by more than τ; a larger y win stays SFT
+    ranking, sft, counts = enhancement.route_pairs(recs, rewards, 0.2, direction="principle")
+    assert [r["id"] for r in ranking] == ["q0"] and counts.sft == 2
+
+
+def test_route_pairs_names_what_is_wrong():
+    recs = _records(2)
+    with pytest.raises(ValueError) as e:
+        enhancement.route_pairs(recs, np.zeros((3, 2)), 0.2)
+    assert str(e.value) == "rewards must have shape [2, 2], got (3, 2)"
+    with pytest.raises(ValueError) as e:
+        enhancement.route_pairs(recs, np.zeros((2, 2)), 0.2, direction="worse")
+    assert str(e.value) == "ranking direction must be better or principle, got 'worse'"
+    recs[0]["principle_response"] = "\n"
+    _, sft, counts = enhancement.route_pairs(recs, np.zeros((2, 2)), 0.2)
+    assert counts.skipped_empty == 1 and counts.considered == 2 and len(sft) == 2
+
+
+def test_principled_prompt_with_chat_messages():
+    system = [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]
+    assert enhancement.principled_prompt(system, "P", "system") == [
+        {"role": "system", "content": "P\n\nS"},
+        {"role": "user", "content": "u"},
+    ]
+    assert system[0]["content"] == "S"  # the caller's messages are not changed
+    user = [{"role": "user", "content": "u"}]
+    assert enhancement.principled_prompt(user, "P", "system") == [
+        {"role": "system", "content": "P"},
+        {"role": "user", "content": "u"},
+    ]
+    assert enhancement.principled_prompt(user, "P", "suffix") == [
+        {"role": "user", "content": "u\n\nP"}
+    ]
+    two = [*user, {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    assert enhancement.principled_prompt(two, "P", "suffix")[::2] == [
+        {"role": "user", "content": "u"},
+        {"role": "user", "content": "v\n\nP"},
+    ]
+    with pytest.raises(ValueError) as e:
+        enhancement.principled_prompt([{"role": "assistant", "content": "a"}], "P")
+    assert str(e.value) == "a chat prompt needs a user message to add the principles to"
+    with pytest.raises(ValueError) as e:
+        enhancement.principled_prompt("q", "P", "middle")
+    assert str(e.value) == "principle placement must be prefix, suffix or system, got 'middle'"
