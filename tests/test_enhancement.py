@@ -213,6 +213,16 @@ def test_ple_loss_ignores_weight_zero_rows(tiny_model):
         jb2[k] = jb[k].at[1, 2:5].set(1)
     moved, _ = loss_fn(tiny_model, jb2, {}, 0, None)
     np.testing.assert_allclose(float(moved), float(base), rtol=1e-6)
+    # c = 1 by default; the row counts leave the weight-0 rows out, as float32 metrics
+    _, (aux, _) = loss_fn(tiny_model, jb, {}, 0, None)
+    np.testing.assert_allclose(
+        float(base), float(aux["ple/ranking_loss"]) + float(aux["ple/sft_loss"]), rtol=1e-6
+    )
+    assert float(aux["ple/ranking_rows"]) == 1 and float(aux["ple/sft_rows"]) == 1
+    assert aux["ple/ranking_rows"].dtype == aux["ple/sft_rows"].dtype == jnp.float32
+    with pytest.raises(ValueError) as e:
+        loss_fn(tiny_model, {"weight": jb["weight"]}, {}, 0, None)
+    assert str(e.value) == "a PLE batch needs pair fields, sft_* fields, or both"
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -254,6 +264,7 @@ def test_threshold_and_normalisation_edges():
     assert empty.shape == (0, 2) and empty.dtype == np.float64
     got = enhancement.normalise_rewards(np.array([1, 3], np.int32))
     assert got.dtype == np.float64 and list(got) == [0.0, 1.0]
+    assert enhancement.normalise_rewards(np.array([1, 3], np.int32), "none").dtype == np.float64
     with pytest.raises(ValueError) as e:
         enhancement.normalise_rewards(np.ones(2), "rank")
     assert str(e.value) == "reward normalisation must be minmax, sigmoid or none, got 'rank'"
@@ -266,6 +277,11 @@ def test_sft_weights_by_hand():
     w_y, w_yp = enhancement.sft_weights(np.array([0.0, 1.0]), np.array([1.0, 1.0]), "softmax")
     np.testing.assert_allclose(w_y, [1 / (1 + np.e), 0.5])
     np.testing.assert_allclose(w_yp, [np.e / (1 + np.e), 0.5])
+    for mode in ("reward", "softmax", "uniform"):  # float64 whatever comes in
+        w_y, w_yp = enhancement.sft_weights(
+            np.array([0.5], np.float32), np.array([0.25], np.float32), mode
+        )
+        assert w_y.dtype == w_yp.dtype == np.float64, mode
     w_y, w_yp = enhancement.sft_weights(np.array([0.3]), np.array([0.9]), "uniform")
     assert list(w_y) == [1.0] and list(w_yp) == [1.0]
     with pytest.raises(ValueError) as e:
@@ -346,6 +362,20 @@ def test_route_pairs_names_what_is_wrong():
     recs[0]["principle_response"] = "\n"
     _, sft, counts = enhancement.route_pairs(recs, np.zeros((2, 2)), 0.2)
     assert counts.skipped_empty == 1 and counts.considered == 2 and len(sft) == 2
+    _, _, counts = enhancement.route_pairs([recs[0]] * 3, np.zeros((3, 2)), 0.2)
+    assert counts.skipped_empty == 3
+
+
+def test_route_pairs_at_the_threshold_and_in_float64():
+    """A gap of exactly τ stays SFT in both directions (the test is ``>``); the gap is taken
+    in float64 whatever dtype the rewards come in."""
+    exact = np.array([[0.25, 0.5], [0.5, 0.25]])  # gaps ±0.25, exact in binary
+    for direction in ("better", "principle"):
+        ranking, _, counts = enhancement.route_pairs(_records(2), exact, 0.25, direction=direction)
+        assert not ranking and counts.sft == 2
+    r32 = np.array([[0.1, 0.3]], np.float32)
+    ranking, _, _ = enhancement.route_pairs(_records(1), r32, 0.1)
+    assert ranking[0]["gap"] == float(np.float64(r32[0, 1]) - np.float64(r32[0, 0]))
 
 
 def test_principled_prompt_with_chat_messages():
