@@ -75,8 +75,13 @@ def test_buckets_group_by_length():
         records, CharTokenizer(), batch_size=2, max_prompt_tokens=64, max_response_tokens=8
     )
     assert report.buckets == {16: 3, 24: 1, 48: 1}
-    assert [b["chosen_ids"].shape for b in batches] == [(2, 16), (2, 16), (2, 24), (2, 48)]
-    assert [list(b["index"]) for b in batches] == [[0, 2], [4, -1], [1, -1], [3, -1]]
+    # Apart: 16, 16, 24, 48 (104 padded positions a row). Packing 24's pair with 48's saves
+    # 24 (the most); then 16's two batches joining them would cost 64 more: 16, 16, 48.
+    assert [b["chosen_ids"].shape for b in batches] == [(2, 16), (2, 16), (2, 48)]
+    assert [list(b["index"]) for b in batches] == [[0, 2], [4, -1], [1, 3]]
+    assert report.padding_pairs == 1
+    unmerged = plan_pair_batches([report.buckets], 2, merge=False)
+    assert unmerged == [16, 16, 24, 48]
 
 
 def test_empty_response_is_skipped_and_counted():
@@ -137,7 +142,13 @@ def _host_batches(records, count, batch_size):
 
 def test_plan_by_hand():
     counts = [{16: 5, 48: 1}, {16: 2, 24: 3}, {48: 4}]
-    assert plan_pair_batches(counts, 2) == [16, 16, 16, 24, 24, 48, 48]
+    assert plan_pair_batches(counts, 2, merge=False) == [16, 16, 16, 24, 24, 48, 48]
+    # Merging 24 into 48: the hosts' sums 1, 3, 4 fill 2 batches at 48 (96 positions a row,
+    # against 48 + 96); 16 into 24 would save 24, less. Then 16 into 48: 3 batches at 48 (144)
+    # against 48 + 96, the same: not merged.
+    assert plan_pair_batches(counts, 2) == [16, 16, 16, 48, 48]
+    assert plan_pair_batches([{16: 1, 24: 1, 32: 1}], 4) == [32]  # one batch, not three
+    assert plan_pair_batches([{16: 8, 24: 8}], 8) == [16, 24]  # full batches stay apart
     assert plan_pair_batches([{16: 4}], 4) == [16]
     assert plan_pair_batches([{}, {}], 4) == []
     with pytest.raises(ValueError, match="room"):
@@ -173,7 +184,12 @@ def test_hosts_share_one_plan_and_every_record_once(count):
     assert sorted(seen) == sorted(expected) == list(range(len(records)))
     for index, row in expected.items():
         for k, v in row.items():
-            np.testing.assert_array_equal(seen[index][k], v, err_msg=f"{index} {k}")
+            got = seen[index][k]
+            if v.ndim:  # a token row: the hosts' plan may pack it at another padded length
+                n = min(len(got), len(v))
+                assert not got[n:].any() and not v[n:].any(), (index, k)  # padding beyond
+                got, v = got[:n], v[:n]
+            np.testing.assert_array_equal(got, v, err_msg=f"{index} {k}")
     # The reports add up to one host's, padding aside (it is the plan's slack).
     total = PairReport.combine(reports)
     total.padding_pairs = len(plan) * batch_size - total.kept
@@ -376,12 +392,20 @@ def test_pack_pair_batches_names_a_plan_that_does_not_fit():
     with pytest.raises(ValueError) as e:
         pack_pair_batches({16: rows, 32: rows}, [16], 1, 0)  # bucket 32 not planned
     assert str(e.value) == (
-        "bucket 32 holds 1 pairs but the plan has room for 0; "
+        "bucket 32 holds 1 pairs but the plan has no batch that long (longest 16); "
         "build the plan from every host's counts"
     )
     with pytest.raises(ValueError) as e:
         pack_pair_batches({16: rows * 3}, [16], 2, 0)
-    assert "bucket 16 holds 3 pairs but the plan has room for 2;" in str(e.value)
+    assert str(e.value) == (
+        "3 pairs are packed at length 16 but the plan has room for 2; "
+        "build the plan from every host's counts"
+    )
+    with pytest.raises(ValueError) as e:  # 16's pair joins 24's, which already fills it
+        pack_pair_batches({16: rows, 24: rows}, [24], 1, 0)
+    assert str(e.value).startswith("2 pairs are packed at length 24 but the plan has room for 1")
+    (batch,) = pack_pair_batches({16: [], 24: rows}, [24], 1, 0)  # an empty bucket is no bucket
+    assert list(batch["index"]) == [0]
     with pytest.raises(ValueError) as e:
         pack_pair_batches({16: rows}, [16, 32, 16], 1, 0)
     assert str(e.value) == "the plan must list each bucket's batches together"
@@ -404,6 +428,8 @@ def test_pair_report_reasons_combine_round_trip_and_summarise():
         "truncated prompts 0, responses 0; buckets {16: 1}; padding pairs 0"
     )
     b.reasons.update({"too_long": 1})
-    assert PairReport.combine([a, b]).summary().startswith(
-        "pairs: read 4 = kept 2 + skipped 2 (empty_response: 2, too_long: 1); "
+    assert (
+        PairReport.combine([a, b])
+        .summary()
+        .startswith("pairs: read 4 = kept 2 + skipped 2 (empty_response: 2, too_long: 1); ")
     )

@@ -11,9 +11,10 @@ a bucket is filled with weight-0 padding pairs.
 On several hosts each tokenises only its own records (:func:`bucket_pairs`) and the hosts
 agree on one batch plan from their per-bucket counts (:func:`plan_pair_batches`): bucket
 ``T`` gets ``ceil(max over hosts of count / rows)`` batches, ``rows`` being the rows a host
-feeds per global batch. Each host fills its rows of those batches with its own records
-and weight-0 padding (:func:`pack_pair_batches`), so batch ``k`` has the same shape on
-every host. On one host this is exactly :func:`build_pair_batches`.
+feeds per global batch, and neighbouring buckets are packed together at the longer length
+where that computes fewer padded positions. Each host fills its rows of those batches
+with its own records and weight-0 padding (:func:`pack_pair_batches`), so batch ``k`` has
+the same shape on every host. On one host this is exactly :func:`build_pair_batches`.
 
 Optional record fields: ``weight`` (default 1), ``smoothing`` (default 0),
 ``p`` (the judge's preference probability, default 1), ``chosen_eos`` /
@@ -220,23 +221,42 @@ def bucket_pairs(
     return by_bucket, report
 
 
-def plan_pair_batches(bucket_counts: Sequence[Mapping[int, int]], rows: int) -> list[int]:
+def plan_pair_batches(
+    bucket_counts: Sequence[Mapping[int, int]], rows: int, merge: bool = True
+) -> list[int]:
     """The padded length of every batch that all hosts run together, in order.
 
     ``bucket_counts[h]``: host ``h``'s pairs per bucket length; ``rows``: the rows each
-    host feeds per global batch. Bucket ``T`` (ascending) gets ``ceil(max_h count / rows)``
-    batches, so every host's pairs fit and the hosts run the same number of batches of
-    the same shapes. With one host and ``rows`` = the batch size this is the bucketing of
-    :func:`build_pair_batches`.
+    host feeds per global batch. A group of buckets packed at its longest length ``T``
+    (ascending) gets ``ceil(max_h count / rows)`` batches, so every host's pairs fit and
+    the hosts run the same number of batches of the same shapes. With one host and
+    ``rows`` = the batch size this is the bucketing of :func:`build_pair_batches`.
+
+    With ``merge`` (default), neighbouring buckets are packed together at the longer one's
+    length while that lowers the padded positions the plan computes (``Σ batches · T``):
+    a bucket whose last batch would be mostly weight-0 padding joins the next, so a small
+    round runs fewer, fuller batches and compiles fewer shapes. Each step merges the pair
+    of neighbours that saves most, until no merge saves any.
     """
     if rows < 1:
         raise ValueError(f"rows per host must be positive, got {rows}")
     lengths = sorted({int(t) for counts in bucket_counts for t, n in counts.items() if n > 0})
-    plan = []
-    for length in lengths:
-        most = max(int(counts.get(length, 0)) for counts in bucket_counts)
-        plan += [length] * math.ceil(most / rows)
-    return plan
+
+    def batches(group: list[int]) -> int:
+        most = max(sum(int(counts.get(t, 0)) for t in group) for counts in bucket_counts)
+        return math.ceil(most / rows)
+
+    groups = [[length] for length in lengths]
+    while merge and len(groups) > 1:
+        savings = [
+            batches(a) * a[-1] + batches(b) * b[-1] - batches(a + b) * b[-1]
+            for a, b in itertools.pairwise(groups)
+        ]
+        best = max(range(len(savings)), key=savings.__getitem__)
+        if savings[best] <= 0:
+            break
+        groups[best : best + 2] = [groups[best] + groups[best + 1]]
+    return [group[-1] for group in groups for _ in range(batches(group))]
 
 
 def pack_pair_batches(
@@ -244,21 +264,35 @@ def pack_pair_batches(
 ) -> list[dict[str, np.ndarray]]:
     """This host's ``rows``-row part of every batch of ``plan``, weight-0 pairs filling the rest.
 
-    ``by_bucket`` from :func:`bucket_pairs`; ``plan`` from :func:`plan_pair_batches`.
+    ``by_bucket`` from :func:`bucket_pairs`; ``plan`` from :func:`plan_pair_batches`. Each
+    bucket's pairs go to the shortest planned length that holds them; the pairs of one
+    planned length keep record order (``index``).
     """
     groups = [(length, len(list(group))) for length, group in itertools.groupby(plan)]
     planned = dict(groups)
     if len(groups) != len(planned):  # a length in two runs: one bucket's batches split
         raise ValueError("the plan must list each bucket's batches together")
-    for length, pairs in by_bucket.items():
-        if len(pairs) > planned.get(length, 0) * rows:
+    packed: dict[int, list[PairRow]] = {length: [] for length in planned}
+    for length, pairs in sorted(by_bucket.items()):
+        if not pairs:
+            continue
+        target = next((t for t in sorted(planned) if t >= length), None)
+        if target is None:
             raise ValueError(
-                f"bucket {length} holds {len(pairs)} pairs but the plan has room for "
-                f"{planned.get(length, 0) * rows}; build the plan from every host's counts"
+                f"bucket {length} holds {len(pairs)} pairs but the plan has no batch that "
+                f"long (longest {max(planned, default=0)}); build the plan from every host's "
+                "counts"
+            )
+        packed[target] += pairs
+    for length, pairs in packed.items():
+        if len(pairs) > planned[length] * rows:
+            raise ValueError(
+                f"{len(pairs)} pairs are packed at length {length} but the plan has room for "
+                f"{planned[length] * rows}; build the plan from every host's counts"
             )
     batches = []
     for length, count in planned.items():
-        pairs = list(by_bucket.get(length, ()))
+        pairs = sorted(packed[length], key=lambda row: row[0])
         for start in range(0, count * rows, rows):
             chunk = pairs[start : start + rows]
             chunk = chunk + [(-1, [], [], [], {})] * (rows - len(chunk))
