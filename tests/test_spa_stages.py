@@ -668,10 +668,14 @@ def test_a_dpo_round_anchored_at_the_seed_model_precomputes_its_log_probs(
 
 
 @pytest.mark.parametrize(
-    ("sample_policy", "judge_policy"),
-    [("previous", "previous"), ("seed", "previous"), ("previous", "seed"), ("seed", "seed")],
+    ("sample_policy", "judge_policy", "reference_policy"),
+    [
+        ("seed", "seed", "previous"),  # the paper's reference whoever samples and judges
+        ("previous", "previous", "seed"),  # π_0 loaded for the reference alone
+        ("seed", "previous", "seed"),  # π_0 the sampler already loaded
+        ("previous", "seed", "seed"),  # π_0 the judge already loaded
+    ],
 )
-@pytest.mark.parametrize("reference_policy", ["previous", "seed"])
 def test_a_rounds_reference_is_the_model_reference_policy_names(
     tiny_model_dir, tmp_path, monkeypatch, sample_policy, judge_policy, reference_policy
 ):
