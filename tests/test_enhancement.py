@@ -220,6 +220,10 @@ def test_ple_loss_ignores_weight_zero_rows(tiny_model):
     )
     assert float(aux["ple/ranking_rows"]) == 1 and float(aux["ple/sft_rows"]) == 1
     assert aux["ple/ranking_rows"].dtype == aux["ple/sft_rows"].dtype == jnp.float32
+    only_pairs = {k: v for k, v in jb.items() if not k.startswith("sft_")}
+    alone, (aux, _) = loss_fn(tiny_model, only_pairs, {}, 0, None)
+    assert float(aux["ple/sft_rows"]) == 0 and "ple/sft_loss" not in aux
+    np.testing.assert_allclose(float(alone), float(aux["ple/ranking_loss"]), rtol=1e-6)
     with pytest.raises(ValueError) as e:
         loss_fn(tiny_model, {"weight": jb["weight"]}, {}, 0, None)
     assert str(e.value) == "a PLE batch needs pair fields, sft_* fields, or both"
