@@ -278,11 +278,7 @@ def test_a_round_trains_against_its_starting_policy_and_logs_its_flags(run, tmp_
     pairs, _ = spa.judge_candidates(ctx, start, candidates * 3)
     pairs = [{**p, "id": f"{p['id']}-{k}"} for k, p in enumerate(pairs)]
     result, _ = spa.train_stage(ctx, 1, start, pairs, tmp_path)
-    steps = [
-        m
-        for m in (json.loads(line) for line in ctx.metrics.path.read_text().splitlines())
-        if m.get("tag") == "round_1/train"
-    ]
+    steps = _logged_steps(ctx, "round_1/train")
     first = min(steps, key=lambda m: m["step"])
     assert abs(first["rewards/margin"]) < 1e-5
     assert math.isclose(first["train/loss"], math.log(2), rel_tol=1e-5)
@@ -386,6 +382,16 @@ def test_each_round_extrapolates_with_its_own_lambda(run, tmp_path, monkeypatch)
 # ------------------------------------------------- one self-refining round, re-implemented
 
 
+def _logged_steps(ctx, tag):
+    """The metrics lines a training logged under ``tag``, one per step."""
+    lines = ctx.metrics.path.read_text().splitlines()
+    return [m for m in (json.loads(line) for line in lines) if m.get("tag") == tag]
+
+
+def _first_step(ctx, tag):
+    return min(_logged_steps(ctx, tag), key=lambda m: m["step"])
+
+
 def _train_changes(ctx, **train_changes):
     config = ctx.config
     return dataclasses.replace(
@@ -466,11 +472,7 @@ def test_a_self_refining_round_matches_a_plain_reimplementation(run, tmp_path):
     assert len(pairs) >= 3 * cfg.train.batch_size, "the test needs at least three steps"
     result, _ = spa.train_stage(ctx, 1, start, pairs, tmp_path)
 
-    logged = {
-        m["step"]: m
-        for m in (json.loads(line) for line in ctx.metrics.path.read_text().splitlines())
-        if m.get("tag") == "round_1/train"
-    }
+    logged = {m["step"]: m for m in _logged_steps(ctx, "round_1/train")}
     rows = read_jsonl(tmp_path / "refinement.jsonl")
     by_id = {p["id"]: p for p in pairs}
     beta, lam, alpha = cfg.train.beta, 0.5, cfg.spa.smoothing_alpha
@@ -553,12 +555,7 @@ def test_a_bfloat16_round_starts_at_margin_zero_and_loss_log_2(run, tmp_path):
     pairs, _ = spa.judge_candidates(ctx, start, candidates * 2)
     pairs = [{**p, "id": f"{p['id']}-{k}"} for k, p in enumerate(pairs)]
     spa.train_stage(ctx, 1, start, pairs, tmp_path)
-    steps = [
-        m
-        for m in (json.loads(line) for line in ctx.metrics.path.read_text().splitlines())
-        if m.get("tag") == "round_1/train"
-    ]
-    first = min(steps, key=lambda m: m["step"])
+    first = _first_step(ctx, "round_1/train")
     assert first["rewards/margin"] == 0.0
     assert math.isclose(first["train/loss"], math.log(2), rel_tol=1e-6)
     assert first["spa/extrapolated_margin"] == 0.0
@@ -598,17 +595,6 @@ def test_a_round_samples_from_the_model_sample_policy_names(
 
     assert tokens(written) == tokens(spa.sample_candidates(ctx, 2, sampler, prompts))
     assert tokens(written) != tokens(spa.sample_candidates(ctx, 2, other, prompts))
-
-
-def _first_step(ctx, tag):
-    return min(
-        (
-            m
-            for m in (json.loads(line) for line in ctx.metrics.path.read_text().splitlines())
-            if m.get("tag") == tag
-        ),
-        key=lambda m: m["step"],
-    )
 
 
 def test_a_round_anchored_at_the_seed_model_trains_against_it(run, tmp_path):
