@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxalign import parallel, sampling
+from jaxalign import parallel, sampling, throughput
 from jaxalign.data.buckets import bucket_length
 from jaxalign.data.records import DataError, read_prompt_records
 from jaxalign.models.llama import Transformer
@@ -61,6 +61,12 @@ class GenerationStats:
     seconds: float = 0.0
     compiles: int = 0
     compile_seconds: float = 0.0
+    tokens: int = 0  # response tokens kept, up to and including each EOS
+    decoded_tokens: int = 0  # batch rows x decode steps: the work done
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
 
     @property
     def samples_per_second(self) -> float:
@@ -230,6 +236,11 @@ def iter_sample_batches(
             if sampling.trace_count() > traces:
                 stats.compiles += 1
                 stats.compile_seconds += elapsed
+            kept = int(lengths[: len(members) * config.n].sum())
+            decoded = int(lengths.shape[0]) * int(lengths.max(initial=0))
+            stats.tokens += kept
+            stats.decoded_tokens += decoded
+            throughput.record_decoding(kept, decoded, elapsed)
             completions = []
             for j in range(len(members)):
                 group = []
@@ -246,10 +257,13 @@ def iter_sample_batches(
     finally:
         bar.close()
     logger.info(
-        "sampled %d responses in %.1f s (%.2f samples/s); %d compiles took %.1f s",
+        "sampled %d responses in %.1f s (%.2f samples/s, %.0f tokens/s kept of %d decoded); "
+        "%d compiles took %.1f s",
         stats.samples,
         stats.seconds,
         stats.samples_per_second,
+        stats.tokens_per_second,
+        stats.decoded_tokens,
         stats.compiles,
         stats.compile_seconds,
     )

@@ -156,3 +156,39 @@ def compiles_since(before: dict[str, float]) -> dict[str, float]:
     out = {k: now[k] - before[k] for k in now}
     out["compile_seconds"] = round(out["compile_seconds"], 3)
     return out
+
+
+# ----------------------------------------------------------------------------- decoding
+
+_decoding = {"sampled_tokens": 0, "decoded_tokens": 0, "decode_seconds": 0.0}
+
+
+def record_decoding(sampled_tokens: int, decoded_tokens: int, seconds: float) -> None:
+    """Counts one decoded batch: ``sampled_tokens`` kept (the real rows' responses, up to
+    and including their EOS), ``decoded_tokens`` computed (every row of the batch, padding
+    rows too, times the batch's decode steps: a row that has finished decodes on until the
+    batch's longest row ends), in ``seconds`` of wall time."""
+    _decoding["sampled_tokens"] += int(sampled_tokens)
+    _decoding["decoded_tokens"] += int(decoded_tokens)
+    _decoding["decode_seconds"] += float(seconds)
+
+
+def decoding_stats() -> dict[str, float]:
+    """What :func:`record_decoding` has counted in this process so far."""
+    return dict(_decoding)
+
+
+def decoding_since(before: dict[str, float]) -> dict[str, float]:
+    """The decoding done since ``before`` (a :func:`decoding_stats`) with its rates:
+    ``sampled_tokens_per_second`` (what a round gets) and ``decoded_tokens_per_second``
+    (what the sampler computes; comparable with ``benchmarks/decode.py``, which decodes
+    every row to the same length). Empty when nothing was decoded."""
+    now = decoding_stats()
+    out = {k: now[k] - before[k] for k in now}
+    if out["decoded_tokens"] <= 0:
+        return {}
+    seconds = max(out["decode_seconds"], 1e-9)
+    out["decode_seconds"] = round(out["decode_seconds"], 3)
+    out["sampled_tokens_per_second"] = round(out["sampled_tokens"] / seconds, 1)
+    out["decoded_tokens_per_second"] = round(out["decoded_tokens"] / seconds, 1)
+    return out

@@ -66,8 +66,18 @@ TIME_DEPENDENT = {
         "stages.*.compiles",  # a resumed stage compiles its programs again
         "stages.*.compile_seconds",
         "stages.*.compile_cache_hits",
+        "stages.*.decoding.decode_seconds",  # the token counts beside them are compared
+        "stages.*.decoding.sampled_tokens_per_second",
+        "stages.*.decoding.decoded_tokens_per_second",
     ),
-    "summary.json": ("seconds_this_invocation", "stage_seconds", "stage_compiles"),
+    "summary.json": (
+        "seconds_this_invocation",
+        "stage_seconds",
+        "stage_compiles",
+        "stage_decoding.*.decode_seconds",
+        "stage_decoding.*.sampled_tokens_per_second",
+        "stage_decoding.*.decoded_tokens_per_second",
+    ),
     "report/report.md": ("the 'Stage times' section (state.json's stage seconds)",),
     "report/report.html": ("the 'Stage times' section (state.json's stage seconds)",),
     "tensorboard/": ("every event (each carries its wall time): not compared",),

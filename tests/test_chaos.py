@@ -86,7 +86,17 @@ def test_comparison_ignores_wall_times_and_relogged_steps_and_nothing_else(chaos
 
     def write_run(out, seconds, metrics, weight):
         out.mkdir(parents=True)
-        stages = {"round_0/train": {"result": {"model": str(out / "model")}, "seconds": seconds}}
+        decoding = {  # the counts are the run's; the seconds and rates the machine's
+            "sampled_tokens": 30,
+            "decoded_tokens": 48,
+            "decode_seconds": seconds,
+            "sampled_tokens_per_second": 30 / seconds,
+            "decoded_tokens_per_second": 48 / seconds,
+        }
+        stages = {
+            "round_0/train": {"result": {"model": str(out / "model")}, "seconds": seconds},
+            "round_0/sample": {"result": {}, "seconds": seconds, "decoding": decoding},
+        }
         (out / "state.json").write_text(json.dumps({"stages": stages}))
         (out / "pairs.jsonl").write_text('{"id": 1, "margin": 0.5}\n')
         rows = [{"tag": "train", "step": s, "loss": loss} for s, loss in metrics]
@@ -112,3 +122,9 @@ def test_comparison_ignores_wall_times_and_relogged_steps_and_nothing_else(chaos
     assert results["model"] == "differs: arrays [\"['w']\"]"
     assert results["metrics.jsonl"] == "differs: rows [('train', 2)]"
     assert results["state.json"] == "identical" and debris == [".state.json.x1.tmp"]
+
+    state = json.loads((killed / "state.json").read_text())
+    state["stages"]["round_0/sample"]["decoding"]["decoded_tokens"] = 64  # a count, compared
+    (killed / "state.json").write_text(json.dumps(state))
+    results, _ = chaos.compare_outputs(reference, killed)
+    assert results["state.json"].startswith("differs")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxalign import sampling
+from jaxalign import sampling, throughput
 from jaxalign.data.buckets import bucket_length
 from jaxalign.data.records import DataError
 from jaxalign.generation import (
@@ -116,6 +116,29 @@ def test_n_samples_per_prompt(model, tokenizer):
     assert [len(r) for r in results] == [3, 3]
     again = sample_texts(model, tokenizer, PROMPTS[:2], config, seed=3, progress=False)
     assert [[c.token_ids for c in r] for r in results] == [[c.token_ids for c in r] for r in again]
+
+
+def test_stats_count_kept_and_decoded_tokens(model, tokenizer):
+    """Kept tokens are the responses' own; decoded tokens are every row of a batch (its
+    padding rows too) times the batch's longest response, as the decode loop runs."""
+    config = SamplingConfig(max_new_tokens=8, temperature=2.0, n=3)
+    stats = GenerationStats()
+    before = throughput.decoding_stats()
+    results = sample_texts(
+        model, tokenizer, PROMPTS[:3], config, seed=5, batch_size=2, progress=False, stats=stats
+    )
+    lengths = [[len(c.token_ids) for c in r] for r in results]
+    assert len({n for row in lengths for n in row}) > 1, "the fixture should vary lengths"
+    # One bucket: batches [0, 1] and [2 + a padding row that repeats prompt 2], 6 rows each.
+    assert stats.tokens == sum(map(sum, lengths))
+    assert stats.decoded_tokens == 6 * max(lengths[0] + lengths[1]) + 6 * max(lengths[2])
+    done = throughput.decoding_since(before)
+    assert done["sampled_tokens"] == stats.tokens
+    assert done["decoded_tokens"] == stats.decoded_tokens
+    assert done["decoded_tokens_per_second"] == pytest.approx(
+        stats.decoded_tokens / stats.seconds, rel=1e-2
+    )
+    assert throughput.decoding_since(throughput.decoding_stats()) == {}
 
 
 def test_stop_strings_cut_text_and_mark_finished(model, tokenizer):

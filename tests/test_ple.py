@@ -90,6 +90,11 @@ def test_run_writes_artifacts_and_report(ple_run):
             )
         train = state[f"round_{t}/train"]["result"]
         assert train["steps"] == train["batches"] >= 1  # softmax weights are never 0
+        # The sample stage's record counts what it decoded; the train stage decodes nothing.
+        decoding = state[f"round_{t}/sample"]["decoding"]
+        assert decoding["decoded_tokens"] >= decoding["sampled_tokens"] > 0
+        assert summary["stage_decoding"][f"round_{t}/sample"] == decoding
+        assert "decoding" not in state[f"round_{t}/train"]
         assert (out / f"round_{t}/lora").exists()
     rows = summary["iterations"]
     assert [r["iteration"] for r in rows] == ["start", 0, 1]

@@ -312,10 +312,17 @@ class RoundRunner:
         self.log(f"[{key}] starting")
         start = time.perf_counter()
         compiled = throughput.compile_stats()
+        decoded = throughput.decoding_stats()
         result = fn(self.round_dir(round_index))
         seconds = time.perf_counter() - start
         compiled = throughput.compiles_since(compiled)
-        self.state["stages"][key] = {"result": result, "seconds": round(seconds, 3), **compiled}
+        decoded = throughput.decoding_since(decoded)
+        self.state["stages"][key] = {
+            "result": result,
+            "seconds": round(seconds, 3),
+            **compiled,
+            **({"decoding": decoded} if decoded else {}),
+        }
         self.state["last_stage"] = key
         atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1))
         # The other processes may read this stage's artifacts from here on.
@@ -324,6 +331,13 @@ class RoundRunner:
             f"[{key}] finished in {seconds:.1f}s ({compiled['compiles']} programs compiled in "
             f"{compiled['compile_seconds']:.1f}s, {compiled['compile_cache_hits']} from the cache)"
         )
+        if decoded:
+            self.log(
+                f"[{key}] decoded {decoded['sampled_tokens']} response tokens "
+                f"({decoded['sampled_tokens_per_second']:.0f}/s) in {decoded['decoded_tokens']} "
+                f"row steps ({decoded['decoded_tokens_per_second']:.0f}/s; rows that ended "
+                "early decode on until their batch ends)"
+            )
         return result
 
     def produce(
@@ -376,11 +390,14 @@ def finish_run(
         for k, v in stages.items()
         if "compiles" in v
     }
+    # Tokens decoded by each sampling stage and their rates (absent for older runs).
+    stage_decoding = {k: v["decoding"] for k, v in stages.items() if "decoding" in v}
     summary = {
         rows_key: rows,
         "seconds_this_invocation": seconds,
         "stage_seconds": stage_seconds,
         "stage_compiles": stage_compiles,
+        "stage_decoding": stage_decoding,
     }
     atomic_write_text(runner.run_dir / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(runner.run_dir / "summary.md", f"# {title}\n\n{table}\n")

@@ -110,6 +110,8 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"{args.out}: wrote {summary['written']} prompts, skipped {summary['skipped']} already "
         f"done ({summary['total']} in {args.prompts}); {stats.samples_per_second:.2f} samples/s, "
-        f"{stats.compiles} compiles ({stats.compile_seconds:.1f} s)"
+        f"{stats.tokens_per_second:.0f} tokens/s ({stats.tokens} kept of "
+        f"{stats.decoded_tokens} decoded), {stats.compiles} compiles "
+        f"({stats.compile_seconds:.1f} s)"
     )
     return 0
