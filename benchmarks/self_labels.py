@@ -19,7 +19,11 @@ choosing options; never the reported ``eval`` split):
 For each variant: pairs formed, agreement with the gold labels over the pairs gold
 separates (with a bootstrap interval) and by judged-margin tercile, how often the chosen
 response is the longer one, the EOS rate of chosen responses, and the gold score of the
-chosen responses. Prints one JSON line and writes ``self_labels.json``/``.md`` to --out.
+chosen responses. Over all pairs of a prompt's responses (no pair selection): each
+reward's agreement as a ranker, the length rule's (``shorter``: the shorter response is the
+better one; a judge that does not beat it knows nothing here beyond length) and the summed
+reward's on the pairs where it goes against the length rule. Prints one JSON line and
+writes ``self_labels.json``/``.md`` to --out.
 
     python benchmarks/self_labels.py --run runs/alignment/runs/spa --round 0 --out /tmp/sl
 """
@@ -202,29 +206,46 @@ def candidate_entries(path: str) -> list[dict]:
     return entries
 
 
-def pairwise_agreement(entries, reward: str) -> dict:
+def _ranking_score(response: dict, reward: str) -> float:
+    """What orders a prompt's responses: a reward's log-ratio, or ``shorter`` (minus the
+    length in tokens: the rule that the shorter response is the better one)."""
+    if reward == "shorter":
+        return -len(response["token_ids"])
+    return response[f"logratio_{reward}"]
+
+
+def pairwise_agreement(entries, reward: str, against: str | None = None) -> dict:
     """Over every pair of a prompt's responses that gold separates: does the reward agree?
 
     The judge's accuracy as a ranker, without SPA's pair selection; the interval is a
-    bootstrap over prompts (a prompt's pairs are not independent).
+    bootstrap over prompts (a prompt's pairs are not independent). ``reward="shorter"`` is
+    the length rule, the baseline a judge has to beat to know more than length; with
+    ``against="shorter"`` only the pairs where the reward and the length rule disagree
+    count (how right the judge is where it goes against length).
     """
     per_prompt = []
     for e in entries:
-        hits = [
-            (a[f"logratio_{reward}"] > b[f"logratio_{reward}"]) == (a["gold"] > b["gold"])
-            for a, b in itertools.combinations(e["responses"], 2)
-            if a["gold"] != b["gold"] and a[f"logratio_{reward}"] != b[f"logratio_{reward}"]
-        ]
+        hits = []
+        for a, b in itertools.combinations(e["responses"], 2):
+            sa, sb = _ranking_score(a, reward), _ranking_score(b, reward)
+            if a["gold"] == b["gold"] or sa == sb:
+                continue
+            if against is not None:
+                oa, ob = _ranking_score(a, against), _ranking_score(b, against)
+                if oa == ob or (oa > ob) == (sa > sb):
+                    continue
+            hits.append((sa > sb) == (a["gold"] > b["gold"]))
         if hits:
             per_prompt.append((sum(hits), len(hits)))
+    name = reward if against is None else f"{reward}, against {against}"
     if not per_prompt:
-        return {"reward": reward, "pairs": 0, "agreement": None, "agreement_ci": None}
+        return {"reward": name, "pairs": 0, "agreement": None, "agreement_ci": None}
     hits, counts = np.asarray(per_prompt, np.float64).T
     rng = np.random.default_rng(0)
     draws = rng.integers(0, len(hits), size=(2000, len(hits)))
     boot = hits[draws].sum(1) / counts[draws].sum(1)
     return {
-        "reward": reward,
+        "reward": name,
         "pairs": int(counts.sum()),
         "prompts": len(per_prompt),
         "agreement": float(hits.sum() / counts.sum()),
@@ -397,7 +418,11 @@ def main(argv=None) -> int:
         "samples_gold": float(np.mean([r["gold"] for r in responses])),
         "samples_eos": float(np.mean([r["finished"] for r in responses])),
         "variants": variants,
-        "pairwise": [pairwise_agreement(entries, r) for r in rewards if r != "regress"],
+        "pairwise": [
+            *(pairwise_agreement(entries, r) for r in rewards if r != "regress"),
+            pairwise_agreement(entries, "shorter"),
+            pairwise_agreement(entries, "sum", against="shorter"),
+        ],
     }
     lines = [
         "| reward | pairing | truncated | pairs | separated | agreement [95% CI] | by margin "

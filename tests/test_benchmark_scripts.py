@@ -153,6 +153,34 @@ def test_alignment_constraint_rates_count_each_sample_against_each_constraint():
     assert rates == {"max_words": 2 / 3, "no_comma": 0.5}
 
 
+def test_self_labels_length_rule_and_the_judge_against_it_count_gold_separated_pairs():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import self_labels
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def response(tokens, gold, reward):
+        return {"token_ids": [7] * tokens, "gold": gold, "logratio_sum": reward}
+
+    entries = [
+        # pairs (a,b), (a,c), (b,c); gold separates (a,b) and (a,c) only
+        {"responses": [response(5, 1.0, 0.1), response(9, 0.0, 0.3), response(2, 0.0, 0.2)]},
+        # gold prefers the longer one; the judge prefers it too
+        {"responses": [response(3, 0.0, -1.0), response(8, 1.0, 2.0)]},
+    ]
+    shorter = self_labels.pairwise_agreement(entries, "shorter")
+    # (a,b): a shorter and better, right; (a,c): c shorter, a better, wrong; prompt 2: wrong
+    assert (shorter["pairs"], shorter["agreement"]) == (3, 1 / 3)
+    judge = self_labels.pairwise_agreement(entries, "sum")
+    # (a,b): b higher, wrong; (a,c): c higher, wrong; prompt 2: right
+    assert (judge["pairs"], judge["agreement"]) == (3, 1 / 3)
+    against = self_labels.pairwise_agreement(entries, "sum", against="shorter")
+    # where the judge and the length rule disagree: (a,b) (wrong) and prompt 2 (right)
+    assert against["reward"] == "sum, against shorter"
+    assert (against["pairs"], against["agreement"]) == (2, 0.5)
+
+
 def test_profile_table_counts_each_matmuls_flops_from_the_compiled_hlo():
     """benchmarks/profile_step.py joins a trace's ops with the compiled HLO: a jitted
     ``tanh(a @ b) @ c.T`` has matmuls of exactly 2·m·k·n and 2·m·n·p FLOPs, and its traced
