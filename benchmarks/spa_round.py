@@ -91,6 +91,9 @@ def jaxalign_round(prompts: int, overrides: list[str], peer: bool = False) -> di
         "slowest_stage": max(split, key=split.get),
         "round_0_train_seconds": stages["round_0/train"]["seconds"],
         "total_seconds": round(total, 1),
+        # kept vs decoded tokens and their rates; the warm rate (batches that compiled
+        # nothing) is the one to set beside benchmarks/decode.py
+        "round_1_decoding": stages["round_1/sample"].get("decoding", {}),
     }
     if peer:
         candidates_path = stages["round_1/sample"]["result"]["candidates"]

@@ -233,14 +233,15 @@ def iter_sample_batches(
             logprobs = None if out.logprobs is None else parallel.to_host(out.logprobs)
             elapsed = time.perf_counter() - start
             stats.seconds += elapsed
-            if sampling.trace_count() > traces:
+            compiled = sampling.trace_count() > traces
+            if compiled:
                 stats.compiles += 1
                 stats.compile_seconds += elapsed
             kept = int(lengths[: len(members) * config.n].sum())
             decoded = int(lengths.shape[0]) * int(lengths.max(initial=0))
             stats.tokens += kept
             stats.decoded_tokens += decoded
-            throughput.record_decoding(kept, decoded, elapsed)
+            throughput.record_decoding(kept, decoded, elapsed, compiled=compiled)
             completions = []
             for j in range(len(members)):
                 group = []

@@ -160,17 +160,29 @@ def compiles_since(before: dict[str, float]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- decoding
 
-_decoding = {"sampled_tokens": 0, "decoded_tokens": 0, "decode_seconds": 0.0}
+_decoding = {
+    "sampled_tokens": 0,
+    "decoded_tokens": 0,
+    "decode_seconds": 0.0,
+    "warm_decoded_tokens": 0,
+    "warm_decode_seconds": 0.0,
+}
 
 
-def record_decoding(sampled_tokens: int, decoded_tokens: int, seconds: float) -> None:
+def record_decoding(
+    sampled_tokens: int, decoded_tokens: int, seconds: float, *, compiled: bool = False
+) -> None:
     """Counts one decoded batch: ``sampled_tokens`` kept (the real rows' responses, up to
     and including their EOS), ``decoded_tokens`` computed (every row of the batch, padding
     rows too, times the batch's decode steps: a row that has finished decodes on until the
-    batch's longest row ends), in ``seconds`` of wall time."""
+    batch's longest row ends), in ``seconds`` of wall time; ``compiled``: the batch traced
+    and compiled its program first (it counts in the totals, not in the ``warm_*`` ones)."""
     _decoding["sampled_tokens"] += int(sampled_tokens)
     _decoding["decoded_tokens"] += int(decoded_tokens)
     _decoding["decode_seconds"] += float(seconds)
+    if not compiled:
+        _decoding["warm_decoded_tokens"] += int(decoded_tokens)
+        _decoding["warm_decode_seconds"] += float(seconds)
 
 
 def decoding_stats() -> dict[str, float]:
@@ -180,15 +192,20 @@ def decoding_stats() -> dict[str, float]:
 
 def decoding_since(before: dict[str, float]) -> dict[str, float]:
     """The decoding done since ``before`` (a :func:`decoding_stats`) with its rates:
-    ``sampled_tokens_per_second`` (what a round gets) and ``decoded_tokens_per_second``
-    (what the sampler computes; comparable with ``benchmarks/decode.py``, which decodes
-    every row to the same length). Empty when nothing was decoded."""
+    ``sampled_tokens_per_second`` (what a round gets), ``decoded_tokens_per_second`` (what
+    the sampler computes) and ``warm_decoded_tokens_per_second`` (the same over the batches
+    that compiled nothing: the kernel's rate, comparable with ``benchmarks/decode.py``,
+    which decodes every row to the same length). Empty when nothing was decoded."""
     now = decoding_stats()
     out = {k: now[k] - before[k] for k in now}
     if out["decoded_tokens"] <= 0:
         return {}
     seconds = max(out["decode_seconds"], 1e-9)
-    out["decode_seconds"] = round(out["decode_seconds"], 3)
     out["sampled_tokens_per_second"] = round(out["sampled_tokens"] / seconds, 1)
     out["decoded_tokens_per_second"] = round(out["decoded_tokens"] / seconds, 1)
+    if out["warm_decoded_tokens"] > 0:
+        warm = max(out["warm_decode_seconds"], 1e-9)
+        out["warm_decoded_tokens_per_second"] = round(out["warm_decoded_tokens"] / warm, 1)
+    out["decode_seconds"] = round(out["decode_seconds"], 3)
+    out["warm_decode_seconds"] = round(out["warm_decode_seconds"], 3)
     return out

@@ -69,6 +69,9 @@ TIME_DEPENDENT = {
         "stages.*.decoding.decode_seconds",  # the token counts beside them are compared
         "stages.*.decoding.sampled_tokens_per_second",
         "stages.*.decoding.decoded_tokens_per_second",
+        "stages.*.decoding.warm_decoded_tokens",  # a resumed stage compiles again
+        "stages.*.decoding.warm_decode_seconds",
+        "stages.*.decoding.warm_decoded_tokens_per_second",
     ),
     "summary.json": (
         "seconds_this_invocation",
@@ -77,6 +80,9 @@ TIME_DEPENDENT = {
         "stage_decoding.*.decode_seconds",
         "stage_decoding.*.sampled_tokens_per_second",
         "stage_decoding.*.decoded_tokens_per_second",
+        "stage_decoding.*.warm_decoded_tokens",
+        "stage_decoding.*.warm_decode_seconds",
+        "stage_decoding.*.warm_decoded_tokens_per_second",
     ),
     "report/report.md": ("the 'Stage times' section (state.json's stage seconds)",),
     "report/report.html": ("the 'Stage times' section (state.json's stage seconds)",),

@@ -138,6 +138,10 @@ def test_stats_count_kept_and_decoded_tokens(model, tokenizer):
     assert done["decoded_tokens_per_second"] == pytest.approx(
         stats.decoded_tokens / stats.seconds, rel=1e-2
     )
+    # A batch that compiled its program (only the first can) does not count as warm.
+    first = 6 * max(lengths[0] + lengths[1])
+    assert stats.compiles in (0, 1)
+    assert done["warm_decoded_tokens"] == stats.decoded_tokens - first * stats.compiles
     assert throughput.decoding_since(throughput.decoding_stats()) == {}
 
 
