@@ -179,6 +179,12 @@ class SPAConfig:
     # Beyond the paper (1.0: keep all): keep only this share of a round's pairs, those
     # with the largest judged margins.
     keep_fraction: float = 1.0
+    # Beyond the paper (0: every seed pair trains round 0, the paper's): hold out this share
+    # of the seed pairs from round 0 and, once π_0 is trained, check its implicit reward
+    # on them against the labels and against the length rules ("the shorter/longer one is
+    # better"): a judge that does not beat them adds nothing but a length preference to the
+    # rounds (round_0/judge_check in state.json; a warning in the log).
+    seed_holdout: float = 0.0
     # Beyond the paper (0: full fine-tuning, the paper's): train LoRA adapters of rank
     # `lora_rank` instead (jaxalign.models.lora). The loaded model stays frozen and is
     # π_init, the judge's reference and round 0's; round i continues the adapters of
@@ -228,6 +234,8 @@ class SPAConfig:
                 "judge_from_sampler": BOOLEAN,
                 # A share of the round's pairs; 0 would leave nothing to train on.
                 "keep_fraction": number(0, 1, low_open=True),
+                # At most half the seed: round 0 must keep pairs to train on.
+                "seed_holdout": number(0, 0.5),
                 **LORA_CHECKS,
             },
         )

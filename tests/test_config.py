@@ -189,6 +189,7 @@ OUT_OF_RANGE = {
     "spa.reference_policy": ["init", "''"],
     "spa.length_control": ["linear", "''"],
     "spa.keep_fraction": ["0", "-0.5", "1.5"],
+    "spa.seed_holdout": ["-0.1", "0.6", "1"],
     "spa.lora_rank": ["-1", "-8"],
     "spa.lora_alpha": ["0", "-16"],
     "spa.lora_targets": ["[]", "[attn]", "[q_proj, q_proj]"],

@@ -133,3 +133,27 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
         assert after[key] == entry
     assert len(after) > len(before)
     assert _outputs(out)[:2] == _outputs(uninterrupted)[:2]
+
+
+def test_a_held_out_share_of_the_seed_checks_the_judge_and_trains_nothing(tiny_setup, tmp_path):
+    """``spa.seed_holdout``: round 0 trains on the other seed pairs, then π_0 scores the held
+    out ones in ``round_0/judge_check``, and the log names the result."""
+    from jaxalign.data.records import read_preference_records
+
+    out = tmp_path / "spa"
+    logs = []
+    extra = ("spa.rounds=0", "spa.seed_holdout=0.25", "eval.enabled=false")
+    spa.run(_config(tiny_setup, out, *extra), log=logs.append)
+    seeds, _ = read_preference_records(str(tiny_setup / "seed.jsonl"), "error")
+    train, held = spa.split_seed_pairs(seeds, 0.25)
+    assert (len(train), len(held)) == (6, 2)
+    stages = json.loads((out / "state.json").read_text())["stages"]
+    assert stages["round_0/train"]["result"]["pairs"] == 6
+    check = stages["round_0/judge_check"]["result"]
+    rows = [json.loads(x) for x in (out / "round_0" / "judge_check.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [p.get("id") for p in held if p["chosen"] != p["rejected"]]
+    assert check["pairs"] == len(rows)
+    right = [r["reward_chosen"] > r["reward_rejected"] for r in rows]
+    assert check["judge_agreement"] == pytest.approx(sum(right) / len(rows))
+    assert any("judge check on 2 held-out seed pairs" in m for m in logs)
+    assert any("2 of 8 seed pairs held out of round 0" in m for m in logs)

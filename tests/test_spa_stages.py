@@ -704,3 +704,89 @@ def test_a_rounds_reference_is_the_model_reference_policy_names(
             )
             assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
         assert handed["reference_adapters"] is None  # full fine-tuning: no adapters
+
+
+def test_seed_holdout_splits_by_id_whatever_the_order_of_the_file():
+    pairs = [{"id": f"s{k}", "prompt": "p", "chosen": "a", "rejected": "b"} for k in range(10)]
+    train, held = spa.split_seed_pairs(pairs, 0.25)
+    assert len(held) == 3 and len(train) == 7  # ceil(2.5)
+    assert train + held != pairs and sorted(train + held, key=pairs.index) == pairs
+    assert [p for p in pairs if p in held] == held  # file order kept on each side
+    # The same pairs are held out of a file that lists them in another order.
+    _, again = spa.split_seed_pairs(pairs[::-1], 0.25)
+    assert again == held[::-1]
+    assert spa.split_seed_pairs(pairs, 0.0) == (pairs, [])
+    assert len(spa.split_seed_pairs(pairs, 0.01)[1]) == 1  # any share holds out one at least
+    with pytest.raises(ValueError, match="spa.seed_holdout=0.5 holds out all 1 seed pairs"):
+        spa.split_seed_pairs(pairs[:1], 0.5)
+
+
+@pytest.mark.parametrize("reward", ["sum", "mean"])
+def test_the_judge_check_orders_held_out_pairs_as_a_forward_pass_does(run, reward):
+    """π_0's implicit reward of each held-out pair from forward passes computed by hand, and
+    every count of the check (judge, both length rules, the judge against the better rule)
+    recomputed from those rewards and the token counts."""
+    base, _, candidates = run
+    ctx = _with(base, judge_reward=reward)
+    judge = _perturbed(ctx.init_params, seed=3)
+    pairs = []
+    for c in candidates:
+        # Labelled pairs of response prefixes, of lengths that differ either way or tie.
+        for a, b, na, nb in ((0, 1, 5, 9), (2, 3, 12, 7), (3, 0, 8, 8), (1, 2, 3, 11)):
+            sides = {}
+            for side, j, n in (("chosen", a, na), ("rejected", b, nb)):
+                ids = c["responses"][j]["token_ids"][:n]
+                sides.update(
+                    {side: ctx.tokenizer.decode(ids), f"{side}_ids": ids, f"{side}_eos": False}
+                )
+            pairs.append(
+                {"id": f"{c['id']}-{a}{b}", "prompt": c["prompt"], "prompt_ids": c["prompt_ids"]}
+                | sides
+            )
+    rows, result = spa.judge_check(ctx, judge, pairs)
+    kept = [p for p in pairs if p["chosen"] != p["rejected"]]
+    assert [r["id"] for r in rows] == [p["id"] for p in kept] and result["pairs"] == len(kept)
+    ends = set(ctx.tokenizer.eos_token_ids)
+    beta = ctx.config.train.beta
+    want_rewards, lengths = [], []
+    for p in kept:
+        pair_rewards, pair_lengths = [], []
+        for side in ("chosen", "rejected"):
+            ids = p[f"{side}_ids"]
+            if p[f"{side}_eos"] and not (ids and ids[-1] in ends):
+                ids = [*ids, ctx.tokenizer.end_of_turn_id]
+            ids = ids[:12]  # data.max_response_tokens
+            ratio = _hand_logp(ctx, judge, p["prompt_ids"], ids) - _hand_logp(
+                ctx, ctx.init_params, p["prompt_ids"], ids
+            )
+            pair_rewards.append(beta * ratio / (len(ids) if reward == "mean" else 1))
+            pair_lengths.append(len(ids))
+        want_rewards.append(pair_rewards)
+        lengths.append(pair_lengths)
+    for row, (rc, rr), (nc, nr) in zip(rows, want_rewards, lengths, strict=True):
+        assert math.isclose(row["reward_chosen"], rc, rel_tol=2e-3, abs_tol=2e-5)
+        assert math.isclose(row["reward_rejected"], rr, rel_tol=2e-3, abs_tol=2e-5)
+        assert (row["chosen_tokens"], row["rejected_tokens"]) == (nc, nr)
+    judged = [(r["reward_chosen"] > r["reward_rejected"]) for r in rows]
+    sized = [(nc < nr) for nc, nr in lengths if nc != nr]
+    assert 0 < np.mean(sized) < 1 and len(sized) < len(lengths)  # both ways, and ties
+    assert result["judge_pairs"] == len(rows)  # perturbed weights: no two rewards tie
+    assert result["judge_agreement"] == pytest.approx(np.mean(judged))
+    assert result["length_pairs"] == len(sized)
+    assert result["shorter_agreement"] == pytest.approx(np.mean(sized))
+    assert result["longer_agreement"] == pytest.approx(1 - np.mean(sized))
+    rule = "shorter" if np.mean(sized) >= 0.5 else "longer"
+    assert result["length_rule"] == rule
+    against = [
+        j
+        for j, (nc, nr) in zip(judged, lengths, strict=True)
+        if nc != nr and j != ((nc < nr) if rule == "shorter" else (nc > nr))
+    ]
+    assert result["judge_against_length_rule_pairs"] == len(against)
+    if against:
+        assert result["judge_against_length_rule"] == pytest.approx(np.mean(against))
+    rule_agreement = max(np.mean(sized), 1 - np.mean(sized))
+    assert result["judge_beats_length_rule"] == (np.mean(judged) > rule_agreement)
+    line = spa.describe_judge_check(result)
+    assert line.startswith(f"judge check on {len(rows)} held-out seed pairs")
+    assert ("WARNING" in line) == (not result["judge_beats_length_rule"])

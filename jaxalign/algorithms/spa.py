@@ -36,6 +36,9 @@ prompts, pairs and parameters, so all reach the same judgements; only process
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import pathlib
 import sys
 import time
@@ -73,6 +76,12 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
                 i, "eval", lambda d: eval_stage(ctx, evaluation, policy, ctx.init_params, d)
             )
 
+    seed_pairs, held_out = split_seed_pairs(seed_pairs, cfg.spa.seed_holdout)
+    if held_out:
+        ctx.log(
+            f"spa.seed_holdout={cfg.spa.seed_holdout}: {len(held_out)} of "
+            f"{len(seed_pairs) + len(held_out)} seed pairs held out of round 0 to check its judge"
+        )
     # Round 0: π_0 = DPO on the seed pairs, starting from (and referenced to) π_init.
     policy = runner.produce(
         0,
@@ -82,6 +91,11 @@ def run(config: Config, *, log: Callable[[str], None] = print) -> dict:
         ),
         load=lambda result: _trained_policy(ctx, result),
     )
+    if held_out:
+        checked = runner.stage(
+            0, "judge_check", lambda d: judge_check_stage(ctx, policy, held_out, d)
+        )
+        ctx.log(describe_judge_check(checked))
     evaluate(0, policy)
     # Round i ≥ 1: π_i from π_{i-1} on new prompts it answered and labelled itself.
     for i, round_prompts in _round_prompts(cfg, prompts, ctx.log):
@@ -196,6 +210,147 @@ def _trained_adapters(ctx: RunContext, runner: RoundRunner, i: int) -> nnx.State
     if spec is None:
         return None
     return spec.init if i < 0 else spec.load(runner.result(i, "train")["lora"])
+
+
+# ----------------------------------------------------------------------------- 0. judge check
+
+
+def split_seed_pairs(pairs: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)``: ``ceil(fraction · N)`` of the ``N`` seed pairs held out of round 0
+    (``spa.seed_holdout``), each in its file order: the pairs whose ``id`` (index when it has
+    none) hashes lowest, so the split does not depend on the order of the file's lines."""
+    count = math.ceil(fraction * len(pairs) - 1e-9)
+    if count == 0:
+        return list(pairs), []
+    if count >= len(pairs):
+        raise ValueError(
+            f"spa.seed_holdout={fraction} holds out all {len(pairs)} seed pairs; round 0 needs "
+            "at least one to train on"
+        )
+
+    def rank(k: int) -> bytes:
+        identity = json.dumps(pairs[k].get("id", k), sort_keys=True).encode()
+        return hashlib.blake2b(identity, digest_size=8).digest()
+
+    held = set(sorted(range(len(pairs)), key=rank)[:count])
+    return (
+        [p for k, p in enumerate(pairs) if k not in held],
+        [p for k, p in enumerate(pairs) if k in held],
+    )
+
+
+def judge_check(ctx: RunContext, judge: nnx.State, pairs: list[dict]) -> tuple[list[dict], dict]:
+    """How well ``judge``'s implicit reward (``spa.judge_reward``, as the rounds compute it)
+    orders labelled pairs it was not trained on, against the length rules.
+
+    Returns one row per pair (its rewards and scored token counts) and the counts:
+    ``judge_agreement`` over the pairs whose two rewards differ; ``shorter_agreement`` and
+    ``longer_agreement`` ("the shorter / longer response is the better one") over the pairs
+    whose two lengths differ (in tokens as scored, after ``data.max_response_tokens``);
+    ``length_rule``, the better of the two on these pairs; ``judge_against_length_rule``, the
+    judge's agreement over the pairs where it and that rule disagree; and
+    ``judge_beats_length_rule``. A judge that does not beat the length rule can label the
+    rounds' pairs with little more than a length preference.
+    """
+    cfg = ctx.config
+    records = [p for p in pairs if p["chosen"] != p["rejected"]]  # a judge cannot order these
+    if not records:
+        return [], {"pairs": 0}
+
+    def logps(params, desc):
+        return scoring.response_logps(
+            ctx.graphdef,
+            params,
+            records,
+            ctx.tokenizer,
+            cfg,
+            ctx.mesh,
+            progress=ctx.progress,
+            desc=desc,
+        )
+
+    tokens = scoring.response_token_counts(records, ctx.tokenizer, cfg)
+    rewards = judging.implicit_reward(
+        logps(judge, "judge check: log π_0"),
+        logps(ctx.init_params, "judge check: log π_init"),
+        cfg.train.beta,
+        tokens if cfg.spa.judge_reward == "mean" else None,
+    )
+    judged = rewards[:, 0] != rewards[:, 1]
+    judge_right = rewards[:, 0] > rewards[:, 1]
+    sized = tokens[:, 0] != tokens[:, 1]
+    shorter_right = tokens[:, 0] < tokens[:, 1]
+
+    def share(hits, where) -> float | None:
+        return float(np.mean(hits[where])) if where.any() else None
+
+    shorter, longer = share(shorter_right, sized), share(~shorter_right, sized)
+    rule = "shorter" if (shorter or 0.0) >= (longer or 0.0) else "longer"
+    rule_right = shorter_right if rule == "shorter" else ~shorter_right
+    # Where the judge and the rule order a pair differently (neither ties), one is right.
+    against = judged & sized & (judge_right != rule_right)
+    judge_agreement = share(judge_right, judged)
+    rule_agreement = shorter if rule == "shorter" else longer
+    result = {
+        "pairs": len(records),
+        "judge_pairs": int(judged.sum()),
+        "judge_agreement": judge_agreement,
+        "length_pairs": int(sized.sum()),
+        "shorter_agreement": shorter,
+        "longer_agreement": longer,
+        "length_rule": rule,
+        "length_rule_agreement": rule_agreement,
+        "judge_against_length_rule_pairs": int(against.sum()),
+        "judge_against_length_rule": share(judge_right, against),
+        "judge_beats_length_rule": bool(
+            judge_agreement is not None and judge_agreement > (rule_agreement or 0.0)
+        ),
+    }
+    rows = [
+        {
+            "id": r.get("id", k),
+            "reward_chosen": float(rewards[k, 0]),
+            "reward_rejected": float(rewards[k, 1]),
+            "chosen_tokens": int(tokens[k, 0]),
+            "rejected_tokens": int(tokens[k, 1]),
+        }
+        for k, r in enumerate(records)
+    ]
+    return rows, result
+
+
+def judge_check_stage(
+    ctx: RunContext, judge: nnx.State, pairs: list[dict], out: pathlib.Path
+) -> dict:
+    """Writes :func:`judge_check`'s rows to ``judge_check.jsonl``; returns its counts."""
+    rows, result = judge_check(ctx, judge, pairs)
+    path = out / "judge_check.jsonl"
+    atomic_write_jsonl(path, rows)
+    return {"rows": str(path), **result}
+
+
+def describe_judge_check(result: dict) -> str:
+    """The log line of a judge check, with a warning when the judge does not beat length."""
+    if not result.get("judge_pairs"):
+        return "judge check: no held-out seed pair has two different rewards"
+
+    def pct(x):
+        return "—" if x is None else f"{x:.0%}"
+
+    line = (
+        f"judge check on {result['pairs']} held-out seed pairs: π_0's implicit reward orders "
+        f"{pct(result['judge_agreement'])} as labelled; the rule 'the {result['length_rule']} "
+        f"one is better' {pct(result['length_rule_agreement'])}; where the two disagree "
+        f"({result['judge_against_length_rule_pairs']} pairs) the judge is right on "
+        f"{pct(result['judge_against_length_rule'])}"
+    )
+    if not result["judge_beats_length_rule"]:
+        line += (
+            ". WARNING: the judge does not beat the length rule, so the rounds' self-labels "
+            "carry little beyond a length preference (docs/alignment_benchmark.md, seventh "
+            "pass); a larger seed or a stronger model may be needed"
+        )
+    return line
 
 
 # ----------------------------------------------------------------------------- 1. sample
