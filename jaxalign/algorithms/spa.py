@@ -239,6 +239,21 @@ def split_seed_pairs(pairs: list[dict], fraction: float) -> tuple[list[dict], li
     )
 
 
+def _record_logps(ctx: RunContext, params: nnx.State, records: list[dict], desc: str):
+    """``[N, 2]`` summed log-probs of each record's two responses under ``params``
+    (:func:`jaxalign.scoring.response_logps`, batched and sharded as training is)."""
+    return scoring.response_logps(
+        ctx.graphdef,
+        params,
+        records,
+        ctx.tokenizer,
+        ctx.config,
+        ctx.mesh,
+        progress=ctx.progress,
+        desc=desc,
+    )
+
+
 def judge_check(ctx: RunContext, judge: nnx.State, pairs: list[dict]) -> tuple[list[dict], dict]:
     """How well ``judge``'s implicit reward (``spa.judge_reward``, as the rounds compute it)
     orders labelled pairs it was not trained on, against the length rules.
@@ -258,16 +273,7 @@ def judge_check(ctx: RunContext, judge: nnx.State, pairs: list[dict]) -> tuple[l
         return [], {"pairs": 0}
 
     def logps(params, desc):
-        return scoring.response_logps(
-            ctx.graphdef,
-            params,
-            records,
-            ctx.tokenizer,
-            cfg,
-            ctx.mesh,
-            progress=ctx.progress,
-            desc=desc,
-        )
+        return _record_logps(ctx, params, records, desc)
 
     tokens = scoring.response_token_counts(records, ctx.tokenizer, cfg)
     rewards = judging.implicit_reward(
@@ -487,16 +493,7 @@ def candidate_rewards(
     records, slots = _scoring_records(candidates)
 
     def logps(params, desc):
-        return scoring.response_logps(
-            ctx.graphdef,
-            params,
-            records,
-            ctx.tokenizer,
-            cfg,
-            ctx.mesh,
-            progress=ctx.progress,
-            desc=desc,
-        )
+        return _record_logps(ctx, params, records, desc)
 
     num_tokens = None
     if cfg.spa.judge_reward == "mean":
