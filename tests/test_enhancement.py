@@ -119,6 +119,193 @@ def test_build_ple_batches_merges_streams():
     np.testing.assert_allclose(first["sft_weight"], [0.7, 0.0])  # second row pads
     assert second["sft_loss_mask"][0].sum() == 16  # cut at 16 tokens, no EOS
     np.testing.assert_allclose(second["sft_weight"], [0.2, 0.0])
+    # Each row names its record's position in the SFT list; a padding row -1.
+    assert first["sft_index"].tolist() == [0, -1] and second["sft_index"].tolist() == [2, -1]
+    sft_dtypes = {
+        "sft_index": np.int32,
+        "sft_ids": np.int32,
+        "sft_attention_mask": np.int32,
+        "sft_loss_mask": np.int32,
+        "sft_weight": np.float32,
+    }
+    for batch in batches:
+        assert {k: v.dtype for k, v in batch.items() if k.startswith("sft_")} == sft_dtypes
+
+
+class FlagTokenizer(CharTokenizer):
+    """CharTokenizer with pad id 9 that records each prompt's ``use_chat_template``."""
+
+    pad_token_id = 9
+
+    def __init__(self):
+        self.flags = []
+
+    def encode_prompt(self, prompt, use_chat_template=True):
+        self.flags.append(use_chat_template)
+        return super().encode_prompt(prompt)
+
+
+class NoPadTokenizer:
+    """A tokenizer without a ``pad_token_id`` attribute: rows pad with 0."""
+
+    encode_prompt = CharTokenizer.encode_prompt
+    encode_response = CharTokenizer.encode_response
+
+
+def test_build_sft_batches_rows_buckets_and_counts_by_hand():
+    """Prompts cut on the left to 8 tokens, responses on the right to 6, EOS as each record
+    says; empty and weight-0 rows left out and counted; rows grouped by length bucket
+    (min 4, capped at 8 + 6) in record order, two per batch, the last padded."""
+    records = [
+        {"prompt": "abcdefghij", "response": "xy", "weight": 0.5},  # prompt cut: 11 → 8
+        {"prompt": "abcdefg", "response": "abcde"},  # 8 and 6 tokens: neither cut; weight 1
+        {"prompt": "ab", "response": "0123456789", "eos": False, "weight": 0.25},  # cut: 10 → 6
+        {"prompt": "q", "response": "", "eos": False},  # empty
+        {"prompt": "r", "response": "s", "weight": 0.0},  # weight 0
+        {"prompt": "klmnopqrstu", "response": "xyz", "eos": False, "weight": 2.0},  # cut 12 → 8
+        {"prompt": "t", "response": "", "eos": False},  # empty
+        {"prompt": "u", "response": "v", "weight": 0.0},  # weight 0
+        {"prompt": "w", "response": "0123456789abc", "weight": 1.5},  # cut: 14 → 6
+    ]
+    tok = FlagTokenizer()
+    batches, counts = enhancement.build_sft_batches(
+        records, tok, batch_size=2, max_prompt_tokens=8, max_response_tokens=6, min_bucket=4
+    )
+    assert tok.flags and all(flag is True for flag in tok.flags)  # the default: chat template
+    plain = CharTokenizer()
+    rows = {}  # record index -> (prompt ids, response ids, weight)
+    for k in (0, 1, 2, 5, 8):
+        r = records[k]
+        prompt = plain.encode_prompt(r["prompt"])[-8:]
+        response = plain.encode_response(r["response"], add_eos=r.get("eos", True))[:6]
+        rows[k] = (prompt, response, r.get("weight", 1.0))
+    assert [len(rows[k][1]) for k in (0, 2, 5)] == [3, 6, 3]  # EOS, cut, no EOS
+    # Lengths 11, 14, 9, 11, 8 → buckets 12, 14 (16 capped at 14), 12, 12, 8.
+    expected = [(8, [8, None]), (12, [0, 2]), (12, [5, None]), (14, [1, None])]
+    assert len(batches) == len(expected)
+    for batch, (width, members) in zip(batches, expected, strict=True):
+        assert batch["sft_ids"].shape == (2, width)
+        assert batch["sft_index"].tolist() == [-1 if k is None else k for k in members]
+        for i, k in enumerate(members):
+            ids, attention = batch["sft_ids"][i], batch["sft_attention_mask"][i]
+            loss, weight = batch["sft_loss_mask"][i], batch["sft_weight"][i]
+            if k is None:
+                assert (ids == 9).all() and not attention.any() and not loss.any() and weight == 0
+                continue
+            prompt, response, want_weight = rows[k]
+            n, m = len(prompt), len(response)
+            assert ids.tolist() == prompt + response + [9] * (width - n - m)
+            assert attention.tolist() == [1] * (n + m) + [0] * (width - n - m)
+            assert loss.tolist() == [0] * n + [1] * m + [0] * (width - n - m)
+            assert weight == pytest.approx(want_weight)
+    assert dict(counts) == {
+        "kept": 5,
+        "empty": 2,
+        "zero_weight": 2,
+        "truncated_prompts": 2,
+        "truncated_responses": 2,
+        "padding": 3,
+    }
+    # The flag is passed on; a tokenizer without a pad id pads with 0.
+    tok = FlagTokenizer()
+    enhancement.build_sft_batches(
+        records[:1],
+        tok,
+        batch_size=2,
+        max_prompt_tokens=8,
+        max_response_tokens=6,
+        use_chat_template=False,
+    )
+    assert tok.flags == [False]
+    (batch,), _ = enhancement.build_sft_batches(
+        records[:1], NoPadTokenizer(), batch_size=2, max_prompt_tokens=8, max_response_tokens=6
+    )
+    assert (batch["sft_ids"][1] == 0).all() and batch["sft_ids"][0, -1] == 0
+
+
+def test_build_ple_batches_sizes_flags_and_report():
+    """Ranking batches of ``batch_size`` pairs, SFT batches of ``sft_batch_size`` rows, merged
+    k-th with k-th, leftovers single-kind; the chat-template flag reaches both builders."""
+    ranking = [{"prompt": f"p{i}", "chosen": "good", "rejected": "bad"} for i in range(3)]
+    sft = [{"prompt": f"s{i}", "response": "fine", "weight": 1.0} for i in range(2)]
+    tok = FlagTokenizer()
+    batches, report = enhancement.build_ple_batches(
+        ranking,
+        sft,
+        tok,
+        batch_size=2,
+        sft_batch_size=3,
+        max_prompt_tokens=8,
+        max_response_tokens=8,
+    )
+    assert tok.flags and all(flag is True for flag in tok.flags)
+    assert len(batches) == 2  # two ranking batches (2 + 1 pairs), one SFT batch of 3 rows
+    assert batches[0]["chosen_ids"].shape[0] == 2 and batches[0]["sft_ids"].shape[0] == 3
+    assert "sft_ids" not in batches[1] and batches[1]["chosen_ids"].shape[0] == 2
+    assert report == {
+        "ranking_pairs": 3,
+        "ranking_padding": 1,
+        "truncated_prompts": 0,
+        "truncated_responses": 0,
+        "sft_rows": 2,
+        "sft_padding": 1,
+        "sft_zero_weight": 0,
+        "batches": 2,
+    }
+    tok = FlagTokenizer()
+    batches, report = enhancement.build_ple_batches(
+        [],
+        sft,
+        tok,
+        batch_size=2,
+        max_prompt_tokens=8,
+        max_response_tokens=8,
+        use_chat_template=False,
+    )
+    assert tok.flags == [False, False]
+    assert len(batches) == 1 and batches[0]["sft_ids"].shape[0] == 2  # sft_batch_size: 2
+    assert (report["ranking_pairs"], report["ranking_padding"]) == (0, 0)
+    tok = FlagTokenizer()
+    enhancement.build_ple_batches(
+        ranking,
+        [],
+        tok,
+        batch_size=2,
+        max_prompt_tokens=8,
+        max_response_tokens=8,
+        use_chat_template=False,
+    )
+    assert tok.flags and not any(tok.flags)
+    # Cuts are counted over both streams; an SFT-only report counts no pairs.
+    long = {"prompt": "abcdefghijkl", "chosen": "good", "rejected": "bad"}
+    cut = {"prompt": "ab", "chosen": "0123456789", "rejected": "bad"}
+    _, report = enhancement.build_ple_batches(
+        [long, cut],
+        [{"prompt": "abcdefghijkl", "response": "ok"}, {"prompt": "ab", "response": "x" * 12}],
+        CharTokenizer(),
+        batch_size=2,
+        max_prompt_tokens=8,
+        max_response_tokens=8,
+    )
+    assert (report["truncated_prompts"], report["truncated_responses"]) == (2, 2)
+    _, report = enhancement.build_ple_batches(
+        [],
+        [long | {"response": "ok"}],
+        CharTokenizer(),
+        batch_size=2,
+        max_prompt_tokens=8,
+        max_response_tokens=8,
+    )
+    assert report == {
+        "ranking_pairs": 0,
+        "ranking_padding": 0,
+        "truncated_prompts": 1,
+        "truncated_responses": 0,
+        "sft_rows": 1,
+        "sft_padding": 1,
+        "sft_zero_weight": 0,
+        "batches": 1,
+    }
 
 
 # ----------------------------------------------------------------------------- the loss
