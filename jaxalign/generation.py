@@ -237,11 +237,6 @@ def iter_sample_batches(
             if compiled:
                 stats.compiles += 1
                 stats.compile_seconds += elapsed
-            kept = int(lengths[: len(members) * config.n].sum())
-            decoded = int(lengths.shape[0]) * int(lengths.max(initial=0))
-            stats.tokens += kept
-            stats.decoded_tokens += decoded
-            throughput.record_decoding(kept, decoded, elapsed, compiled=compiled)
             completions = []
             for j in range(len(members)):
                 group = []
@@ -252,6 +247,13 @@ def iter_sample_batches(
                     lp = None if logprobs is None else logprobs[r, : len(ids_r)].tolist()
                     group.append(Completion(text, ids_r, done, not done, lp))
                 completions.append(group)
+            # Kept: the responses as returned (a stop string cuts them); decoded: every row,
+            # padding rows too, for as many steps as the batch's longest row ran.
+            kept = sum(len(c.token_ids) for group in completions for c in group)
+            decoded = int(lengths.shape[0]) * int(lengths.max(initial=0))
+            stats.tokens += kept
+            stats.decoded_tokens += decoded
+            throughput.record_decoding(kept, decoded, elapsed, compiled=compiled)
             stats.samples += len(members) * config.n
             bar.update(len(members) * config.n)
             yield members, completions

@@ -151,10 +151,21 @@ def test_stop_strings_cut_text_and_mark_finished(model, tokenizer):
     assert len(free.text) >= 8, "the fixture model should produce printable text"
     stop = free.text[4:6]
     where = free.text.find(stop)
+    stats = GenerationStats()
     (cut,) = sample_texts(
-        model, tokenizer, ["hello there"], config, seed=0, progress=False, stop_strings=["@@", stop]
+        model,
+        tokenizer,
+        ["hello there"],
+        config,
+        seed=0,
+        progress=False,
+        stop_strings=["@@", stop],
+        stats=stats,
     )[0]
     assert cut.text == free.text[:where]
+    # Kept tokens are the cut response's; the decode ran on as far as the uncut one.
+    assert stats.tokens == len(cut.token_ids) < len(free.token_ids)
+    assert stats.decoded_tokens == 16 * len(free.token_ids)  # default batch: 16 rows
     assert cut.finished and not cut.truncated
     assert cut.token_ids == free.token_ids[: where + len(stop)]  # one char per token
 

@@ -272,13 +272,10 @@ def judge_check(ctx: RunContext, judge: nnx.State, pairs: list[dict]) -> tuple[l
     if not records:
         return [], {"pairs": 0}
 
-    def logps(params, desc):
-        return _record_logps(ctx, params, records, desc)
-
     tokens = scoring.response_token_counts(records, ctx.tokenizer, cfg)
     rewards = judging.implicit_reward(
-        logps(judge, "judge check: log π_0"),
-        logps(ctx.init_params, "judge check: log π_init"),
+        _record_logps(ctx, judge, records, "judge check: log π_0"),
+        _record_logps(ctx, ctx.init_params, records, "judge check: log π_init"),
         cfg.train.beta,
         tokens if cfg.spa.judge_reward == "mean" else None,
     )
@@ -492,9 +489,6 @@ def candidate_rewards(
     cfg = ctx.config
     records, slots = _scoring_records(candidates)
 
-    def logps(params, desc):
-        return _record_logps(ctx, params, records, desc)
-
     num_tokens = None
     if cfg.spa.judge_reward == "mean":
         num_tokens = scoring.response_token_counts(records, ctx.tokenizer, cfg)
@@ -502,9 +496,12 @@ def candidate_rewards(
     if sampled_by_judge and cfg.spa.judge_from_sampler:
         judge_logps = _sampler_logps(ctx, candidates, slots)
     if judge_logps is None:
-        judge_logps = logps(judge, "judge: log π_{i-1}")
+        judge_logps = _record_logps(ctx, judge, records, "judge: log π_{i-1}")
     per_slot = judging.implicit_reward(
-        judge_logps, logps(ctx.init_params, "judge: log π_init"), cfg.train.beta, num_tokens
+        judge_logps,
+        _record_logps(ctx, ctx.init_params, records, "judge: log π_init"),
+        cfg.train.beta,
+        num_tokens,
     )
     rewards = [[0.0] * len(r["responses"]) for r in candidates]
     for (k, a, b), (r_a, r_b) in zip(slots, per_slot.tolist(), strict=True):

@@ -273,10 +273,11 @@ def pack_pair_batches(
     if len(groups) != len(planned):  # a length in two runs: one bucket's batches split
         raise ValueError("the plan must list each bucket's batches together")
     packed: dict[int, list[PairRow]] = {length: [] for length in planned}
+    ascending = sorted(planned)
     for length, pairs in sorted(by_bucket.items()):
         if not pairs:
             continue
-        target = next((t for t in sorted(planned) if t >= length), None)
+        target = next((t for t in ascending if t >= length), None)
         if target is None:
             raise ValueError(
                 f"bucket {length} holds {len(pairs)} pairs but the plan has no batch that "
