@@ -247,10 +247,10 @@ def iter_sample_batches(
                     lp = None if logprobs is None else logprobs[r, : len(ids_r)].tolist()
                     group.append(Completion(text, ids_r, done, not done, lp))
                 completions.append(group)
-            # Kept: the responses as returned (a stop string cuts them); decoded: every row,
-            # padding rows too, for as many steps as the batch's longest row ran.
+            # Kept: the responses as returned (a stop string cuts them); decoded: the rows
+            # stepped, padding rows too, over the steps the batch ran (fewer once it shrank).
             kept = sum(len(c.token_ids) for group in completions for c in group)
-            decoded = int(lengths.shape[0]) * int(lengths.max(initial=0))
+            decoded = int(parallel.to_host(out.row_steps))
             stats.tokens += kept
             stats.decoded_tokens += decoded
             throughput.record_decoding(kept, decoded, elapsed, compiled=compiled)

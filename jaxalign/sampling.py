@@ -13,7 +13,11 @@ The work is split so that nothing is done twice:
    ``j`` of prompt ``i``) — one prefill per prompt, not ``n``.
 3. **Decode** with ``jax.lax.while_loop``: feed the last token, get ``[B*n, V]``
    logits, filter, sample. The loop stops when every row has produced an EOS
-   token or ``max_new_tokens`` are reached. The cache is part of the loop carry,
+   token or ``max_new_tokens`` are reached. With ``shrink_batch`` (on by default on
+   the CPU) the loop is a chain of loops over halving row counts: once at most half
+   of the rows still run, they are gathered (with their caches) into a batch half
+   the size, so the rows that ended stop costing a step. Each row draws from its
+   own key (:func:`sample_keys`), so the samples do not change. The cache is part of the loop carry,
    one buffer per layer (:class:`DecodeCache`), so each step's
    ``dynamic_update_slice`` of one slot happens in place instead of rewriting a
    stacked ``[L, B, K, S, Dh]`` cache.
@@ -89,6 +93,10 @@ class SamplingConfig:
     return_logprobs: bool = False  # log_softmax of the raw logits at each sampled token
     pad_token_id: int = 0  # written after a row has finished
     cache_dtype: str | None = None  # None: the model's activation dtype; "bfloat16" (TPU/GPU)
+    # Halve the decoded rows whenever at most half of them are still running (down to
+    # MIN_SHRUNK_ROWS); the samples are the same either way. None: on where the backend is
+    # the CPU, whose step time grows with the rows; off on TPU/GPU, where it barely does.
+    shrink_batch: bool | None = None
 
     def __post_init__(self):
         greedy = self.greedy is True
@@ -108,6 +116,7 @@ class SamplingConfig:
                 "return_logprobs": BOOLEAN,
                 "pad_token_id": NON_NEGATIVE_INT,
                 "cache_dtype": optional(one_of(*DTYPE_NAMES)),
+                "shrink_batch": optional(BOOLEAN),
             },
         )
 
@@ -123,6 +132,7 @@ class Samples:
     lengths: jax.Array  # [B*n] int32; generated tokens, the EOS token included
     finished: jax.Array  # [B*n] bool; an EOS token was produced
     logprobs: jax.Array | None = None  # [B*n, max_new_tokens] float32; 0 after the end
+    row_steps: jax.Array | None = None  # [] int32: rows x steps decoded (the work done)
 
 
 # ---------------------------------------------------------------------------
@@ -410,8 +420,8 @@ def _decode(
     row_keys = sample_keys(key, batch, n)  # [rows]: sample j of prompt i
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
-    def pick(logits, step, finished):
-        token = sample_tokens(logits, step_keys(row_keys, step), config)
+    def pick(logits, keys, step, finished):
+        token = sample_tokens(logits, step_keys(keys, step), config)
         token = jnp.where(finished, config.pad_token_id, token)
         logprob = token_logprobs(logits, token) if config.return_logprobs else None
         return token, logprob
@@ -419,38 +429,108 @@ def _decode(
     tokens = jnp.full((rows, max_new), config.pad_token_id, jnp.int32)
     logprobs = jnp.zeros((rows, max_new), jnp.float32)
     not_done = jnp.zeros((rows,), bool)
-    token, logprob = pick(logits, 0, not_done)
+    token, logprob = pick(logits, row_keys, 0, not_done)
     tokens = tokens.at[:, 0].set(token)
     if config.return_logprobs:
         logprobs = logprobs.at[:, 0].set(logprob)
     finished = jnp.isin(token, eos)
     lengths = jnp.ones((rows,), jnp.int32)
 
-    def cond(carry):
-        step, finished = carry[0], carry[5]
-        return (step < max_new) & ~jnp.all(finished)
-
     def body(carry):
-        step, cache, token, tokens, logprobs, finished, lengths = carry
+        step, live, out = carry
         # Feed the token sampled at step-1, at position prompt length + step-1.
-        logits, cache = decode_step(model, cache, token, next_position + step - 1, layers)
-        token, logprob = pick(logits, step, finished)
-        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        logits, cache = decode_step(
+            model, live["cache"], live["token"], live["position"] + step - 1, layers
+        )
+        finished = live["finished"]
+        token, logprob = pick(logits, live["keys"], step, finished)
+        tokens = out["tokens"].at[live["row"], step].set(token)
+        logprobs = out["logprobs"]
         if config.return_logprobs:
             logprob = jnp.where(finished, 0.0, logprob)
-            logprobs = jax.lax.dynamic_update_slice(logprobs, logprob[:, None], (0, step))
-        lengths = lengths + (~finished).astype(jnp.int32)
-        finished = finished | jnp.isin(token, eos)
-        return step + 1, cache, token, tokens, logprobs, finished, lengths
+            logprobs = logprobs.at[live["row"], step].set(logprob)
+        live = {
+            **live,
+            "cache": cache,
+            "token": token,
+            "lengths": live["lengths"] + (~finished).astype(jnp.int32),
+            "finished": finished | jnp.isin(token, eos),
+        }
+        out = {**out, "tokens": tokens, "logprobs": logprobs}
+        out["row_steps"] = out["row_steps"] + token.shape[0]
+        return step + 1, live, out
 
-    carry = (jnp.int32(1), cache, token, tokens, logprobs, finished, lengths)
-    _, _, _, tokens, logprobs, finished, lengths = jax.lax.while_loop(cond, body, carry)
+    # ``live``: the rows being decoded (all of them, or after a shrink the ones still
+    # running, padded with finished ones); ``row``: each one's row in the output.
+    live = {
+        "cache": cache,
+        "token": token,
+        "position": next_position,
+        "keys": row_keys,
+        "finished": finished,
+        "lengths": lengths,
+        "row": jnp.arange(rows),
+    }
+    out = {
+        "tokens": tokens,
+        "logprobs": logprobs,
+        "finished": finished,
+        "lengths": lengths,
+        "row_steps": jnp.int32(rows),
+    }
+    sizes = shrink_sizes(rows, config.shrink_batch)
+    step = jnp.int32(1)
+    for smaller in (*sizes[1:], 0):  # each phase runs until at most ``smaller`` rows run
+
+        def cond(carry, smaller=smaller):
+            step, live = carry[0], carry[1]
+            running = jnp.sum(~live["finished"], dtype=jnp.int32)
+            return (step < max_new) & (running > smaller)
+
+        step, live, out = jax.lax.while_loop(cond, body, (step, live, out))
+        out = {
+            **out,
+            "finished": out["finished"].at[live["row"]].set(live["finished"]),
+            "lengths": out["lengths"].at[live["row"]].set(live["lengths"]),
+        }
+        if smaller:
+            # At most ``smaller`` rows still run: keep them (stable: running rows first).
+            keep = jnp.argsort(live["finished"], stable=True)[:smaller]
+            live = {
+                name: (
+                    DecodeCache(
+                        k=tuple(x[keep] for x in value.k),
+                        v=tuple(x[keep] for x in value.v),
+                        mask=value.mask[keep],
+                        index=value.index,
+                    )
+                    if name == "cache"
+                    else value[keep]
+                )
+                for name, value in live.items()
+            }
     return Samples(
-        tokens=tokens,
-        lengths=lengths,
-        finished=finished,
-        logprobs=logprobs if config.return_logprobs else None,
+        tokens=out["tokens"],
+        lengths=out["lengths"],
+        finished=out["finished"],
+        logprobs=out["logprobs"] if config.return_logprobs else None,
+        row_steps=out["row_steps"],
     )
+
+
+MIN_SHRUNK_ROWS = 8  # below this a CPU step costs about the same whatever the rows
+
+
+def shrink_sizes(rows: int, shrink: bool | None) -> tuple[int, ...]:
+    """The row counts the decode loop steps through: ``rows``, then halves while they stay
+    whole and at least :data:`MIN_SHRUNK_ROWS`. ``shrink`` None: on when the default backend
+    is the CPU."""
+    if shrink is None:
+        shrink = jax.default_backend() == "cpu"
+    sizes = [rows]
+    while shrink and sizes[-1] % 2 == 0 and sizes[-1] // 2 >= MIN_SHRUNK_ROWS:
+        sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
 
 
 def sample_keys(key: jax.Array, prompts: int, n: int) -> jax.Array:

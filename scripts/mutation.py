@@ -4,6 +4,7 @@
     python scripts/mutation.py                     # every module below (about an hour, 2 cores)
     python scripts/mutation.py losses judging      # some of them
     python scripts/mutation.py --list              # the modules and the tests each runs
+    python scripts/mutation.py refinement --only '*x_push_margins__*'   # some functions' mutants
 
 For each module, mutmut mutates a copy of the package (operators, constants, defaults,
 strings, returned values ...) and runs, for every mutant, the tests of the module's test
@@ -18,6 +19,7 @@ non-equivalent mutant survives.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import pathlib
@@ -70,8 +72,11 @@ def _tracked_files() -> list[str]:
     return listed.stdout.split()
 
 
-def run_module(name: str, jobs: int, log) -> dict:
-    """Mutates one module in a scratch copy of the repository; returns its counts and survivors."""
+def run_module(name: str, jobs: int, log, only: tuple[str, ...] = ()) -> dict:
+    """Mutates one module in a scratch copy of the repository; returns its counts and survivors.
+
+    ``only``: mutant-name patterns (``fnmatch``, e.g. ``*push_margins*``); when given, only
+    the matching mutants are tested and counted."""
     source, tests = MODULES[name]
     with tempfile.TemporaryDirectory(prefix=f"mutation_{name}_") as scratch:
         work = pathlib.Path(scratch)
@@ -94,7 +99,7 @@ def run_module(name: str, jobs: int, log) -> dict:
         log(f"{name}: mutating {source}; tests {', '.join(tests)}")
         env = {**os.environ, "JAXALIGN_COMPILE_CACHE": "0"}
         result = subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)],
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *only],
             cwd=work,
             env=env,
             stdout=subprocess.DEVNULL,
@@ -108,6 +113,8 @@ def run_module(name: str, jobs: int, log) -> dict:
                 f"{result.stderr[-2000:]}"
             )
         codes = json.loads(meta.read_text())["exit_code_by_key"]
+        if only:
+            codes = {k: c for k, c in codes.items() if any(fnmatch.fnmatch(k, p) for p in only)}
         known = equivalents()
         survivors, equivalent = [], []
         for key, code in sorted(codes.items()):
@@ -143,6 +150,7 @@ def run_module(name: str, jobs: int, log) -> dict:
         return {
             "module": source,
             "tests": tests,
+            "only": list(only),
             **counts,
             "seconds": round(time.time() - start),
             "survivors": survivors,
@@ -172,6 +180,14 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--out", default="runs/mutation", help="where the report goes")
     parser.add_argument("--list", action="store_true", help="show the modules and their tests")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="test only the mutants whose names match (fnmatch, repeatable), "
+        "e.g. --only '*push_margins*'",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name, (source, tests) in MODULES.items():
@@ -192,7 +208,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for module in args.modules or list(MODULES):
-        results.append(run_module(module, args.jobs, log))
+        results.append(run_module(module, args.jobs, log, tuple(args.only)))
         (out / "mutation.json").write_text(json.dumps(results, indent=1) + "\n")  # as it goes
         (out / "mutation.md").write_text(markdown(results))
     print(

@@ -374,3 +374,60 @@ def test_context_overflow_is_reported(model):
     ids, mask = left_padded(PROMPTS)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=250))
+
+
+# ---------------------------------------------------------------------------
+# The shrinking batch: rows that ended stop costing a step; the samples stay the same.
+
+
+def test_shrink_sizes_halve_down_to_the_floor():
+    assert sampling.shrink_sizes(64, True) == (64, 32, 16, 8)
+    assert sampling.shrink_sizes(32, True) == (32, 16, 8)
+    assert sampling.shrink_sizes(16, True) == (16, 8)
+    assert sampling.shrink_sizes(24, True) == (24, 12)  # 6 is below the floor
+    assert sampling.shrink_sizes(15, True) == (15,)  # an odd count stays whole
+    assert sampling.shrink_sizes(8, True) == (8,)
+    assert sampling.shrink_sizes(64, False) == (64,)
+    assert sampling.shrink_sizes(64, None) == sampling.shrink_sizes(64, True)  # CPU: on
+
+
+def expected_row_steps(lengths, finished, sizes, max_new):
+    """Rows × steps of a chain of decode loops, counted one step at a time: row ``r`` still
+    runs before step ``s`` when it has not ended (``lengths[r] > s``, or it never ended)."""
+    running = lambda s: sum((n > s) or not f for n, f in zip(lengths, finished))  # noqa: E731
+    total, step = sizes[0], 1  # step 0 comes from the prefill, one token per row
+    for size, smaller in zip(sizes, (*sizes[1:], 0)):
+        while step < max_new and running(step) > smaller:
+            total += size
+            step += 1
+    return total
+
+
+@pytest.mark.parametrize("eos", [(3, 5, 7, 11, 13), tuple(range(1, 30))])
+def test_shrinking_batch_keeps_every_sample(model, eos):
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, VOCAB, (16, 7)), jnp.int32)
+    mask = jnp.ones((16, 7), bool)
+    config = SamplingConfig(40, temperature=1.3, n=2, eos_token_ids=eos, return_logprobs=True)
+    whole = generate(model, ids, mask, jax.random.key(1), config.replace(shrink_batch=False))
+    shrunk = generate(model, ids, mask, jax.random.key(1), config.replace(shrink_batch=True))
+    for field in ("tokens", "lengths", "finished"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(shrunk, field)), np.asarray(getattr(whole, field)), err_msg=field
+        )
+    # A matmul over fewer rows may round its last bit differently.
+    np.testing.assert_allclose(np.asarray(shrunk.logprobs), np.asarray(whole.logprobs), atol=1e-5)
+    lengths, finished = np.asarray(whole.lengths).tolist(), np.asarray(whole.finished).tolist()
+    assert sum(finished) > 0 and len(set(lengths)) > 2, "the fixture should end rows apart"
+    assert int(whole.row_steps) == 32 * max(lengths)
+    assert int(shrunk.row_steps) == expected_row_steps(lengths, finished, (32, 16, 8), 40)
+    assert int(shrunk.row_steps) < int(whole.row_steps)
+
+
+def test_shrinking_batch_decodes_every_row_while_none_ends(model):
+    ids, mask = left_padded(PROMPTS * 4)  # 24 rows: sizes 24, 12
+    config = SamplingConfig(12, greedy=True, n=2, shrink_batch=True)
+    out = generate(model, ids, mask, jax.random.key(0), config)
+    plain = generate(model, ids, mask, jax.random.key(0), config.replace(shrink_batch=False))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
+    assert int(out.row_steps) == 24 * 12  # nothing ended: all rows, every step
