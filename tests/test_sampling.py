@@ -394,9 +394,12 @@ def test_shrink_sizes_halve_down_to_the_floor():
 def expected_row_steps(lengths, finished, sizes, max_new):
     """Rows × steps of a chain of decode loops, counted one step at a time: row ``r`` still
     runs before step ``s`` when it has not ended (``lengths[r] > s``, or it never ended)."""
-    running = lambda s: sum((n > s) or not f for n, f in zip(lengths, finished))  # noqa: E731
+
+    def running(s):
+        return sum((n > s) or not f for n, f in zip(lengths, finished, strict=True))
+
     total, step = sizes[0], 1  # step 0 comes from the prefill, one token per row
-    for size, smaller in zip(sizes, (*sizes[1:], 0)):
+    for size, smaller in zip(sizes, (*sizes[1:], 0), strict=True):
         while step < max_new and running(step) > smaller:
             total += size
             step += 1
