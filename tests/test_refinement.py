@@ -60,7 +60,7 @@ def test_a_batch_larger_than_the_buffer_leaves_its_last_entries(capacity):
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 50])
-@pytest.mark.parametrize("q", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_buffer_quantile_matches_numpy(n, q):
     rng = np.random.default_rng(n)
     values = rng.normal(size=n).astype(np.float32)
@@ -84,6 +84,9 @@ def test_flagging_respects_threshold_and_warmup():
     np.testing.assert_array_equal(z, [1.0, 0.0, 1.0, 0.0])
     z_off = refinement.flag_noisy_pairs(m, jnp.asarray(0.2), jnp.asarray(False))
     np.testing.assert_array_equal(z_off, [0.0, 0.0, 0.0, 0.0])
+    # "Below τ": a margin equal to the threshold is not flagged.
+    z_tie = refinement.flag_noisy_pairs(m, jnp.asarray(0.3), jnp.asarray(True))
+    np.testing.assert_array_equal(z_tie, [1.0, 0.0, 1.0, 0.0])
 
 
 def test_refined_labels_modes():
@@ -304,3 +307,13 @@ def test_without_refinement_it_is_dpo_on_the_fly():
     loss, (aux, _) = run(5)
     np.testing.assert_allclose(float(loss), naive(np.zeros(4), w), rtol=2e-5)
     assert not any(k.startswith(("spa/", "pairs/")) for k in aux)
+
+
+def test_margin_buffer_capacity_is_checked_and_one_slot_works():
+    with pytest.raises(ValueError, match="margin buffer capacity must be positive, got 0"):
+        refinement.init_margin_buffer(0)
+    buf = refinement.init_margin_buffer(1)
+    assert buf["margins"].dtype == jnp.float32 and buf["margins"].shape == (1,)
+    buf = refinement.push_margins(buf, jnp.asarray([0.4, -0.3]), jnp.asarray([True, True]))
+    assert int(buf["count"]) == 1 and float(buf["margins"][0]) == pytest.approx(-0.3)
+    assert float(refinement.buffer_quantile(buf, 0.1)) == pytest.approx(-0.3)
