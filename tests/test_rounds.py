@@ -197,3 +197,71 @@ def test_read_jsonl_skips_blank_lines_anywhere(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text('{"x": 1}\n\n   \n{"x": 2}\n\n')
     assert rounds.read_jsonl(path) == [{"x": 1}, {"x": 2}]
+
+
+def _as_process(monkeypatch, index: int, count: int = 2, barriers: list | None = None):
+    """This process plays process ``index`` of ``count`` (barriers recorded, not waited on)."""
+    import jax
+
+    from jaxalign import parallel
+
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    record = barriers if barriers is not None else []
+    monkeypatch.setattr(parallel, "sync_processes", record.append)
+    return record
+
+
+def test_shared_storage_check_passes_where_process_0_s_token_is_seen(tmp_path, monkeypatch):
+    barriers = _as_process(monkeypatch, 0)
+    runner = rounds.RoundRunner(tmp_path / "run", {"a": 1})
+    assert runner.primary
+    assert barriers[:2] == ["jaxalign-shared-check-written", "jaxalign-shared-check-read"]
+    assert not (tmp_path / "run" / ".shared-storage-check").exists()  # process 0 removed it
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_shared_storage_check_fails_on_a_process_that_cannot_see_the_run(tmp_path, monkeypatch):
+    _as_process(monkeypatch, 1)
+    (tmp_path / "run").mkdir()  # a directory of this host's own: process 0 wrote elsewhere
+    with pytest.raises(RuntimeError) as err:
+        rounds.RoundRunner(tmp_path / "run", {"a": 1})
+    message = str(err.value)
+    assert message.startswith(f"process 1 cannot see {tmp_path / 'run'} as process 0 wrote it")
+    assert "storage every host shares" in message
+    assert not (tmp_path / "run" / "config.yaml").exists()  # a secondary writes nothing
+
+
+def test_shared_storage_check_passes_on_a_process_that_sees_the_token(tmp_path, monkeypatch):
+    _as_process(monkeypatch, 1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".shared-storage-check").write_text("token")  # process 0's, on shared storage
+    runner = rounds.RoundRunner(run, {"a": 1})
+    assert not runner.primary
+    assert (run / ".shared-storage-check").exists()  # only process 0 removes it
+    assert not (run / "config.yaml").exists() and not (run / "round_1").exists()
+    runner.round_dir(1)
+    assert not (run / "round_1").exists()  # process 0 makes the round directories
+
+
+def test_a_failed_local_write_removes_its_temporary_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.txt"
+    rounds.atomic_write_text(path, "old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        rounds.atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_local_write_makes_missing_parent_directories(tmp_path):
+    path = tmp_path / "x" / "y" / "z.txt"
+    rounds.write_bytes(path, b"data")
+    assert path.read_bytes() == b"data"
+    rounds.write_bytes(path, b"more")  # the directories exist now: no error
+    assert path.read_bytes() == b"more"
