@@ -14,10 +14,9 @@ The work is split so that nothing is done twice:
 3. **Decode** with ``jax.lax.while_loop``: feed the last token, get ``[B*n, V]``
    logits, filter, sample. The loop stops when every row has produced an EOS
    token or ``max_new_tokens`` are reached. With ``shrink_batch`` (on by default on
-   the CPU) the loop is a chain of loops over shrinking row counts
-   (:func:`shrink_sizes`: 64, 48, 32, 24, 16, 8): once no more rows run than the next
-   count, they are gathered (with their caches) into that smaller batch, so the rows
-   that ended stop costing a step. Each row draws from its
+   the CPU) the loop is a chain of loops over halving row counts: once at most half
+   of the rows still run, they are gathered (with their caches) into a batch half
+   the size, so the rows that ended stop costing a step. Each row draws from its
    own key (:func:`sample_keys`), so the samples do not change. The cache is part of the loop carry,
    one buffer per layer (:class:`DecodeCache`), so each step's
    ``dynamic_update_slice`` of one slot happens in place instead of rewriting a
@@ -94,8 +93,8 @@ class SamplingConfig:
     return_logprobs: bool = False  # log_softmax of the raw logits at each sampled token
     pad_token_id: int = 0  # written after a row has finished
     cache_dtype: str | None = None  # None: the model's activation dtype; "bfloat16" (TPU/GPU)
-    # Decode in smaller batches as rows end (shrink_sizes: 64, 48, 32, 24, 16, 8 rows);
-    # the samples are the same either way. None: on where the backend is
+    # Halve the decoded rows whenever at most half of them are still running (down to
+    # MIN_SHRUNK_ROWS); the samples are the same either way. None: on where the backend is
     # the CPU, whose step time grows with the rows; off on TPU/GPU, where it barely does.
     shrink_batch: bool | None = None
 
@@ -519,23 +518,18 @@ def _decode(
     )
 
 
-SHRINK_ROWS = 8  # the rows a shrinking batch steps by, and the fewest it decodes
-SHRINK_FACTOR = 0.75  # each smaller batch holds at most this share of the one before
+MIN_SHRUNK_ROWS = 8  # below this a CPU step costs about the same whatever the rows
 
 
 def shrink_sizes(rows: int, shrink: bool | None) -> tuple[int, ...]:
-    """The row counts the decode loop steps through: ``rows``, then multiples of
-    :data:`SHRINK_ROWS`, each at most :data:`SHRINK_FACTOR` of the one before (64, 48, 32,
-    24, 16, 8). Below 8 rows a CPU step costs about the same whatever the rows. ``shrink``
-    None: on when the default backend is the CPU."""
+    """The row counts the decode loop steps through: ``rows``, then halves while they stay
+    whole and at least :data:`MIN_SHRUNK_ROWS`. ``shrink`` None: on when the default backend
+    is the CPU."""
     if shrink is None:
         shrink = jax.default_backend() == "cpu"
     sizes = [rows]
-    while shrink:
-        smaller = int(sizes[-1] * SHRINK_FACTOR) // SHRINK_ROWS * SHRINK_ROWS
-        if smaller < SHRINK_ROWS:
-            break
-        sizes.append(smaller)
+    while shrink and sizes[-1] % 2 == 0 and sizes[-1] // 2 >= MIN_SHRUNK_ROWS:
+        sizes.append(sizes[-1] // 2)
     return tuple(sizes)
 
 

@@ -380,13 +380,12 @@ def test_context_overflow_is_reported(model):
 # The shrinking batch: rows that ended stop costing a step; the samples stay the same.
 
 
-def test_shrink_sizes_step_down_by_a_quarter_in_eights():
-    assert sampling.shrink_sizes(64, True) == (64, 48, 32, 24, 16, 8)
-    assert sampling.shrink_sizes(32, True) == (32, 24, 16, 8)
-    assert sampling.shrink_sizes(96, True) == (96, 72, 48, 32, 24, 16, 8)
+def test_shrink_sizes_halve_down_to_the_floor():
+    assert sampling.shrink_sizes(64, True) == (64, 32, 16, 8)
+    assert sampling.shrink_sizes(32, True) == (32, 16, 8)
     assert sampling.shrink_sizes(16, True) == (16, 8)
-    assert sampling.shrink_sizes(15, True) == (15, 8)  # 11.25 rows round down to 8
-    assert sampling.shrink_sizes(10, True) == (10,)  # 7.5 is below the floor
+    assert sampling.shrink_sizes(24, True) == (24, 12)  # 6 is below the floor
+    assert sampling.shrink_sizes(15, True) == (15,)  # an odd count stays whole
     assert sampling.shrink_sizes(8, True) == (8,)
     assert sampling.shrink_sizes(64, False) == (64,)
     assert sampling.shrink_sizes(64, None) == sampling.shrink_sizes(64, True)  # CPU: on
@@ -424,12 +423,12 @@ def test_shrinking_batch_keeps_every_sample(model, eos):
     lengths, finished = np.asarray(whole.lengths).tolist(), np.asarray(whole.finished).tolist()
     assert sum(finished) > 0 and len(set(lengths)) > 2, "the fixture should end rows apart"
     assert int(whole.row_steps) == 32 * max(lengths)
-    assert int(shrunk.row_steps) == expected_row_steps(lengths, finished, (32, 24, 16, 8), 40)
+    assert int(shrunk.row_steps) == expected_row_steps(lengths, finished, (32, 16, 8), 40)
     assert int(shrunk.row_steps) < int(whole.row_steps)
 
 
 def test_shrinking_batch_decodes_every_row_while_none_ends(model):
-    ids, mask = left_padded(PROMPTS * 4)  # 24 rows: sizes 24, 16, 8
+    ids, mask = left_padded(PROMPTS * 4)  # 24 rows: sizes 24, 12
     config = SamplingConfig(12, greedy=True, n=2, shrink_batch=True)
     out = generate(model, ids, mask, jax.random.key(0), config)
     plain = generate(model, ids, mask, jax.random.key(0), config.replace(shrink_batch=False))
