@@ -336,7 +336,7 @@ class RoundRunner:
                 f"[{key}] decoded {decoded['sampled_tokens']} response tokens "
                 f"({decoded['sampled_tokens_per_second']:.0f}/s) in {decoded['decoded_tokens']} "
                 f"row steps ({decoded['decoded_tokens_per_second']:.0f}/s; rows that ended "
-                "early decode on until their batch ends)"
+                "early decode on until their batch shrinks or ends)"
             )
         return result
 
