@@ -122,6 +122,7 @@ WRONG_TYPE = {
     tuple[float, ...]: ["abc", "[abc]", "[.nan]", "[.inf]", "[true]", "{a: 1}", "null"],
     tuple[str, ...]: ["[[a]]", "{a: 1}", "[1]", "null"],
     bool | str | None: ["1", "0.5", "[a]", "{a: 1}"],
+    bool | None: ["maybe", "1", "[true]", "{a: 1}", "auto"],
 }
 
 OUT_OF_RANGE = {
@@ -235,6 +236,7 @@ TYPE_ONLY = {
     "data.use_chat_template",
     "sampling.greedy",
     "sampling.return_logprobs",
+    "sampling.shrink_batch",  # true, false or null (null: on for the CPU)
     "spa.refine",
     "spa.judge_from_sampler",
     "ple.sft_data",  # free text: a path, "demo", or empty for no SFT stage
