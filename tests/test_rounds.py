@@ -265,3 +265,28 @@ def test_local_write_makes_missing_parent_directories(tmp_path):
     assert path.read_bytes() == b"data"
     rounds.write_bytes(path, b"more")  # the directories exist now: no error
     assert path.read_bytes() == b"more"
+
+
+def test_a_sampling_stage_records_its_decoding_and_logs_it(tmp_path):
+    from jaxalign import throughput
+
+    lines = []
+    runner = rounds.RoundRunner(tmp_path / "run", {"a": 1}, log=lines.append)
+
+    def sample(round_dir):
+        throughput.record_decoding(30, 48, 2.0, compiled=False)
+        throughput.record_decoding(10, 16, 0.5, compiled=True)
+        return {"n": 2}
+
+    assert runner.stage(1, "sample", sample) == {"n": 2}
+    assert runner.stage(1, "judge", lambda d: {"n": 3}) == {"n": 3}
+    stages = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]
+    decoding = stages["round_1/sample"]["decoding"]
+    assert decoding["sampled_tokens"] == 40 and decoding["decoded_tokens"] == 64
+    assert decoding["warm_decoded_tokens"] == 48
+    assert "decoding" not in stages["round_1/judge"]  # nothing decoded, no record
+    assert lines[2] == (
+        "[round_1/sample] decoded 40 response tokens (16/s) in 64 row steps (26/s; rows that "
+        "ended early decode on until their batch shrinks or ends)"
+    )
+    assert not any("decoded" in line for line in lines[3:])
