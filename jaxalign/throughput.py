@@ -175,8 +175,9 @@ def record_decoding(
     """Counts one decoded batch: ``sampled_tokens`` kept (the real rows' responses, up to
     and including their EOS), ``decoded_tokens`` computed (every row of the batch, padding
     rows too, times the batch's decode steps: a row that has finished decodes on until its
-    batch shrinks or its longest row ends), in ``seconds`` of wall time; ``compiled``: the batch traced
-    and compiled its program first (it counts in the totals, not in the ``warm_*`` ones)."""
+    batch shrinks or its longest row ends), in ``seconds`` of wall time; ``compiled``: the
+    batch traced and compiled its program first (it counts in the totals, not in the
+    ``warm_*`` ones)."""
     _decoding["sampled_tokens"] += int(sampled_tokens)
     _decoding["decoded_tokens"] += int(decoded_tokens)
     _decoding["decode_seconds"] += float(seconds)
