@@ -17,8 +17,8 @@ The work is split so that nothing is done twice:
    the CPU) the loop is a chain of loops over halving row counts: once at most half
    of the rows still run, they are gathered (with their caches) into a batch half
    the size, so the rows that ended stop costing a step. Each row draws from its
-   own key (:func:`sample_keys`), so the samples do not change. The cache is part of the loop carry,
-   one buffer per layer (:class:`DecodeCache`), so each step's
+   own key (:func:`sample_keys`), so the samples do not change. The cache is part of
+   the loop carry, one buffer per layer (:class:`DecodeCache`), so each step's
    ``dynamic_update_slice`` of one slot happens in place instead of rewriting a
    stacked ``[L, B, K, S, Dh]`` cache.
 
@@ -337,6 +337,15 @@ class DecodeCache:
     mask: jax.Array  # [B, S] bool: slot holds a real token
     index: jax.Array  # [] int32: the next slot to write
 
+    def take_rows(self, rows: jax.Array) -> DecodeCache:
+        """The cache of the batch rows ``rows [R]`` (in that order)."""
+        return DecodeCache(
+            k=tuple(x[rows] for x in self.k),
+            v=tuple(x[rows] for x in self.v),
+            mask=self.mask[rows],
+            index=self.index,
+        )
+
     @classmethod
     def from_kv_cache(cls, cache: KVCache) -> DecodeCache:
         layers = range(cache.k.shape[0])
@@ -444,11 +453,17 @@ def _decode(
         )
         finished = live["finished"]
         token, logprob = pick(logits, live["keys"], step, finished)
-        tokens = out["tokens"].at[live["row"], step].set(token)
+        live_rows = token.shape[0]
+
+        def write(table, column):  # column [live rows] into the output's rows at ``step``
+            if live_rows == rows:  # not shrunk: the rows are in order, an in-place slice
+                return jax.lax.dynamic_update_slice(table, column[:, None], (0, step))
+            return table.at[live["row"], step].set(column)
+
+        tokens = write(out["tokens"], token)
         logprobs = out["logprobs"]
         if config.return_logprobs:
-            logprob = jnp.where(finished, 0.0, logprob)
-            logprobs = logprobs.at[live["row"], step].set(logprob)
+            logprobs = write(logprobs, jnp.where(finished, 0.0, logprob))
         live = {
             **live,
             "cache": cache,
@@ -456,8 +471,7 @@ def _decode(
             "lengths": live["lengths"] + (~finished).astype(jnp.int32),
             "finished": finished | jnp.isin(token, eos),
         }
-        out = {**out, "tokens": tokens, "logprobs": logprobs}
-        out["row_steps"] = out["row_steps"] + token.shape[0]
+        out = {"tokens": tokens, "logprobs": logprobs, "row_steps": out["row_steps"] + live_rows}
         return step + 1, live, out
 
     # ``live``: the rows being decoded (all of them, or after a shrink the ones still
@@ -471,13 +485,8 @@ def _decode(
         "lengths": lengths,
         "row": jnp.arange(rows),
     }
-    out = {
-        "tokens": tokens,
-        "logprobs": logprobs,
-        "finished": finished,
-        "lengths": lengths,
-        "row_steps": jnp.int32(rows),
-    }
+    out = {"tokens": tokens, "logprobs": logprobs, "row_steps": jnp.int32(rows)}
+    done = {"finished": finished, "lengths": lengths}  # every row's, written after each loop
     sizes = shrink_sizes(rows, config.shrink_batch)
     step = jnp.int32(1)
     for smaller in (*sizes[1:], 0):  # each phase runs until at most ``smaller`` rows run
@@ -488,31 +497,18 @@ def _decode(
             return (step < max_new) & (running > smaller)
 
         step, live, out = jax.lax.while_loop(cond, body, (step, live, out))
-        out = {
-            **out,
-            "finished": out["finished"].at[live["row"]].set(live["finished"]),
-            "lengths": out["lengths"].at[live["row"]].set(live["lengths"]),
-        }
+        done = {name: value.at[live["row"]].set(live[name]) for name, value in done.items()}
         if smaller:
             # At most ``smaller`` rows still run: keep them (stable: running rows first).
             keep = jnp.argsort(live["finished"], stable=True)[:smaller]
             live = {
-                name: (
-                    DecodeCache(
-                        k=tuple(x[keep] for x in value.k),
-                        v=tuple(x[keep] for x in value.v),
-                        mask=value.mask[keep],
-                        index=value.index,
-                    )
-                    if name == "cache"
-                    else value[keep]
-                )
+                name: value.take_rows(keep) if name == "cache" else value[keep]
                 for name, value in live.items()
             }
     return Samples(
         tokens=out["tokens"],
-        lengths=out["lengths"],
-        finished=out["finished"],
+        lengths=done["lengths"],
+        finished=done["finished"],
         logprobs=out["logprobs"] if config.return_logprobs else None,
         row_steps=out["row_steps"],
     )
