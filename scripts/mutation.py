@@ -39,6 +39,11 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "enhancement": ("jaxalign/enhancement.py", ["tests/test_enhancement.py"]),
     "pairs": ("jaxalign/data/pairs.py", ["tests/test_data_pairs.py"]),
     "rounds": ("jaxalign/algorithms/rounds.py", ["tests/test_rounds.py"]),
+    # the stage modules and the step: their tests run a tiny model, seconds per mutant, and
+    # they have 850-1,550 mutants each; --only picks functions for a run that fits an hour
+    "spa": ("jaxalign/algorithms/spa.py", ["tests/test_spa_stages.py", "tests/test_spa.py"]),
+    "ple": ("jaxalign/algorithms/ple.py", ["tests/test_ple_stages.py", "tests/test_ple.py"]),
+    "training": ("jaxalign/training.py", ["tests/test_training.py"]),
 }
 EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.txt"
 

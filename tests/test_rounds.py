@@ -290,3 +290,104 @@ def test_a_sampling_stage_records_its_decoding_and_logs_it(tmp_path):
         "ended early decode on until their batch shrinks or ends)"
     )
     assert not any("decoded" in line for line in lines[3:])
+
+
+def test_finish_run_writes_the_summary_of_every_stage(tmp_path):
+    """summary.json: the rows under their key, the invocation's seconds, every stage's wall
+    time, the compile counts of stages that recorded them and the decoding of sampling
+    stages; summary.md: the title and the table; the table is logged."""
+    lines = []
+    runner = rounds.RoundRunner(tmp_path / "run", {"run": {"seed": 1}}, log=lines.append)
+    runner.state["stages"] = {
+        "round_0/train": {
+            "result": {},
+            "seconds": 2.5,
+            "compiles": 3,
+            "compile_seconds": 1.25,
+            "compile_cache_hits": 1,
+            "extra": 9,
+        },
+        "round_1/sample": {
+            "result": {},
+            "seconds": 4.0,
+            "compiles": 0,
+            "compile_seconds": 0.0,
+            "compile_cache_hits": 0,
+            "decoding": {"sampled_tokens": 7},
+        },
+        "round_1/judge": {"result": {}, "seconds": 0.5},  # an older run's stage: no counts
+    }
+    rows = [{"round": 0, "win": 0.5}, {"round": 1, "win": 0.75}]
+    summary = rounds.finish_run(
+        runner, rows, "| round |\n|---|", title="SPA run", rows_key="rounds", seconds=12.5
+    )
+    assert summary == {
+        "rounds": rows,
+        "seconds_this_invocation": 12.5,
+        "stage_seconds": {"round_0/train": 2.5, "round_1/sample": 4.0, "round_1/judge": 0.5},
+        "stage_compiles": {
+            "round_0/train": {"compiles": 3, "compile_seconds": 1.25, "compile_cache_hits": 1},
+            "round_1/sample": {"compiles": 0, "compile_seconds": 0.0, "compile_cache_hits": 0},
+        },
+        "stage_decoding": {"round_1/sample": {"sampled_tokens": 7}},
+    }
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert (tmp_path / "run" / "summary.json").read_text().startswith('{\n "rounds": [\n  {')
+    assert (tmp_path / "run" / "summary.md").read_text() == "# SPA run\n\n| round |\n|---|\n"
+    assert lines[-1] == "\n| round |\n|---|"
+    assert runner.seconds(1, "judge") == 0.5 and runner.seconds(2, "judge") is None
+
+
+@pytest.mark.parametrize(
+    ("path", "missing", "needed"),
+    [
+        ("gs://b/run", {"gcsfs", "tensorflow"}, "gcsfs"),
+        ("gcs://b/run", {"gcsfs", "tensorflow"}, "gcsfs"),
+        ("s3://b/run", {"s3fs", "tensorflow"}, "s3fs"),
+    ],
+)
+def test_a_url_without_its_file_system_package_fails_naming_what_to_install(
+    monkeypatch, path, missing, needed
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a)
+    )
+    with pytest.raises(ValueError) as e:
+        rounds.require_file_system(path, what="eval.output")
+    scheme = path.split("://")[0]
+    extra = " (the 'gcs' extra: pip install 'jaxalign[gcs]'; 'tpu' includes it)"
+    assert str(e.value) == (
+        f"eval.output={path}: {scheme}:// needs the {needed} package, which is not installed; "
+        f"pip install {needed}{extra if needed == 'gcsfs' else ''} on every machine"
+    )
+    with pytest.raises(ValueError, match=rf"^run\.output_dir={path}: "):  # the default key
+        rounds.require_file_system(path)
+
+
+def test_a_url_whose_file_system_can_be_reached_passes(monkeypatch):
+    import importlib.util
+
+    seen = []
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        seen.append(name)
+        return None if name == "gcsfs" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    rounds.require_file_system("runs/local")  # a local path: nothing looked up
+    rounds.require_file_system("file:///tmp/x")  # a scheme with no package to ask for
+    rounds.require_file_system("hf://a/b")
+    assert seen == []
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "tensorflow" else None
+    )
+    rounds.require_file_system("gs://b/run")  # no gcsfs, but TensorFlow's gfile serves
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "s3fs" else None
+    )
+    rounds.require_file_system("s3://b/run")  # its own package is there
+    assert rounds.is_remote("gs://b") and rounds.is_remote(pathlib.Path("a")) is False
