@@ -5,6 +5,7 @@
     python scripts/mutation.py losses judging      # some of them
     python scripts/mutation.py --list              # the modules and the tests each runs
     python scripts/mutation.py refinement --only '*x_push_margins__*'   # some functions' mutants
+    python scripts/mutation.py spa --sample 80     # 80 of the module's mutants, drawn at random
 
 For each module, mutmut mutates a copy of the package (operators, constants, defaults,
 strings, returned values ...) and runs, for every mutant, the tests of the module's test
@@ -47,6 +48,44 @@ MODULES: dict[str, tuple[str, list[str]]] = {
 }
 EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.txt"
 
+# Prints every mutant name of one file, as mutmut names them (``pkg.mod.x_fn__mutmut_3``,
+# ``pkg.mod.xǁClassǁmethod__mutmut_3``): run in the scratch copy, where the config is.
+_LIST_MUTANTS = """
+import collections, sys
+import libcst as cst
+from mutmut.mutation.file_mutation import create_mutations
+path = sys.argv[1]
+module, mutations, _, _ = create_mutations(path, open(path).read())
+owner = {}
+for node in module.body:
+    if isinstance(node, cst.ClassDef):
+        for item in node.body.body:
+            if isinstance(item, cst.FunctionDef):
+                owner[id(item)] = node.name.value
+prefix = path[:-3].replace("/", ".")
+seen = collections.Counter()
+for m in mutations:
+    fn = m.contained_by_top_level_function
+    if not isinstance(fn, cst.FunctionDef):
+        continue  # module- or class-level code: mutmut does not test it
+    cls = owner.get(id(fn))
+    name = f"x\u01c1{cls}\u01c1{fn.name.value}" if cls else f"x_{fn.name.value}"
+    seen[name] += 1
+    print(f"{prefix}.{name}__mutmut_{seen[name]}")
+"""
+
+
+def mutant_names(work: pathlib.Path, source: str) -> list[str]:
+    """Every mutant name of ``source``, listed in the scratch copy ``work``."""
+    return subprocess.run(
+        [sys.executable, "-c", _LIST_MUTANTS, source],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+
+
 # mutmut's exit codes of a mutant's test run (mutmut.stats)
 KILLED = {1, 3}
 TIMEOUT = {24, -24, 152, 255, 36}
@@ -77,11 +116,14 @@ def _tracked_files() -> list[str]:
     return listed.stdout.split()
 
 
-def run_module(name: str, jobs: int, log, only: tuple[str, ...] = ()) -> dict:
+def run_module(
+    name: str, jobs: int, log, only: tuple[str, ...] = (), sample: int = 0, seed: int = 0
+) -> dict:
     """Mutates one module in a scratch copy of the repository; returns its counts and survivors.
 
     ``only``: mutant-name patterns (``fnmatch``, e.g. ``*push_margins*``); when given, only
-    the matching mutants are tested and counted."""
+    the matching mutants are tested and counted. ``sample``: test that many mutants drawn
+    at random (with ``seed``) instead of all of them (or all that ``only`` matches)."""
     source, tests = MODULES[name]
     with tempfile.TemporaryDirectory(prefix=f"mutation_{name}_") as scratch:
         work = pathlib.Path(scratch)
@@ -101,6 +143,14 @@ def run_module(name: str, jobs: int, log, only: tuple[str, ...] = ()) -> dict:
                 'process_isolation = "forkserver"\n'
             )
         start = time.time()
+        total = None
+        if sample:
+            drawn = mutant_names(work, source)
+            if only:
+                drawn = [k for k in drawn if any(fnmatch.fnmatch(k, p) for p in only)]
+            total = len(drawn)
+            only = tuple(sample_mutants_from(drawn, sample, seed))
+            log(f"{name}: testing {len(only)} of its {total} mutants, drawn at random")
         log(f"{name}: mutating {source}; tests {', '.join(tests)}")
         env = {**os.environ, "JAXALIGN_COMPILE_CACHE": "0"}
         result = subprocess.run(
@@ -151,6 +201,9 @@ def run_module(name: str, jobs: int, log, only: tuple[str, ...] = ()) -> dict:
         counts["other"] = counts["mutants"] - sum(v for k, v in counts.items() if k != "mutants")
         detected = counts["killed"] + counts["timeout"]
         counts["score"] = detected / max(counts["mutants"] - counts["equivalent"], 1)
+        if total is not None:
+            counts["sampled_from"] = total
+            counts["score_interval"] = wilson(detected, counts["mutants"] - counts["equivalent"])
         log(f"{name}: {json.dumps(counts)} in {time.time() - start:.0f} s")
         return {
             "module": source,
@@ -163,6 +216,25 @@ def run_module(name: str, jobs: int, log, only: tuple[str, ...] = ()) -> dict:
         }
 
 
+def sample_mutants_from(names: list[str], size: int, seed: int) -> list[str]:
+    """``size`` of ``names`` drawn uniformly without replacement: a module with thousands of
+    mutants whose tests take seconds each is scored on a random sample, whose score
+    estimates the whole module's (reported with a 95% interval)."""
+    import random
+
+    return sorted(random.Random(seed).sample(names, min(size, len(names))))
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """The Wilson 95% interval of a proportion ``hits / n`` (a sampled mutation score)."""
+    if n <= 0:
+        return [0.0, 1.0]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return [round(max(centre - half, 0.0), 4), round(min(centre + half, 1.0), 4)]
+
+
 def markdown(results: list[dict]) -> str:
     rows = [
         "| module | mutants | killed | timeout | equivalent | survived | no tests | score |",
@@ -173,6 +245,13 @@ def markdown(results: list[dict]) -> str:
             f"| `{r['module']}` | {r['mutants']} | {r['killed']} | {r['timeout']} | "
             f"{r['equivalent']} | {r['survived']} | {r['no_tests']} | {r['score']:.1%} |"
         )
+    for r in results:
+        if "sampled_from" in r:
+            low, high = r["score_interval"]
+            rows.append(
+                f"\n`{r['module']}`: {r['mutants']} of {r['sampled_from']} mutants drawn at "
+                f"random; score {r['score']:.1%}, 95% interval [{low:.1%}, {high:.1%}]"
+            )
     for r in results:
         for s in r["survivors"]:
             rows.append(f"\n`{s['mutant']}` survived:\n```diff\n" + "\n".join(s["diff"]) + "\n```")
@@ -193,6 +272,15 @@ def main(argv=None) -> int:
         help="test only the mutants whose names match (fnmatch, repeatable), "
         "e.g. --only '*push_margins*'",
     )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        metavar="N",
+        help="test N mutants drawn at random (of those --only matches) and report the "
+        "score with a 95%% interval",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the --sample draw's seed")
     args = parser.parse_args(argv)
     if args.list:
         for name, (source, tests) in MODULES.items():
@@ -201,6 +289,8 @@ def main(argv=None) -> int:
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {', '.join(MODULES)}")
+    if args.sample < 0:
+        parser.error(f"--sample must be at least 0, got {args.sample}")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if shutil.which("mutmut") is None and not _has_mutmut():
@@ -213,7 +303,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for module in args.modules or list(MODULES):
-        results.append(run_module(module, args.jobs, log, tuple(args.only)))
+        results.append(run_module(module, args.jobs, log, tuple(args.only), args.sample, args.seed))
         (out / "mutation.json").write_text(json.dumps(results, indent=1) + "\n")  # as it goes
         (out / "mutation.md").write_text(markdown(results))
     print(
