@@ -790,3 +790,124 @@ def test_the_judge_check_orders_held_out_pairs_as_a_forward_pass_does(run, rewar
     line = spa.describe_judge_check(result)
     assert line.startswith(f"judge check on {len(rows)} held-out seed pairs")
     assert ("WARNING" in line) == (not result["judge_beats_length_rule"])
+
+
+def test_gold_agreement_of_scores_each_side_with_its_own_stop_flag():
+    """The self-labels' agreement with a rule judge, by hand: a pair the gold judge agrees
+    with, one it disagrees with, one it disagrees with only because the chosen side was cut
+    (its own EOS flag counts, not the other side's), one it ties (not counted)."""
+    import types
+
+    lines = []
+    ctx = types.SimpleNamespace(
+        config=types.SimpleNamespace(eval=types.SimpleNamespace(judge="demo-checker")),
+        log=lines.append,
+    )
+
+    def pair(chosen, rejected, chosen_eos=True, rejected_eos=True, answer="Paris"):
+        return {
+            "prompt": "Capital of France?",
+            "chosen": chosen,
+            "rejected": rejected,
+            "chosen_eos": chosen_eos,
+            "rejected_eos": rejected_eos,
+            "answer": answer,
+        }
+
+    records = [
+        pair("Paris.", "London."),  # gold 2 against 1: agrees
+        pair("Rome.", "Paris."),  # 1 against 2: disagrees
+        pair("Paris.", "Paris.", chosen_eos=False),  # 1 against 2: disagrees
+        pair("Oslo.", "Bergen."),  # 1 against 1: a tie
+    ]
+    assert spa.gold_agreement_of(ctx, records) == {
+        "gold_agreement": pytest.approx(1 / 3),
+        "gold_separated": 3,
+    }
+    flipped = [pair("Paris.", "Paris.", rejected_eos=False)]  # the rejected one was cut
+    assert spa.gold_agreement_of(ctx, flipped) == {"gold_agreement": 1.0, "gold_separated": 1}
+    assert spa.gold_agreement_of(ctx, []) == {}
+    assert lines == []
+    no_answer = [{**records[0], "answer": None}]
+    assert spa.gold_agreement_of(ctx, no_answer) == {}
+    assert lines == [
+        "self-label agreement not measured: record 0 (id None) has no 'answer' field to check"
+    ]
+    ctx.config.eval.judge = "model:some/reward-model"  # not a rule judge: nothing to measure
+    assert spa.gold_agreement_of(ctx, records) == {}
+
+
+def test_the_rounds_take_their_prompts_in_order_and_stop_when_none_are_left():
+    prompts = [{"id": k} for k in range(6)]
+    lines = []
+    cfg = load_config(None, ["spa.rounds=4", "spa.prompts_per_round=[2,3]"])
+    got = [(i, [p["id"] for p in ps]) for i, ps in spa._round_prompts(cfg, prompts, lines.append)]
+    # round 1 takes 2, round 2 takes 3, round 3 (the last size repeats) finds 1 of 3
+    assert got == [(1, [0, 1]), (2, [2, 3, 4]), (3, [5])]
+    assert lines == [
+        "round 3: only 1 of 3 prompts left; using them",
+        "round 4: no unused prompts left (6 in all); stopping",
+    ]
+    lines.clear()
+    cfg = load_config(None, ["spa.rounds=2", "spa.prompts_per_round=[3]"])
+    got = [(i, len(ps)) for i, ps in spa._round_prompts(cfg, prompts, lines.append)]
+    assert got == [(1, 3), (2, 3)] and lines == []  # exactly enough: nothing said
+
+
+def test_a_round_s_summary_row_reads_its_finished_stages(tmp_path):
+    from jaxalign.algorithms.rounds import RoundRunner
+
+    runner = RoundRunner(tmp_path / "run", {"run": {"seed": 1}}, log=lambda m: None)
+    stage = {
+        "round_0/train": {
+            "pairs": 40,
+            "mean/spa/flagged_fraction": None,
+            "final/rewards/margin": 0.5,
+        },
+        "round_1/judge": {
+            "count/kept": 7,
+            "count/considered": 10,
+            "gold_agreement": 0.75,
+            "margin_mean": 0.25,
+        },
+        "round_1/train": {
+            "pairs": 99,
+            "mean/spa/flagged_fraction": 0.125,
+            "final/rewards/margin": 1.5,
+        },
+        "round_1/eval": {
+            "win_rate": 0.625,
+            "win_ci": [0.5, 0.75],
+            "gold_score": 1.25,
+            "mean_words": 12.0,
+        },
+        "round_2/judge": {},  # an older run's judge: no counts
+    }
+    runner.state["stages"] = {k: {"result": v, "seconds": 1.0} for k, v in stage.items()}
+    assert spa._round_row(runner, 0) == {
+        "round": 0,
+        "pairs": 40,
+        "flagged_fraction": None,
+        "train_reward_margin": 0.5,
+    }
+    assert spa._round_row(runner, 1) == {
+        "round": 1,
+        "pairs": 7,
+        "skipped": 3,
+        "gold_agreement": 0.75,
+        "margin_mean": 0.25,
+        "flagged_fraction": 0.125,
+        "train_reward_margin": 1.5,
+        "win_rate": 0.625,
+        "win_ci": "0.50-0.75",
+        "gold_score": 1.25,
+        "mean_words": 12.0,
+    }  # a round's pairs are the judge's kept ones, not the train stage's count
+    assert spa._round_row(runner, 2) == {
+        "round": 2,
+        "pairs": None,
+        "skipped": 0,
+        "gold_agreement": None,
+        "margin_mean": None,
+    }
+    assert spa._round_row(runner, 3) == {"round": 3}
