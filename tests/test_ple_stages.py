@@ -159,3 +159,60 @@ def test_the_first_training_step_is_the_papers_loss(ctx, scored, tmp_path):
     assert math.isclose(first["ple/sft_loss"], l_sft, rel_tol=1e-4)
     assert math.isclose(first["train/loss"], l_rank + 0.5 * l_sft, rel_tol=1e-4)
     assert first["ple/ranking_rows"] == 2 and first["ple/sft_rows"] == int((weights > 0).sum())
+
+
+def test_each_iteration_takes_the_next_queries_and_wraps_around():
+    prompts = [{"id": k} for k in range(5)]
+    p = load_config(None, ["ple.prompts_per_iteration=2"]).ple
+    ids = [[q["id"] for q in ple._queries(p, prompts, t)] for t in range(4)]
+    assert ids == [[0, 1], [2, 3], [4, 0], [1, 2]]
+    p = load_config(None, ["ple.prompts_per_iteration=7"]).ple  # more than there are: each once
+    assert [q["id"] for q in ple._queries(p, prompts, 1)] == [2, 3, 4, 0, 1]
+    p = load_config(None, ["ple.prompts_per_iteration=0"]).ple  # 0: all of them, every time
+    assert [q["id"] for q in ple._queries(p, prompts, 3)] == [0, 1, 2, 3, 4]
+
+
+def test_an_iteration_s_summary_row_reads_its_finished_stages(tmp_path):
+    from jaxalign.algorithms.rounds import RoundRunner
+
+    runner = RoundRunner(tmp_path / "run", {"run": {"seed": 1}}, log=lambda m: None)
+    score = {
+        "tau": 0.25,
+        "count/considered": 8,
+        "count/ranking": 4,
+        "count/principle_better": 3,
+        "ranking_fraction": 0.5,
+        "sft_fraction": 0.375,
+        "reward_mean_plain": 0.125,
+        "reward_mean_principle": 0.75,
+    }
+    stage = {
+        "round_0/score": score,
+        "round_0/train": {"mean/train/loss": 1.5},
+        "round_0/eval": {
+            "win_rate": 0.5,
+            "win_ci": [0.25, 0.75],
+            "gold_score": 1.0,
+            "mean_words": 9.0,
+        },
+        "round_1/score": {**score, "count/ranking": 0, "count/principle_better": 0},
+    }
+    runner.state["stages"] = {k: {"result": v, "seconds": 1.0} for k, v in stage.items()}
+    assert ple._iteration_row(runner, 0) == {
+        "iteration": 0,
+        "tau": 0.25,
+        "pairs": 8,
+        "ranking_fraction": 0.5,
+        "sft_fraction": 0.375,
+        "principle_better": 0.75,
+        "reward_plain": 0.125,
+        "reward_principle": 0.75,
+        "train_loss": 1.5,
+        "win_rate": 0.5,
+        "win_ci": "0.25-0.75",
+        "gold_score": 1.0,
+        "mean_words": 9.0,
+    }
+    row = ple._iteration_row(runner, 1)
+    assert row["principle_better"] is None and "train_loss" not in row  # nothing ranked
+    assert ple._iteration_row(runner, 2) == {"iteration": 2}
