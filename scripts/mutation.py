@@ -42,7 +42,10 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "rounds": ("jaxalign/algorithms/rounds.py", ["tests/test_rounds.py"]),
     # the stage modules and the step: their tests run a tiny model, seconds per mutant, and
     # they have 850-1,550 mutants each; --only picks functions for a run that fits an hour
-    "spa": ("jaxalign/algorithms/spa.py", ["tests/test_spa_stages.py", "tests/test_spa.py"]),
+    "spa": (
+        "jaxalign/algorithms/spa.py",
+        ["tests/test_spa_stages.py", "tests/test_spa.py", "tests/test_spa_lora.py"],
+    ),
     "ple": ("jaxalign/algorithms/ple.py", ["tests/test_ple_stages.py", "tests/test_ple.py"]),
     "training": ("jaxalign/training.py", ["tests/test_training.py"]),
 }
@@ -157,8 +160,7 @@ def run_module(
             [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *only],
             cwd=work,
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             text=True,
         )
         meta = work / "mutants" / f"{source}.meta"
@@ -168,6 +170,11 @@ def run_module(
                 f"{result.stderr[-2000:]}"
             )
         codes = json.loads(meta.read_text())["exit_code_by_key"]
+        if codes and all(c is None for c in codes.values()):
+            raise SystemExit(
+                f"{name}: mutmut tested no mutant (exit {result.returncode}):\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
+            )
         if only:
             codes = {k: c for k, c in codes.items() if any(fnmatch.fnmatch(k, p) for p in only)}
         known = equivalents()

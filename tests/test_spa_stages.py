@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxalign import sampling
 from jaxalign.algorithms import spa, stages
-from jaxalign.algorithms.rounds import read_jsonl
+from jaxalign.algorithms.rounds import atomic_write_jsonl, read_jsonl
 from jaxalign.config import load_config
 from jaxalign.data.pairs import pair_batches
 from jaxalign.generation import pad_left, prompt_key
@@ -202,7 +202,7 @@ def test_the_pair_is_the_best_against_the_worst_and_keep_fraction_keeps_the_sure
 
 
 @pytest.mark.parametrize("truncated_policy", ["keep", "reject"])
-def test_length_control_pairs_by_the_reward_less_its_length_trend(run, truncated_policy):
+def test_length_control_pairs_by_the_reward_less_its_length_trend(run, truncated_policy, tmp_path):
     """``spa.length_control=regress``: the slope is least squares of the implicit reward on
     the response's token count with one intercept per prompt (numpy lstsq, over the
     responses the pair choice ranks), and the pair is the best against the worst by
@@ -265,6 +265,14 @@ def test_length_control_pairs_by_the_reward_less_its_length_trend(run, truncated
             usable = list(distinct.values())
             assert pair["chosen_index"] == max(usable, key=lambda j: (adjusted[j], -j))
             assert pair["rejected_index"] == min(usable, key=lambda j: (adjusted[j], j))
+    # the stage writes the pairs and records the slope and the means of what it wrote
+    path = tmp_path / "candidates.jsonl"
+    atomic_write_jsonl(path, candidates)
+    result = spa.judge_stage(ctx, judge, str(path), tmp_path)
+    assert math.isclose(result["length_slope"], slope, rel_tol=1e-6, abs_tol=1e-9)
+    assert result["count/kept"] == len(pairs) and result["pairs"] == str(tmp_path / "pairs.jsonl")
+    assert result["margin_mean"] == pytest.approx(np.mean([p["margin"] for p in pairs]))
+    assert len(read_jsonl(tmp_path / "pairs.jsonl")) == len(pairs)
 
 
 def test_a_round_trains_against_its_starting_policy_and_logs_its_flags(run, tmp_path):
@@ -911,3 +919,38 @@ def test_a_round_s_summary_row_reads_its_finished_stages(tmp_path):
         "margin_mean": None,
     }
     assert spa._round_row(runner, 3) == {"round": 3}
+
+
+def test_the_judge_check_s_log_line_says_what_it_measured_and_warns_when_length_wins():
+    result = {
+        "pairs": 12,
+        "judge_pairs": 10,
+        "judge_agreement": 0.7,
+        "length_rule": "shorter",
+        "length_rule_agreement": 0.8,
+        "judge_against_length_rule_pairs": 3,
+        "judge_against_length_rule": None,
+        "judge_beats_length_rule": False,
+    }
+    assert spa.describe_judge_check(result) == (
+        "judge check on 12 held-out seed pairs: π_0's implicit reward orders 70% as labelled; "
+        "the rule 'the shorter one is better' 80%; where the two disagree (3 pairs) the judge "
+        "is right on —. WARNING: the judge does not beat the length rule, so the rounds' "
+        "self-labels carry little beyond a length preference (docs/alignment_benchmark.md, "
+        "seventh pass); a larger seed or a stronger model may be needed"
+    )
+    better = {
+        **result,
+        "judge_agreement": 0.9,
+        "judge_beats_length_rule": True,
+        "judge_against_length_rule": 2 / 3,
+        "length_rule": "longer",
+    }
+    assert spa.describe_judge_check(better) == (
+        "judge check on 12 held-out seed pairs: π_0's implicit reward orders 90% as labelled; "
+        "the rule 'the longer one is better' 80%; where the two disagree (3 pairs) the judge "
+        "is right on 67%"
+    )
+    assert spa.describe_judge_check({**result, "judge_pairs": 0}) == (
+        "judge check: no held-out seed pair has two different rewards"
+    )
