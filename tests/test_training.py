@@ -349,6 +349,62 @@ def test_schedule_warmup_then_cosine():
     np.testing.assert_allclose(lr(100), 0.0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("schedule", "warmup_ratio", "total", "want"),
+    [
+        # HF get_linear_schedule_with_warmup: peak·(total − step)/(total − warmup) after it
+        ("linear", 0.25, 8, {0: 0.0, 1: 1.0, 2: 2.0, 4: 4 / 3, 6: 2 / 3, 8: 0.0}),
+        ("constant", 0.25, 8, {0: 0.0, 1: 1.0, 2: 2.0, 5: 2.0, 8: 2.0}),
+        ("cosine", 0.0, 4, {0: 2.0, 1: 1.0 + 2**-0.5, 2: 1.0, 4: 0.0}),  # no warm-up
+        ("linear", 0.0, 0, {0: 2.0, 1: 0.0}),  # a run of no steps counts as one
+    ],
+)
+def test_schedules_by_hand(schedule, warmup_ratio, total, want):
+    config = training.TrainConfig(learning_rate=2.0, warmup_ratio=warmup_ratio, schedule=schedule)
+    lr = training.make_schedule(config, total)
+    got = {step: float(lr(step)) for step in want}
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_the_optimizer_is_clipped_adamw_by_hand():
+    """Two updates of ``make_optimizer`` against AdamW written out (Loshchilov & Hutter;
+    torch's form: bias-corrected moments, decoupled decay) after global-norm clipping."""
+    config = training.TrainConfig(
+        learning_rate=0.1,
+        warmup_ratio=0.0,
+        schedule="constant",
+        weight_decay=0.5,
+        adam_b1=0.8,
+        adam_b2=0.9,
+        adam_eps=1e-3,
+        max_grad_norm=2.0,
+    )
+    opt = training.make_optimizer(config, 10)
+    params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.5])}
+    grads = [
+        {"w": jnp.array([3.0, 4.0]), "b": jnp.array([0.0])},  # norm 5: clipped to 2
+        {"w": jnp.array([0.5, -0.5]), "b": jnp.array([1.0])},  # norm 1.22: kept
+    ]
+    state = opt.init(params)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, g in enumerate(grads, start=1):
+        updates, state = opt.update(g, state, params)
+        params = jax.tree.map(lambda a, u: a + u, params, updates)
+        g = {k: np.asarray(x, np.float64) for k, x in g.items()}
+        norm = np.sqrt(sum(np.sum(x**2) for x in g.values()))
+        scale = min(1.0, 2.0 / norm)
+        for k in p:
+            gk = g[k] * scale
+            m[k] = 0.8 * m[k] + 0.2 * gk
+            v[k] = 0.9 * v[k] + 0.1 * gk**2
+            m_hat, v_hat = m[k] / (1 - 0.8**t), v[k] / (1 - 0.9**t)
+            p[k] = p[k] - 0.1 * (m_hat / (np.sqrt(v_hat) + 1e-3) + 0.5 * p[k])
+        for k in p:
+            np.testing.assert_allclose(params[k], p[k], rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_compute_keeps_float32_master_weights(model):
     config = training.TrainConfig(**{**CONFIG.__dict__, "compute_dtype": "bfloat16"})
     graphdef, state, _, step = build(model, one_device(), config)
