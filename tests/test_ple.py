@@ -99,6 +99,7 @@ def test_run_writes_artifacts_and_report(ple_run):
     rows = summary["iterations"]
     assert [r["iteration"] for r in rows] == ["start", 0, 1]
     md = (out / "summary.md").read_text()
+    assert md.startswith("# PLE run summary\n\n")
     assert "→ ranking" in md and "τ_t" in md
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {m["tag"] for m in metrics} == {"round_0/train", "round_1/train"}

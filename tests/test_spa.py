@@ -81,7 +81,8 @@ def test_run_writes_every_artifact_and_a_summary(uninterrupted):
         assert r["margin"] > 0 and r["reward_chosen"] > r["reward_rejected"]
         np.testing.assert_allclose(r["p"], 1 / (1 + np.exp(-r["margin"])), rtol=1e-9)
     assert [row["round"] for row in summary] == ["SFT", 0, 1]
-    assert "win rate vs SFT" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# SPA run summary\n\n") and "win rate vs SFT" in md
     tags = {json.loads(x)["tag"] for x in (out / "metrics.jsonl").read_text().splitlines()}
     assert tags == {"round_0/train", "round_1/train"}
     train1 = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

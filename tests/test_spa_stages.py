@@ -159,8 +159,25 @@ def test_candidate_rewards_are_the_implicit_reward_of_a_forward_pass(run, reward
     base, _, four = run
     ctx = _with(base, judge_reward=reward)
     judge = _perturbed(ctx.init_params)
-    # Three candidates per prompt: an odd count shares a scoring row with candidate 0.
-    candidates = [{**c, "responses": c["responses"][:3]} for c in four[:3]]
+    # Three candidates per prompt: an odd count shares a scoring row with candidate 0. The
+    # tiny model's samples all run to the limit, so two are made finished by hand: one
+    # without its end token (the scored tokens gain the end of turn) and one ending with it.
+    eos = min(ctx.tokenizer.eos_token_ids)
+
+    def finished(x, ids):
+        return {**x, "token_ids": ids, "num_tokens": len(ids), "finished": True}
+
+    candidates = [
+        {
+            **c,
+            "responses": [
+                c["responses"][0],
+                finished(c["responses"][1], c["responses"][1]["token_ids"][:5]),
+                finished(c["responses"][2], [*c["responses"][2]["token_ids"][:4], eos]),
+            ],
+        }
+        for c in four[:3]
+    ]
     rewards = spa.candidate_rewards(ctx, judge, candidates)
     ends = set(ctx.tokenizer.eos_token_ids)
     beta = ctx.config.train.beta
