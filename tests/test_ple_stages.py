@@ -109,6 +109,19 @@ def test_scoring_routes_every_pair_as_the_paper_says(ctx, scored):
     )
     assert sft == want_sft
     assert result["count/skipped_empty"] == 1 and result["count/ranking"] == 2
+    # the stage's summary of the iteration, over every pair (the empty one's rewards too)
+    gap = norm[:, 1] - norm[:, 0]
+    assert result["count/considered"] == 6 and result["count/sft"] == 3
+    assert result["ranking_fraction"] == pytest.approx(2 / 6)
+    assert result["sft_fraction"] == pytest.approx(3 / 6)
+    assert result["reward_mean_plain"] == pytest.approx(raw[:, 0].mean())
+    assert result["reward_mean_principle"] == pytest.approx(raw[:, 1].mean())
+    assert result["reward_std"] == pytest.approx(raw.std())
+    assert result["gap_mean"] == pytest.approx(gap.mean())
+    assert result["gap_abs_mean"] == pytest.approx(np.abs(gap).mean())
+    assert result["ranking"] == str(out / "ranking.jsonl") and result["sft"] == str(
+        out / "sft.jsonl"
+    )
 
 
 def _mean_logp(ctx, prompt: str, response: str, eos: bool) -> float:
