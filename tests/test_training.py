@@ -468,3 +468,70 @@ def test_logsumexp_is_a_matmul_only_on_cpu(backend, monkeypatch):
     assert ("dot_general" in jaxpr) == (backend == "cpu")
     want = np.log(np.exp(np.asarray(x, np.float64)).sum(-1))
     np.testing.assert_allclose(np.asarray(training.logsumexp(x)), want, rtol=1e-6, atol=1e-5)
+
+
+def test_steps_count_and_micro_batches_see_the_step_and_share_a_weightless_batch(model):
+    """A loss that reports the step it was given and a constant: over two micro-batches of
+    a batch whose weights are all 0 each micro-batch counts 1/2 (the loss is 3, not 12);
+    every micro-batch sees the state's step; the state counts steps one at a time; the
+    logged learning rate is the schedule's at the updates applied so far."""
+    config = training.TrainConfig(
+        **{**CONFIG.__dict__, "micro_batches": 2, "warmup_ratio": 0.5, "learning_rate": 0.25}
+    )
+
+    def loss_fn(model, batch, algo_state, step, rng, frozen):
+        logps, _ = training.sequence_logps(
+            model, batch["chosen_ids"], batch["chosen_attention_mask"], batch["chosen_loss_mask"]
+        )
+        loss = 3.0 + 0.0 * jnp.sum(logps)
+        return loss, ({"seen_step": step.astype(jnp.float32)}, algo_state)
+
+    graphdef, state, _, step = build(model, one_device(), config, loss_fn=loss_fn)
+    schedule = training.make_schedule(config, STEPS)
+    batch = make_batch(80, weight=np.zeros(B, np.float32))
+    for k in range(3):
+        assert int(state.step) == k
+        state, metrics = step(state, batch)
+        assert float(metrics["train/loss"]) == pytest.approx(3.0)
+        assert float(metrics["seen_step"]) == pytest.approx(k)
+        assert float(metrics["train/learning_rate"]) == pytest.approx(float(schedule(k)))
+    assert int(state.step) == 3 and int(state.skipped_steps) == 0
+
+
+def test_state_shardings_mirror_the_params_and_replicate_the_rest(model):
+    """On a 2×2×2 mesh: Adam's moments take their parameter's sharding; its step count, the
+    step, the RNG, the skip counter and the algorithm state are replicated."""
+    mesh = parallel.make_mesh(2, 2, 2)
+    _, state, shardings = training.create_train_state(
+        model, CONFIG, STEPS, mesh, algo_state={"window": jnp.zeros(4)}
+    )
+    rep = parallel.replicated(mesh)
+    params = jax.tree.leaves(shardings.params)
+    assert any(s.spec != rep.spec for s in params)  # something is sharded
+    adam = [x for x in jax.tree.leaves(shardings.opt_state) if x is not None]
+    assert all(isinstance(x, jax.sharding.NamedSharding) for x in adam)
+    moments = [x for x in adam if x.spec != rep.spec]
+    assert sorted(map(str, moments)) == sorted(
+        map(str, [s for s in params if s.spec != rep.spec] * 2)
+    )
+    counts = jax.tree.leaves(state.opt_state)
+    for leaf, sharding in zip(counts, jax.tree.leaves(shardings.opt_state), strict=True):
+        if leaf.ndim == 0:  # Adam's count (and the clip's empty state has no leaves)
+            assert sharding == rep
+    for s in (
+        shardings.step,
+        shardings.rng,
+        shardings.skipped_steps,
+        shardings.algo_state["window"],
+    ):
+        assert s == rep
+
+
+def test_the_compute_graphdef_is_the_policy_as_training_runs_it(model):
+    graphdef, params = nnx.split(model)
+    config = training.TrainConfig(**{**CONFIG.__dict__, "compute_dtype": "bfloat16"})
+    computed = nnx.merge(training.compute_graphdef(graphdef, params, config), params)
+    assert computed.config.dtype == "bfloat16" and model.config.dtype == "float32"
+    assert computed.config.remat == CONFIG.remat != model.config.remat  # training's remat
+    plain = nnx.merge(training.compute_graphdef(graphdef, params, CONFIG), params)
+    assert plain.config == model.config.replace(remat=CONFIG.remat)  # the dtype kept
