@@ -535,3 +535,28 @@ def test_the_compute_graphdef_is_the_policy_as_training_runs_it(model):
     assert computed.config.remat == CONFIG.remat != model.config.remat  # training's remat
     plain = nnx.merge(training.compute_graphdef(graphdef, params, CONFIG), params)
     assert plain.config == model.config.replace(remat=CONFIG.remat)  # the dtype kept
+
+
+def test_a_bfloat16_chunk_s_gradients_keep_the_dtypes_of_its_inputs():
+    """The custom backward pass of ``chunk_logps`` hands back cotangents in its inputs'
+    dtypes (JAX would pass a float32 one on into the bfloat16 model), with the values of
+    the float32 computation to bfloat16 precision."""
+    rng = np.random.default_rng(7)
+    h = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(8, 11)) * 0.3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32)
+
+    def total(h, w):
+        return jnp.sum(training.chunk_logps(h, w, targets, mask))
+
+    dh, dw = jax.grad(total, argnums=(0, 1))(h, w)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+
+    def plain(h, w):
+        logp = jax.nn.log_softmax(h.astype(jnp.float32) @ w, axis=-1)
+        return jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask)
+
+    want_dh, want_dw = jax.grad(plain, argnums=(0, 1))(h, w)
+    np.testing.assert_allclose(np.float32(dh), want_dh, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(dw, want_dw, rtol=2e-2, atol=2e-2)
