@@ -203,6 +203,11 @@ def test_spa_loss_matches_a_naive_computation(active):
     np.testing.assert_allclose(
         float(aux["spa/flagged_fraction"]), z.sum() / (w > 0).sum(), atol=1e-7
     )
+    np.testing.assert_allclose(float(aux["spa/threshold"]), tau, rtol=1e-6)
+    np.testing.assert_allclose(
+        float(aux["spa/extrapolated_margin"]), margin[w > 0].mean(), rtol=2e-4, atol=1e-6
+    )
+    assert float(aux["spa/flagging_active"]) == float(active)
     assert int(new_buf["count"]) == 5 + 3  # the weight-0 pair's margin is not recorded
     np.testing.assert_allclose(
         sorted(np.asarray(new_buf["margins"])[:8]),
