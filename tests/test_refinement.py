@@ -208,6 +208,13 @@ def test_spa_loss_matches_a_naive_computation(active):
         float(aux["spa/extrapolated_margin"]), margin[w > 0].mean(), rtol=2e-4, atol=1e-6
     )
     assert float(aux["spa/flagging_active"]) == float(active)
+    np.testing.assert_allclose(aux["pairs/extrapolated_margin"], margin, rtol=2e-4, atol=1e-5)
+    np.testing.assert_array_equal(aux["pairs/flagged"], z)
+    # an empty window has no quantile (its threshold is -inf): it is logged as 0
+    _, (empty_aux, _) = loss_fn(
+        policy, batch, refinement.init_margin_buffer(16), jnp.asarray(3), None, ref_params
+    )
+    assert float(empty_aux["spa/threshold"]) == 0.0
     assert int(new_buf["count"]) == 5 + 3  # the weight-0 pair's margin is not recorded
     np.testing.assert_allclose(
         sorted(np.asarray(new_buf["margins"])[:8]),
