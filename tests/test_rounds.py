@@ -344,6 +344,7 @@ def test_finish_run_writes_the_summary_of_every_stage(tmp_path):
         ("gs://b/run", {"gcsfs", "tensorflow"}, "gcsfs"),
         ("gcs://b/run", {"gcsfs", "tensorflow"}, "gcsfs"),
         ("s3://b/run", {"s3fs", "tensorflow"}, "s3fs"),
+        ("gs://b/odd://name", {"gcsfs", "tensorflow"}, "gcsfs"),  # the scheme is the first
     ],
 )
 def test_a_url_without_its_file_system_package_fails_naming_what_to_install(
