@@ -149,7 +149,7 @@ def test_round_runner_records_each_stage_and_logs_it(tmp_path, monkeypatch):
     run_dir = tmp_path / "a" / "b" / "run"  # parents do not exist yet
     config = {"run": {"seed": 1}, "model": {"name": "m"}, "data": {"z": 1, "a": 2}}
     lines = []
-    clock = [100.0, 102.5]  # the stage's start and end; later calls see the end
+    clock = [100.0, 102.5004]  # the stage's start and end; later calls see the end
     monkeypatch.setattr(
         rounds.time, "perf_counter", lambda: clock.pop(0) if clock[1:] else clock[0]
     )
@@ -216,9 +216,15 @@ def test_shared_storage_check_passes_where_process_0_s_token_is_seen(tmp_path, m
     barriers = _as_process(monkeypatch, 0)
     runner = rounds.RoundRunner(tmp_path / "run", {"a": 1})
     assert runner.primary
-    assert barriers[:2] == ["jaxalign-shared-check-written", "jaxalign-shared-check-read"]
+    assert barriers == [
+        "jaxalign-shared-check-written",
+        "jaxalign-shared-check-read",
+        "jaxalign-run-state-read",  # every process has read state.json before it is written
+    ]
     assert not (tmp_path / "run" / ".shared-storage-check").exists()  # process 0 removed it
     assert (tmp_path / "run" / "config.yaml").exists()
+    runner.stage(0, "train", lambda d: {})
+    assert barriers[-1] == "jaxalign-stage-round_0/train"  # others read the stage after it
 
 
 def test_shared_storage_check_fails_on_a_process_that_cannot_see_the_run(tmp_path, monkeypatch):
@@ -226,9 +232,11 @@ def test_shared_storage_check_fails_on_a_process_that_cannot_see_the_run(tmp_pat
     (tmp_path / "run").mkdir()  # a directory of this host's own: process 0 wrote elsewhere
     with pytest.raises(RuntimeError) as err:
         rounds.RoundRunner(tmp_path / "run", {"a": 1})
-    message = str(err.value)
-    assert message.startswith(f"process 1 cannot see {tmp_path / 'run'} as process 0 wrote it")
-    assert "storage every host shares" in message
+    assert str(err.value) == (
+        f"process 1 cannot see {tmp_path / 'run'} as process 0 wrote it; a multi-host run "
+        "needs run.output_dir on storage every host shares (a gs:// bucket or a network "
+        "file system)"
+    )
     assert not (tmp_path / "run" / "config.yaml").exists()  # a secondary writes nothing
 
 
@@ -392,3 +400,21 @@ def test_a_url_whose_file_system_can_be_reached_passes(monkeypatch):
     )
     rounds.require_file_system("s3://b/run")  # its own package is there
     assert rounds.is_remote("gs://b") and rounds.is_remote(pathlib.Path("a")) is False
+
+
+def test_a_local_write_s_temporary_is_beside_its_target(tmp_path, monkeypatch):
+    """The rename that publishes a file is atomic only within one file system, so the
+    temporary file is made in the target's own directory."""
+    moves = []
+    real = os.replace
+    monkeypatch.setattr(rounds.os, "replace", lambda a, b: (moves.append((a, b)), real(a, b)))
+    rounds.atomic_write_text(tmp_path / "d" / "a.txt", "x")
+    ((src, dst),) = moves
+    assert pathlib.Path(src).parent == pathlib.Path(dst).parent == tmp_path / "d"
+
+
+def test_the_epath_write_path_makes_nested_directories_and_writes_again(tmp_path):
+    path = epath.Path(tmp_path) / "x" / "y" / "a.txt"
+    rounds.write_bytes(path, b"one")
+    rounds.write_bytes(path, b"two")  # the directories exist now
+    assert (tmp_path / "x" / "y" / "a.txt").read_bytes() == b"two"
