@@ -418,3 +418,15 @@ def test_the_epath_write_path_makes_nested_directories_and_writes_again(tmp_path
     rounds.write_bytes(path, b"one")
     rounds.write_bytes(path, b"two")  # the directories exist now
     assert (tmp_path / "x" / "y" / "a.txt").read_bytes() == b"two"
+
+
+def test_done_and_result_read_the_recorded_stages(tmp_path):
+    runner = rounds.RoundRunner(tmp_path / "run", {"a": 1}, log=lambda m: None)
+    assert not runner.done(2, "judge")
+    runner.stage(2, "judge", lambda d: {"pairs": 7})
+    assert runner.done(2, "judge") and not runner.done(1, "judge") and not runner.done(2, "x")
+    assert runner.result(2, "judge") == {"pairs": 7}
+    with pytest.raises(KeyError):
+        runner.result(3, "judge")
+    again = rounds.RoundRunner(tmp_path / "run", {"a": 1}, log=lambda m: None)
+    assert again.done(2, "judge") and again.result(2, "judge") == {"pairs": 7}
