@@ -24,6 +24,7 @@ import fnmatch
 import json
 import os
 import pathlib
+import random
 import shutil
 import subprocess
 import sys
@@ -227,8 +228,6 @@ def sample_mutants_from(names: list[str], size: int, seed: int) -> list[str]:
     """``size`` of ``names`` drawn uniformly without replacement: a module with thousands of
     mutants whose tests take seconds each is scored on a random sample, whose score
     estimates the whole module's (reported with a 95% interval)."""
-    import random
-
     return sorted(random.Random(seed).sample(names, min(size, len(names))))
 
 
