@@ -21,13 +21,22 @@ step stays pure and the threshold survives a checkpoint and resume.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import losses
-from jaxalign.models.llama import positions_from_mask
-from jaxalign.training import chunk_logps, logsumexp, map_sequence_chunks, next_token_targets
+from jaxalign.models.llama import positions_from_mask, project
+from jaxalign.training import (
+    chunk_logps_backward,
+    compact_positions,
+    logsumexp,
+    map_sequence_chunks,
+    next_token_targets,
+    scored,
+)
 
 
 def extrapolated_logits(policy_logits: jax.Array, ref_logits: jax.Array, lam: float) -> jax.Array:
@@ -120,33 +129,85 @@ def refined_labels(
 # ----------------------------------------------------------------------------- the SPA loss
 
 
+def _picked(logits, targets, mask):
+    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((chosen - logsumexp(logits)) * mask, axis=-1)
+
+
+def _extrapolated_forward(lam, vocab_major, hp, w, hr, w_ref, targets, mask):
+    logits = project(hp, w, vocab_major)  # [B,c,V] float32
+    ref_logits = project(hr, w_ref, vocab_major)
+    lse = logsumexp(logits)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    terms = (
+        jnp.sum((picked - lse) * mask, axis=-1),
+        _picked(ref_logits, targets, mask),
+        _picked(extrapolated_logits(logits, ref_logits, lam), targets, mask),
+    )
+    return terms, lse
+
+
+def _extrapolated_forward_or_skip(lam, vocab_major, hp, w, hr, w_ref, targets, mask):
+    def skip(*_):
+        zeros = jnp.zeros(hp.shape[0], jnp.float32)
+        return (zeros, zeros, zeros), jnp.zeros(hp.shape[:2], jnp.float32)
+
+    forward = functools.partial(_extrapolated_forward, lam, vocab_major)
+    return jax.lax.cond(scored(mask), forward, skip, hp, w, hr, w_ref, targets, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def chunk_extrapolated_logps(lam, vocab_major, hp, w, hr, w_ref, targets, mask):
+    """Per-row sums of ``log π``, ``log π_ref`` and ``log p̃`` over one chunk's masked tokens.
+
+    ``hp, hr [B,c,D]``: the policy's and the reference's final-norm states; ``w, w_ref``
+    their output layers, ``[D,V]`` or, with ``vocab_major``, ``[V,D]``. The policy's
+    logits are computed once for all three terms. Only ``log π`` has a gradient
+    (:func:`jaxalign.training.chunk_logps`' backward, logits recomputed); ``log π_ref``
+    and ``log p̃`` are constants of the step (SPA reads them to flag pairs, not to
+    train), so their cotangents are dropped and the reference gets none. A chunk whose
+    ``mask`` is all 0 computes nothing.
+    """
+    return _extrapolated_forward_or_skip(lam, vocab_major, hp, w, hr, w_ref, targets, mask)[0]
+
+
+def _chunk_extrapolated_fwd(lam, vocab_major, hp, w, hr, w_ref, targets, mask):
+    terms, lse = _extrapolated_forward_or_skip(lam, vocab_major, hp, w, hr, w_ref, targets, mask)
+    return terms, (hp, w, targets, mask, lse)
+
+
+def _chunk_extrapolated_bwd(lam, vocab_major, residuals, g):
+    dh, dw, _, _ = chunk_logps_backward(vocab_major, residuals, g[0])
+    return dh, dw, None, None, None, None
+
+
+chunk_extrapolated_logps.defvjp(_chunk_extrapolated_fwd, _chunk_extrapolated_bwd)
+
+
 def _extrapolated_token_terms(
     policy, reference, h_policy, h_ref, ids, loss_mask, lam: float, chunk_size: int
 ):
     """Per-row sums of ``log π(y_t)``, ``log π_ref(y_t)`` and ``log p̃(y_t)`` over masked tokens.
 
-    Chunked over the sequence by :func:`jaxalign.training.map_sequence_chunks`, as
-    :func:`jaxalign.training.chunked_token_logps` is, so no ``[B,T,V]`` logits are held;
-    only ``log π`` carries a gradient.
+    Chunked over the sequence by :func:`jaxalign.training.map_sequence_chunks` after
+    :func:`jaxalign.training.compact_positions`, as
+    :func:`jaxalign.training.chunked_token_logps` is, so no ``[B,T,V]`` logits are held
+    and none are computed past the longest row's response; only ``log π`` carries a
+    gradient (:func:`chunk_extrapolated_logps`).
     """
     targets, mask = next_token_targets(ids, loss_mask)
-    w_policy = policy.output_embedding()
+    w_policy, vocab_major = policy.output_layer()
+    w_ref, ref_vocab_major = reference.output_layer()
+    if ref_vocab_major != vocab_major:  # the reference is the policy's own architecture
+        w_ref = w_ref.T
+    w_ref = jax.lax.stop_gradient(w_ref)
 
     def chunk_terms(hp, hr, tgt, m):
-        # log π carries the gradient through chunk_logps' own backward (logits
-        # recomputed there); the other two terms are constants of the step.
-        policy_terms = chunk_logps(hp, w_policy, tgt, m)
-        logits = jax.lax.stop_gradient(policy.logits(hp))
-        ref_logits = jax.lax.stop_gradient(reference.logits(hr))
-        mixed = extrapolated_logits(logits, ref_logits, lam)
+        return chunk_extrapolated_logps(lam, vocab_major, hp, w_policy, hr, w_ref, tgt, m)
 
-        def picked(x):
-            chosen = jnp.take_along_axis(x, tgt[..., None], axis=-1)[..., 0]
-            return jnp.sum((chosen - logsumexp(x)) * m, axis=-1)
-
-        return policy_terms, picked(ref_logits), picked(mixed)
-
-    per_chunk = map_sequence_chunks(chunk_terms, (h_policy, h_ref, targets, mask), chunk_size)
+    per_chunk = map_sequence_chunks(
+        chunk_terms, compact_positions(mask, h_policy, h_ref, targets, mask), chunk_size
+    )
     return tuple(jnp.sum(x, axis=0) for x in per_chunk)
 
 

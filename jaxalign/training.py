@@ -62,6 +62,7 @@ from jaxalign.models.llama import (
     Transformer,
     dense,
     positions_from_mask,
+    project,
 )
 from jaxalign.parallel import (
     BATCH_AXES,
@@ -214,46 +215,80 @@ def logsumexp(logits: jax.Array) -> jax.Array:
     return jnp.log(total) + peak[..., 0]
 
 
-def _chunk_forward(h, w, targets, mask):
-    logits = dense(h, w.astype(h.dtype), preferred_element_type=jnp.float32)  # [B,c,V]
+def _chunk_forward(vocab_major, h, w, targets, mask):
+    logits = project(h, w, vocab_major)  # [B,c,V] float32
     lse = logsumexp(logits)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((picked - lse) * mask, axis=-1), lse
 
 
-@jax.custom_vjp
-def chunk_logps(h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """``Σ_t mask_t · log softmax(h_t W)[targets_t]`` per row; ``h [B,c,D]``, ``w [D,V]``.
+def scored(mask: jax.Array) -> jax.Array:
+    """Whether a chunk holds any scored position (a ``lax.cond`` predicate)."""
+    return jnp.any(mask != 0)
+
+
+def _chunk_forward_or_skip(vocab_major, h, w, targets, mask):
+    def skip(h, *_):
+        return jnp.zeros(h.shape[0], jnp.float32), jnp.zeros(h.shape[:2], jnp.float32)
+
+    forward = functools.partial(_chunk_forward, vocab_major)
+    return jax.lax.cond(scored(mask), forward, skip, h, w, targets, mask)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def chunk_logps(
+    h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, vocab_major: bool = False
+) -> jax.Array:
+    """``Σ_t mask_t · log softmax(h_t W)[targets_t]`` per row; ``h [B,c,D]``, ``w [D,V]``
+    (or ``[V,D]`` with ``vocab_major``, as :meth:`Transformer.output_layer` gives it).
 
     The backward pass recomputes the ``[B,c,V]`` logits from ``h`` (they are never
     stored) and reuses the forward's log-normaliser: ``∂/∂logits = g·mask·(onehot −
-    exp(logits − lse))``, then one matmul each for ``∂h`` and ``∂W``."""
-    return _chunk_forward(h, w, targets, mask)[0]
+    exp(logits − lse))``, then one matmul each for ``∂h`` and ``∂W``. A chunk whose
+    ``mask`` is all 0 computes nothing in either pass (its rows score 0, its gradients
+    are 0): with :func:`compact_positions` that is every chunk past the longest row's
+    scored positions."""
+    return _chunk_forward_or_skip(vocab_major, h, w, targets, mask)[0]
 
 
-def _chunk_logps_fwd(h, w, targets, mask):
-    out, lse = _chunk_forward(h, w, targets, mask)
+def _chunk_logps_fwd(h, w, targets, mask, vocab_major=False):
+    out, lse = _chunk_forward_or_skip(vocab_major, h, w, targets, mask)
     return out, (h, w, targets, mask, lse)
 
 
-def _chunk_logps_bwd(residuals, g):
-    h, w, targets, mask, lse = residuals
-    wc = w.astype(h.dtype)
-    logits = dense(h, wc, preferred_element_type=jnp.float32)
+def _chunk_backward(vocab_major, h, w, targets, mask, lse, g):
+    logits = project(h, w, vocab_major)
     coef = (mask * g[:, None])[..., None]  # [B,c,1]
     vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
     onehot = vocab == targets[..., None]
     dlogits = (jnp.where(onehot, coef, 0.0) - coef * jnp.exp(logits - lse[..., None])).astype(
         h.dtype
     )
-    dh = dense(dlogits, wc.T, preferred_element_type=jnp.float32).astype(h.dtype)
+    wc = w.astype(h.dtype)
     flat_h = h.reshape(-1, h.shape[-1])
     flat_d = dlogits.reshape(-1, dlogits.shape[-1])
-    dw = jnp.matmul(flat_h.T, flat_d, preferred_element_type=jnp.float32).astype(w.dtype)
+    if vocab_major:  # w [V,D]: ∂h = ∂logits·W, ∂W = ∂logitsᵀ·h
+        dh = dense(dlogits, wc, preferred_element_type=jnp.float32)
+        dw = jnp.matmul(flat_d.T, flat_h, preferred_element_type=jnp.float32)
+    else:  # w [D,V]: ∂h = ∂logits·Wᵀ, ∂W = hᵀ·∂logits
+        dh = dense(dlogits, wc.T, preferred_element_type=jnp.float32)
+        dw = jnp.matmul(flat_h.T, flat_d, preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+def chunk_logps_backward(vocab_major, residuals, g):
+    """:func:`chunk_logps`' backward pass: ``residuals = (h, w, targets, mask, lse)``."""
+    h, w, targets, mask, lse = residuals
+
+    def skip(h, w, *_):
+        return jnp.zeros_like(h), jnp.zeros_like(w)
+
+    backward = functools.partial(_chunk_backward, vocab_major)
+    dh, dw = jax.lax.cond(scored(mask), backward, skip, h, w, targets, mask, lse, g)
     return dh, dw, None, None
 
 
-chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
+chunk_logps.defvjp(_chunk_logps_fwd, chunk_logps_backward)
 
 
 def next_token_targets(ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -287,6 +322,48 @@ def map_sequence_chunks(fn: Callable, arrays: tuple[jax.Array, ...], chunk_size:
     return jax.lax.map(lambda chunk: fn(*chunk), tuple(to_chunks(x) for x in arrays))
 
 
+@jax.custom_vjp
+def _take_positions(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(x, order[..., None], axis=1)
+
+
+def _take_positions_fwd(x, order, inverse):
+    return _take_positions(x, order, inverse), (order, inverse)
+
+
+def _take_positions_bwd(residuals, g):
+    # A permutation's transpose is the inverse permutation: a gather, where autodiff of
+    # take_along_axis would build a scatter-add.
+    order, inverse = residuals
+    return jnp.take_along_axis(g, inverse[..., None], axis=1), None, None
+
+
+_take_positions.defvjp(_take_positions_fwd, _take_positions_bwd)
+
+
+def compact_positions(mask: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """``arrays`` with each row's masked positions moved to its front, in order.
+
+    ``mask [B,T]``; ``arrays``: ``[B,T]`` or ``[B,T,D]`` each (``mask`` is usually one
+    of them), permuted the same way per row. Past the longest row's count of masked
+    positions every row then holds only unmasked ones, so a chunk there has an all-0 mask
+    and :func:`chunk_logps` skips it: a log-prob needs the output layer only where the
+    loss mask is set — not on prompts or padding — and the output layer is a quarter of a
+    small model's matmuls. Rows stay rows, so a batch sharded on its first axis needs no
+    communication. Differentiable in the ``[B,T,D]`` arrays (the backward pass applies the
+    inverse permutation).
+    """
+    order = jnp.argsort(mask == 0, axis=1, stable=True).astype(jnp.int32)
+    inverse = jnp.argsort(order, axis=1).astype(jnp.int32)
+
+    def take(x):
+        if x.ndim == 3:
+            return _take_positions(x, order, inverse)
+        return jnp.take_along_axis(x, order, axis=1)
+
+    return tuple(take(x) for x in arrays)
+
+
 def chunked_token_logps(
     model: Transformer,
     hidden: jax.Array,
@@ -298,16 +375,19 @@ def chunked_token_logps(
 
     ``hidden [B,T,D]`` (final-norm states), ``ids, loss_mask [B,T]``. Token ``t``
     is scored by the logits at ``t-1``: ``Σ_t m_t · log softmax(W h_{t-1})[ids_t]``.
-    The sequence is cut into chunks of ``chunk_size`` positions
-    (:func:`map_sequence_chunks`); each chunk's ``[B,chunk,V]`` float32 logits live
-    only inside one step of the map (recomputed in the backward pass, see
-    :func:`chunk_logps`), so neither pass holds ``[B,T,V]``.
+    Each row's masked positions are moved to its front (:func:`compact_positions`), so
+    the output layer runs only on chunks that hold a scored token; the sequence is cut
+    into chunks of ``chunk_size`` positions (:func:`map_sequence_chunks`); each chunk's
+    ``[B,chunk,V]`` float32 logits live only inside one step of the map (recomputed in
+    the backward pass, see :func:`chunk_logps`), so neither pass holds ``[B,T,V]``.
     Returns ``(sum_logps [B], num_tokens [B])``.
     """
     targets, mask = next_token_targets(ids, loss_mask)
-    w = model.output_embedding()
+    w, vocab_major = model.output_layer()
     per_chunk = map_sequence_chunks(
-        lambda h, tgt, m: chunk_logps(h, w, tgt, m), (hidden, targets, mask), chunk_size
+        lambda h, tgt, m: chunk_logps(h, w, tgt, m, vocab_major),
+        compact_positions(mask, hidden, targets, mask),
+        chunk_size,
     )
     return jnp.sum(per_chunk, axis=0), jnp.sum(mask, axis=1)
 

@@ -329,3 +329,49 @@ def test_margin_buffer_capacity_is_checked_and_one_slot_works():
     buf = refinement.push_margins(buf, jnp.asarray([0.4, -0.3]), jnp.asarray([True, True]))
     assert int(buf["count"]) == 1 and float(buf["margins"][0]) == pytest.approx(-0.3)
     assert float(refinement.buffer_quantile(buf, 0.1)) == pytest.approx(-0.3)
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_a_chunk_s_extrapolated_terms_against_plain_log_softmaxes(vocab_major):
+    """``log π``, ``log π_ref`` and ``log p̃`` of one chunk against plain log-softmaxes;
+    the gradient is ``log π``'s alone (the other two are the step's constants); a chunk
+    with nothing scored computes zeros."""
+    rng = np.random.default_rng(4)
+    hp, hr = (jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32) for _ in range(2))
+    w, w_ref = (jnp.asarray(rng.normal(size=(8, 13)) * 0.3, jnp.float32) for _ in range(2))
+    targets = jnp.asarray(rng.integers(0, 13, (2, 5)), jnp.int32)
+    mask = jnp.asarray([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], jnp.float32)
+    lam = 0.25
+
+    def stored(x):
+        return x.T if vocab_major else x
+
+    def terms(hp, w, hr, w_ref, mask):
+        return refinement.chunk_extrapolated_logps(
+            lam, vocab_major, hp, stored(w), hr, stored(w_ref), targets, mask
+        )
+
+    def picked(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask, -1)
+
+    got = terms(hp, w, hr, w_ref, mask)
+    want = (picked(hp @ w), picked(hr @ w_ref), picked((1 + lam) * (hp @ w) - lam * (hr @ w_ref)))
+    for g, x in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-5)
+
+    weights = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+
+    def total(hp, w, hr, w_ref):
+        return sum(
+            jnp.sum(t * c) for t, c in zip(terms(hp, w, hr, w_ref, mask), weights, strict=True)
+        )
+
+    grads = jax.grad(total, argnums=(0, 1, 2, 3))(hp, w, hr, w_ref)
+    want_grads = jax.grad(lambda hp, w: jnp.sum(picked(hp @ w) * weights[0]), (0, 1))(hp, w)
+    np.testing.assert_allclose(grads[0], want_grads[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads[1], want_grads[1], rtol=1e-5, atol=1e-6)
+    assert not np.any(grads[2]) and not np.any(grads[3])
+
+    nothing = terms(hp, w, hr, w_ref, jnp.zeros_like(mask))
+    assert all(not np.any(t) for t in nothing)

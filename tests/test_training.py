@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxalign import parallel, training
-from jaxalign.models.llama import ModelConfig, Transformer
+from jaxalign.models.llama import ModelConfig, Transformer, project
 
 TINY = ModelConfig(
     vocab_size=96,
@@ -560,3 +560,88 @@ def test_a_bfloat16_chunk_s_gradients_keep_the_dtypes_of_its_inputs():
     want_dh, want_dw = jax.grad(plain, argnums=(0, 1))(h, w)
     np.testing.assert_allclose(np.float32(dh), want_dh, rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(dw, want_dw, rtol=2e-2, atol=2e-2)
+
+
+def test_compact_positions_moves_each_row_s_masked_positions_to_its_front_in_order():
+    mask = np.asarray([[0, 1, 0, 1, 1], [1, 0, 0, 0, 1], [0, 0, 0, 0, 0]], np.float32)
+    values = np.arange(15, dtype=np.float32).reshape(3, 5)
+    h = np.arange(30, dtype=np.float32).reshape(3, 5, 2)
+    m, v, hh = training.compact_positions(mask, mask, values, h)
+    np.testing.assert_array_equal(m, [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0] * 5])
+    np.testing.assert_array_equal(v, [[1, 3, 4, 0, 2], [5, 9, 6, 7, 8], [10, 11, 12, 13, 14]])
+    np.testing.assert_array_equal(hh, h[np.arange(3)[:, None], np.asarray(v, int) % 5])
+
+
+def test_compact_positions_gradient_is_the_inverse_permutation():
+    rng = np.random.default_rng(3)
+    mask = jnp.asarray(rng.integers(0, 2, (3, 6)), jnp.float32)
+    h = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(3, 6, 4)), jnp.float32)
+
+    def ours(h):
+        return jnp.sum(training.compact_positions(mask, h)[0] * weights)
+
+    def plain(h):  # take_along_axis's own autodiff: a scatter-add
+        order = jnp.argsort(mask == 0, axis=1, stable=True)
+        return jnp.sum(jnp.take_along_axis(h, order[..., None], axis=1) * weights)
+
+    np.testing.assert_allclose(jax.grad(ours)(h), jax.grad(plain)(h), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_chunk_logps_skips_an_unscored_chunk_and_takes_either_layout(vocab_major):
+    """A chunk whose mask is all 0 scores 0 with zero gradients; a scored one equals the
+    plain log-softmax in value and gradients, with the output layer ``[D,V]`` or ``[V,D]``."""
+    rng = np.random.default_rng(11)
+    h = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 13)) * 0.3, jnp.float32)  # [D,V]
+    targets = jnp.asarray(rng.integers(0, 13, (2, 5)), jnp.int32)
+    stored = w.T if vocab_major else w
+
+    def total(h, stored, mask):
+        return jnp.sum(training.chunk_logps(h, stored, targets, mask, vocab_major))
+
+    def plain(h, w, mask):
+        logp = jax.nn.log_softmax(h @ w, axis=-1)
+        return jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask)
+
+    mask = jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32).at[0, 0].set(1.0)
+    value, (dh, dw) = jax.value_and_grad(total, argnums=(0, 1))(h, stored, mask)
+    want, (want_dh, want_dw) = jax.value_and_grad(plain, argnums=(0, 1))(h, w, mask)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    np.testing.assert_allclose(dh, want_dh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw.T if vocab_major else dw, want_dw, rtol=1e-5, atol=1e-6)
+
+    zeros = jnp.zeros((2, 5), jnp.float32)
+    per_row = training.chunk_logps(h, stored, targets, zeros, vocab_major)
+    dh, dw = jax.grad(total, argnums=(0, 1))(h, stored, zeros)
+    assert not np.any(per_row) and not np.any(dh) and not np.any(dw)
+    assert dw.shape == stored.shape
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_output_layer_as_stored_projects_to_the_model_s_logits(tied):
+    config = TINY.replace(tie_embeddings=tied)
+    model = Transformer(config, rngs=nnx.Rngs(2))
+    w, vocab_major = model.output_layer()
+    assert vocab_major is tied
+    assert w.shape == ((config.vocab_size, config.hidden_size) if tied else (32, 96))
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 32)), jnp.float32)
+    np.testing.assert_allclose(project(h, w, vocab_major), model.logits(h), rtol=1e-5, atol=1e-7)
+
+
+def test_log_probs_of_rows_with_long_prompts_skip_no_scored_token(model):
+    """Prompts longer than a chunk (the output layer then skips chunks) and a row with no
+    scored token: the sums still equal the full log-softmax's."""
+    rng = np.random.default_rng(5)
+    t = 24
+    ids = rng.integers(1, TINY.vocab_size, (4, t)).astype(np.int32)
+    lengths, prompts = np.asarray([24, 20, 17, 12]), np.asarray([15, 13, 16, 12])
+    cols = np.arange(t)[None]
+    attention = (cols < lengths[:, None]).astype(np.int32)
+    loss_mask = (attention * (cols >= prompts[:, None])).astype(np.int32)
+    got, n = training.sequence_logps(model, ids, attention, loss_mask, chunk_size=4)
+    want, want_n = _naive_logps(model, ids, attention, loss_mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(n, want_n)
+    assert got[3] == 0 and n[3] == 0

@@ -331,6 +331,21 @@ def dense(x: jax.Array, w: jax.Array, **kwargs) -> jax.Array:
     return out.reshape(*x.shape[:-1], w.shape[-1])
 
 
+def project(x: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
+    """Float32 ``x [..., D]`` times an output layer ``w``: ``[D, V]``, or ``[V, D]`` when
+    ``vocab_major`` (contracted on its second axis, no transpose); ``-> [..., V]``."""
+    w = w.astype(x.dtype)
+    if not vocab_major:
+        return dense(x, w, preferred_element_type=jnp.float32)
+    flat = jax.lax.dot_general(
+        x.reshape(-1, x.shape[-1]),
+        w,
+        (((1,), (1,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+    return flat.reshape(*x.shape[:-1], w.shape[0])
+
+
 def _param(rngs: nnx.Rngs, shape, axes, config: ModelConfig, init=None) -> nnx.Param:
     dtype = dtype_from_name(config.param_dtype)
     if init is None:
@@ -543,6 +558,15 @@ class Transformer(nnx.Module):
         if self.config.tie_embeddings:
             return self.embed_tokens[...].T
         return self.lm_head[...]
+
+    def output_layer(self) -> tuple[jax.Array, bool]:
+        """The output projection as stored, ``(w, vocab_major)``: the ``[V, D]`` input
+        embedding when tied (``vocab_major`` True), else the ``[D, V]`` head. The chunked
+        log-prob code takes it so (:func:`project`): a tied model's ``[D, V]`` transpose,
+        113 MB for SmolLM2, is then never materialised."""
+        if self.config.tie_embeddings:
+            return self.embed_tokens[...], True
+        return self.lm_head[...], False
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits ``[..., V]`` from final hidden states ``[..., D]``."""

@@ -190,8 +190,8 @@ class AdaptedTransformer:
     """A ``Transformer`` seen through LoRA adapters, merged one layer at a time.
 
     It offers what the loss functions use of a model (``config``, ``hidden_states``,
-    ``output_embedding``, ``logits``), computing with ``W + s·A@B`` for every adapted
-    kernel. :func:`apply_lora` builds the whole merged model at once, which for a 7B
+    ``output_embedding``, ``output_layer``, ``logits``), computing with ``W + s·A@B`` for
+    every adapted kernel. :func:`apply_lora` builds the whole merged model at once, which for a 7B
     model costs another copy of the weights and, in the backward pass, a dense gradient
     of every adapted kernel; here the merge happens inside the layer scan
     (:func:`merge_layer`), so both exist for one layer at a time. The two are the same
@@ -210,6 +210,9 @@ class AdaptedTransformer:
 
     def output_embedding(self) -> jax.Array:
         return self.base.output_embedding()  # embeddings are not LoRA targets
+
+    def output_layer(self) -> tuple[jax.Array, bool]:
+        return self.base.output_layer()
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.base.logits(hidden)
