@@ -35,7 +35,7 @@ from jaxalign.training import (
     logsumexp,
     map_sequence_chunks,
     next_token_targets,
-    scored,
+    unless_unscored,
 )
 
 
@@ -153,7 +153,7 @@ def _extrapolated_forward_or_skip(lam, vocab_major, hp, w, hr, w_ref, targets, m
         return (zeros, zeros, zeros), jnp.zeros(hp.shape[:2], jnp.float32)
 
     forward = functools.partial(_extrapolated_forward, lam, vocab_major)
-    return jax.lax.cond(scored(mask), forward, skip, hp, w, hr, w_ref, targets, mask)
+    return unless_unscored(mask, forward, skip, hp, w, hr, w_ref, targets, mask)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -166,7 +166,7 @@ def chunk_extrapolated_logps(lam, vocab_major, hp, w, hr, w_ref, targets, mask):
     (:func:`jaxalign.training.chunk_logps`' backward, logits recomputed); ``log π_ref``
     and ``log p̃`` are constants of the step (SPA reads them to flag pairs, not to
     train), so their cotangents are dropped and the reference gets none. A chunk whose
-    ``mask`` is all 0 computes nothing.
+    ``mask`` is all 0 computes nothing (:func:`jaxalign.training.unless_unscored`).
     """
     return _extrapolated_forward_or_skip(lam, vocab_major, hp, w, hr, w_ref, targets, mask)[0]
 

@@ -222,9 +222,21 @@ def _chunk_forward(vocab_major, h, w, targets, mask):
     return jnp.sum((picked - lse) * mask, axis=-1), lse
 
 
-def scored(mask: jax.Array) -> jax.Array:
-    """Whether a chunk holds any scored position (a ``lax.cond`` predicate)."""
-    return jnp.any(mask != 0)
+# Chunks with no scored position are skipped only where the process has at most this many
+# devices. A ``lax.cond`` whose branches hold collectives (a sharded output layer's
+# all-gathers and reductions) deadlocked on XLA:CPU: 8 devices, the program loaded from the
+# persistent compilation cache, devices waiting in different collectives. With more devices
+# every chunk is computed, as before the skip existed.
+SKIP_MAX_DEVICES = 1
+
+
+def unless_unscored(mask: jax.Array, compute: Callable, skip: Callable, *operands):
+    """``compute(*operands)``, or ``skip(*operands)`` (zeros of the same shapes) when the
+    chunk's ``mask`` is all 0; the choice is a ``lax.cond``, made only in a process with
+    at most :data:`SKIP_MAX_DEVICES` devices (elsewhere ``compute`` always runs)."""
+    if jax.device_count() > SKIP_MAX_DEVICES:
+        return compute(*operands)
+    return jax.lax.cond(jnp.any(mask != 0), compute, skip, *operands)
 
 
 def _chunk_forward_or_skip(vocab_major, h, w, targets, mask):
@@ -232,7 +244,7 @@ def _chunk_forward_or_skip(vocab_major, h, w, targets, mask):
         return jnp.zeros(h.shape[0], jnp.float32), jnp.zeros(h.shape[:2], jnp.float32)
 
     forward = functools.partial(_chunk_forward, vocab_major)
-    return jax.lax.cond(scored(mask), forward, skip, h, w, targets, mask)
+    return unless_unscored(mask, forward, skip, h, w, targets, mask)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -246,8 +258,8 @@ def chunk_logps(
     stored) and reuses the forward's log-normaliser: ``∂/∂logits = g·mask·(onehot −
     exp(logits − lse))``, then one matmul each for ``∂h`` and ``∂W``. A chunk whose
     ``mask`` is all 0 computes nothing in either pass (its rows score 0, its gradients
-    are 0): with :func:`compact_positions` that is every chunk past the longest row's
-    scored positions."""
+    are 0; :func:`unless_unscored`): with :func:`compact_positions` that is every chunk
+    past the longest row's scored positions."""
     return _chunk_forward_or_skip(vocab_major, h, w, targets, mask)[0]
 
 
@@ -284,7 +296,7 @@ def chunk_logps_backward(vocab_major, residuals, g):
         return jnp.zeros_like(h), jnp.zeros_like(w)
 
     backward = functools.partial(_chunk_backward, vocab_major)
-    dh, dw = jax.lax.cond(scored(mask), backward, skip, h, w, targets, mask, lse, g)
+    dh, dw = unless_unscored(mask, backward, skip, h, w, targets, mask, lse, g)
     return dh, dw, None, None
 
 
@@ -347,11 +359,11 @@ def compact_positions(mask: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, .
     ``mask [B,T]``; ``arrays``: ``[B,T]`` or ``[B,T,D]`` each (``mask`` is usually one
     of them), permuted the same way per row. Past the longest row's count of masked
     positions every row then holds only unmasked ones, so a chunk there has an all-0 mask
-    and :func:`chunk_logps` skips it: a log-prob needs the output layer only where the
-    loss mask is set — not on prompts or padding — and the output layer is a quarter of a
-    small model's matmuls. Rows stay rows, so a batch sharded on its first axis needs no
-    communication. Differentiable in the ``[B,T,D]`` arrays (the backward pass applies the
-    inverse permutation).
+    and :func:`chunk_logps` skips it (on one device, :func:`unless_unscored`): a log-prob
+    needs the output layer only where the loss mask is set — not on prompts or padding —
+    and the output layer is a quarter of a small model's matmuls. Rows stay rows, so a
+    batch sharded on its first axis needs no communication. Differentiable in the
+    ``[B,T,D]`` arrays (the backward pass applies the inverse permutation).
     """
     order = jnp.argsort(mask == 0, axis=1, stable=True).astype(jnp.int32)
     inverse = jnp.argsort(order, axis=1).astype(jnp.int32)

@@ -588,6 +588,31 @@ def test_compact_positions_gradient_is_the_inverse_permutation():
     np.testing.assert_allclose(jax.grad(ours)(h), jax.grad(plain)(h), rtol=0, atol=0)
 
 
+@pytest.fixture
+def skipping(monkeypatch):
+    """Unscored chunks skipped in this process (the suite has 8 host devices, where the
+    skip is off; these tests' programs run on one)."""
+    monkeypatch.setattr(training, "SKIP_MAX_DEVICES", jax.device_count())
+
+
+def _has_cond(fn, *args):
+    return "cond[" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_unscored_chunks_are_skipped_only_up_to_the_device_limit(monkeypatch):
+    h, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+    targets, mask = jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3))
+
+    def total(h, w):
+        return jnp.sum(training.chunk_logps(h, w, targets, mask))
+
+    monkeypatch.setattr(training, "SKIP_MAX_DEVICES", jax.device_count() - 1)
+    assert not _has_cond(jax.grad(total, (0, 1)), h, w)
+    monkeypatch.setattr(training, "SKIP_MAX_DEVICES", jax.device_count())
+    assert _has_cond(total, h, w) and _has_cond(jax.grad(total, (0, 1)), h, w)
+
+
+@pytest.mark.usefixtures("skipping")
 @pytest.mark.parametrize("vocab_major", [False, True])
 def test_chunk_logps_skips_an_unscored_chunk_and_takes_either_layout(vocab_major):
     """A chunk whose mask is all 0 scores 0 with zero gradients; a scored one equals the
@@ -630,9 +655,12 @@ def test_the_output_layer_as_stored_projects_to_the_model_s_logits(tied):
     np.testing.assert_allclose(project(h, w, vocab_major), model.logits(h), rtol=1e-5, atol=1e-7)
 
 
-def test_log_probs_of_rows_with_long_prompts_skip_no_scored_token(model):
+@pytest.mark.parametrize("skip", [False, True])
+def test_log_probs_of_rows_with_long_prompts_skip_no_scored_token(model, skip, monkeypatch):
     """Prompts longer than a chunk (the output layer then skips chunks) and a row with no
     scored token: the sums still equal the full log-softmax's."""
+    if skip:
+        monkeypatch.setattr(training, "SKIP_MAX_DEVICES", jax.device_count())
     rng = np.random.default_rng(5)
     t = 24
     ids = rng.integers(1, TINY.vocab_size, (4, t)).astype(np.int32)
