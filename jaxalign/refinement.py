@@ -32,8 +32,8 @@ from jaxalign.models.llama import positions_from_mask, project
 from jaxalign.training import (
     chunk_logps_backward,
     compact_positions,
-    logsumexp,
     map_sequence_chunks,
+    masked_logps,
     next_token_targets,
     unless_unscored,
 )
@@ -129,22 +129,13 @@ def refined_labels(
 # ----------------------------------------------------------------------------- the SPA loss
 
 
-def _picked(logits, targets, mask):
-    chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((chosen - logsumexp(logits)) * mask, axis=-1)
-
-
 def _extrapolated_forward(lam, vocab_major, hp, w, hr, w_ref, targets, mask):
     logits = project(hp, w, vocab_major)  # [B,c,V] float32
     ref_logits = project(hr, w_ref, vocab_major)
-    lse = logsumexp(logits)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    terms = (
-        jnp.sum((picked - lse) * mask, axis=-1),
-        _picked(ref_logits, targets, mask),
-        _picked(extrapolated_logits(logits, ref_logits, lam), targets, mask),
-    )
-    return terms, lse
+    policy, lse = masked_logps(logits, targets, mask)
+    ref = masked_logps(ref_logits, targets, mask)[0]
+    mixed = masked_logps(extrapolated_logits(logits, ref_logits, lam), targets, mask)[0]
+    return (policy, ref, mixed), lse
 
 
 def _extrapolated_forward_or_skip(lam, vocab_major, hp, w, hr, w_ref, targets, mask):

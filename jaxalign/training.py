@@ -215,11 +215,16 @@ def logsumexp(logits: jax.Array) -> jax.Array:
     return jnp.log(total) + peak[..., 0]
 
 
-def _chunk_forward(vocab_major, h, w, targets, mask):
-    logits = project(h, w, vocab_major)  # [B,c,V] float32
+def masked_logps(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+    """``(Σ_t mask_t · log softmax(logits_t)[targets_t] [B], lse [B,c])`` of a chunk's
+    ``[B,c,V]`` logits; the log-normaliser is what :func:`chunk_logps`' backward reuses."""
     lse = logsumexp(logits)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((picked - lse) * mask, axis=-1), lse
+
+
+def _chunk_forward(vocab_major, h, w, targets, mask):
+    return masked_logps(project(h, w, vocab_major), targets, mask)  # [B,c,V] float32
 
 
 # Chunks with no scored position are skipped only where the process has at most this many
