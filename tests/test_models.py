@@ -5,13 +5,16 @@ models are saved with ``save_pretrained`` and loaded through ``load_hf``; logits
 left-padded batch must match torch's on every real token.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from jaxalign.models import init_cache, positions_from_mask
+from jaxalign.models.llama import ModelConfig, Transformer, causal_block_bounds
 from jaxalign.weights import load_hf
 
 SMALL = dict(
@@ -148,3 +151,64 @@ def test_bfloat16_compute_is_finite_and_close(tmp_path):
     assert logits.dtype == np.float32 and np.isfinite(logits[real]).all()
     err = np.abs(logits[real] - expected[real]).max()
     assert err <= 0.05 * np.abs(expected[real]).max() + 0.05, err
+
+
+def long_padded_batch(length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``length`` tokens: one full, one right-padded, one left-padded."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, SMALL["vocab_size"], (3, length)).astype(np.int32)
+    mask = np.ones((3, length), np.int32)
+    mask[1, length - 70 :] = 0
+    mask[2, : length // 2 + 5] = 0
+    return np.where(mask == 1, tokens, 0), mask
+
+
+def test_blocked_causal_attention_matches_transformers(pair):
+    """200 tokens: the queries run in 3 blocks (``causal_block_bounds``), each seeing only
+    the keys up to its end; logits on every real token equal torch's full attention."""
+    kind, reference, model, _ = pair
+    assert model.config.causal_blocks >= 3
+    assert causal_block_bounds(200, model.config.causal_blocks) == [0, 66, 133, 200]
+    tokens, mask = long_padded_batch(200)
+    expected = torch_logits(reference, tokens, mask)
+    logits, _ = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    real = mask.astype(bool)
+    err = np.abs(np.asarray(logits)[real] - expected[real]).max()
+    assert err <= 1e-4 * max(np.abs(expected[real]).max(), 1.0), (kind, err)
+
+
+def test_causal_block_bounds():
+    assert causal_block_bounds(256, 4) == [0, 64, 128, 192, 256]
+    assert causal_block_bounds(256, 1) == [0, 256]
+    assert causal_block_bounds(127, 4) == [0, 127]  # no block under 64 queries
+    assert causal_block_bounds(128, 4) == [0, 64, 128]
+    assert causal_block_bounds(1000, 3) == [0, 333, 666, 1000]
+    assert causal_block_bounds(5, 4) == [0, 5]
+    with pytest.raises(ValueError, match="causal_blocks"):
+        ModelConfig(causal_blocks=0)
+
+
+def test_blocked_attention_gradients_equal_one_block():
+    """Loss and parameter gradients with 4 query blocks equal the whole score matrix's."""
+    config = ModelConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+        num_kv_heads=2, tie_embeddings=True,
+    )  # fmt: skip
+    tokens, mask = long_padded_batch(256, seed=1)
+    weights = jnp.asarray(np.random.default_rng(2).normal(size=(3, 256, 64)), jnp.float32)
+
+    def loss(model):
+        hidden, _ = model.hidden_states(
+            jnp.asarray(tokens), positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask)
+        )
+        return jnp.sum(hidden * weights * jnp.asarray(mask)[..., None])
+
+    results = []
+    for blocks in (4, 1):
+        model = Transformer(config.replace(causal_blocks=blocks), rngs=nnx.Rngs(0))
+        value, grads = nnx.value_and_grad(loss)(model)
+        results.append((float(value), jax.tree.leaves(nnx.state(grads))))
+    (blocked, blocked_grads), (whole, whole_grads) = results
+    np.testing.assert_allclose(blocked, whole, rtol=1e-5)
+    for a, b in zip(blocked_grads, whole_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
