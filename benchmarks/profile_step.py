@@ -289,14 +289,77 @@ def decode_program(config, batch: int, prompt_len: int, new_tokens: int):
     return run, compiled, compile_s
 
 
+def spa_program(config, pairs: int, length: int, chunk: int):
+    """``(run, compiled, compile_s)`` for SPA's refinement step (``jaxalign.refinement``:
+    the reference's log-probs computed in the step, the extrapolated logits, DPO loss with
+    self-refined labels) on random weights of ``config``'s shape, with the demo round's
+    sizes: ``pairs`` pairs of ``length``-token rows, prompts of 30–60 tokens, responses of
+    20–64, padded on the right."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxalign import parallel, refinement, training
+    from jaxalign.models.llama import Transformer
+
+    rng = np.random.default_rng(0)
+    batch = {"weight": np.ones(pairs, np.float32), "smoothing": np.zeros(pairs, np.float32)}
+    prompt_lens = rng.integers(30, 61, pairs)
+    for side in ("chosen", "rejected"):
+        ids, attention, scored = (np.zeros((pairs, length), np.int32) for _ in range(3))
+        for i, p in enumerate(prompt_lens):
+            end = min(length, p + int(rng.integers(20, 65)))
+            ids[i, :end] = rng.integers(3, config.vocab_size, end)
+            attention[i, :end] = 1
+            scored[i, p:end] = 1
+        batch |= {f"{side}_ids": ids, f"{side}_attention_mask": attention}
+        batch[f"{side}_loss_mask"] = scored
+    train_config = training.TrainConfig(logp_chunk_size=chunk, batch_size=pairs)
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    graphdef, state, shardings = training.create_train_state(
+        Transformer(config, rngs=nnx.Rngs(0)),
+        train_config,
+        1000,
+        mesh,
+        algo_state=refinement.init_margin_buffer(64),
+    )
+    _, reference = nnx.split(Transformer(config, rngs=nnx.Rngs(1)))
+    reference_shardings = parallel.model_shardings(reference, mesh)
+    reference = parallel.place_params(reference, mesh)
+    loss_fn = refinement.spa_loss_fn(
+        graphdef, beta=0.1, lam=0.5, quantile=0.1, alpha=0.1, flag_after_step=0, chunk_size=chunk
+    )
+    step = training.make_train_step(
+        graphdef,
+        train_config,
+        mesh,
+        loss_fn,
+        shardings,
+        total_steps=1000,
+        frozen_shardings=reference_shardings,
+    )
+    device_batch = parallel.make_global_batch(batch, mesh)
+    t = time.perf_counter()
+    compiled = step.lower(state, device_batch, reference).compile()
+    compile_s = time.perf_counter() - t
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], device_batch, reference)
+        return jax.block_until_ready(metrics)
+
+    return run, compiled, compile_s
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--program",
-        choices=("train", "decode"),
+        choices=("train", "spa", "decode"),
         default="train",
-        help="the DPO train step, or sampling (decode.py's generate: prompts of --length "
-        "tokens, --new-tokens each, no early stop)",
+        help="the DPO train step; SPA's refinement step (on-the-fly reference, extrapolated "
+        "logits; demo-sized rows, use --length 128); or sampling (decode.py's generate: "
+        "prompts of --length tokens, --new-tokens each, no early stop)",
     )
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16, help="decode: prompts per batch")
@@ -325,6 +388,10 @@ def main(argv=None) -> int:
     if args.program == "decode":
         run, compiled, compile_s = decode_program(config, args.batch, args.length, args.new_tokens)
         flops = 2 * matmul_params(config) * args.batch * args.new_tokens
+    elif args.program == "spa":
+        run, compiled, compile_s = spa_program(config, args.pairs, args.length, args.chunk)
+        # the policy's forward and backward and the reference's forward, every position
+        flops = model_flops(config, 2 * args.pairs, args.length) * 8 / 6
     else:
         batch = synthetic_pairs(args.pairs, args.length, config.vocab_size)
         step, state, device_batch, compiled, compile_s = build_jax_step(config, batch, args.chunk)
@@ -352,7 +419,7 @@ def main(argv=None) -> int:
         json.dumps(
             {
                 "benchmark": f"profile_{args.program}",
-                "pairs": args.pairs if args.program == "train" else None,
+                "pairs": args.pairs if args.program != "decode" else None,
                 "batch": args.batch if args.program == "decode" else None,
                 "new_tokens": args.new_tokens if args.program == "decode" else None,
                 "length": args.length,

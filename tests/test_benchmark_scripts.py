@@ -227,3 +227,27 @@ def test_profile_splits_the_time_ops_share_evenly_among_them():
     # a: 0-4 s alone for 0-1, with b for 1-3 (b: 1-3), alone 3-4; c: 5-6 alone.
     spans = [(0, 4e9, "a"), (1e9, 3e9, "b"), (5e9, 6e9, "c")]
     assert split_overlaps(spans) == [("a", 3.0), ("b", 1.0), ("c", 1.0)]
+
+
+def test_profile_spa_program_runs_the_refinement_step():
+    """``profile_step.py --program spa`` builds SPA's refinement step (reference in the step,
+    extrapolated logits) on the demo round's row shapes and runs it."""
+    import math
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import profile_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from jaxalign.models.llama import ModelConfig
+
+    config = ModelConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+        num_kv_heads=1, tie_embeddings=True,
+    )  # fmt: skip
+    run, compiled, compile_s = profile_step.spa_program(config, pairs=2, length=128, chunk=64)
+    assert compile_s > 0 and "sort" in compiled.as_text()  # the scored positions' compaction
+    first, second = run(), run()
+    assert math.isfinite(float(first["train/loss"]))
+    assert "spa/extrapolated_margin" in first
+    assert float(second["train/loss"]) != float(first["train/loss"])  # the policy moved
