@@ -146,3 +146,15 @@ def torch_reward_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reward")
     model.save_pretrained(folder, safe_serialization=True)
     return folder, model
+
+
+@pytest.fixture
+def skipping(monkeypatch):
+    """Log-prob chunks with nothing scored are skipped in this process: the suite's 8 host
+    devices turn the skip off (``jaxalign.training.SKIP_MAX_DEVICES``), and the tests that
+    use this run their programs on one."""
+    import jax
+
+    from jaxalign import training
+
+    monkeypatch.setattr(training, "SKIP_MAX_DEVICES", jax.device_count())

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign import refinement, training
+from jaxalign import refinement
 
 
 def test_extrapolated_distribution_matches_tempered_product():
@@ -333,12 +333,12 @@ def test_margin_buffer_capacity_is_checked_and_one_slot_works():
 
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("vocab_major", [False, True])
-def test_a_chunk_s_extrapolated_terms_against_plain_log_softmaxes(vocab_major, skip, monkeypatch):
+def test_a_chunk_s_extrapolated_terms_against_plain_log_softmaxes(vocab_major, skip, request):
     """``log π``, ``log π_ref`` and ``log p̃`` of one chunk against plain log-softmaxes;
     the gradient is ``log π``'s alone (the other two are the step's constants); a chunk
     with nothing scored computes zeros."""
-    if skip:  # the suite's 8 host devices turn the skip off; these programs run on one
-        monkeypatch.setattr(training, "SKIP_MAX_DEVICES", jax.device_count())
+    if skip:
+        request.getfixturevalue("skipping")
     rng = np.random.default_rng(4)
     hp, hr = (jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32) for _ in range(2))
     w, w_ref = (jnp.asarray(rng.normal(size=(8, 13)) * 0.3, jnp.float32) for _ in range(2))

@@ -588,13 +588,6 @@ def test_compact_positions_gradient_is_the_inverse_permutation():
     np.testing.assert_allclose(jax.grad(ours)(h), jax.grad(plain)(h), rtol=0, atol=0)
 
 
-@pytest.fixture
-def skipping(monkeypatch):
-    """Unscored chunks skipped in this process (the suite has 8 host devices, where the
-    skip is off; these tests' programs run on one)."""
-    monkeypatch.setattr(training, "SKIP_MAX_DEVICES", jax.device_count())
-
-
 def _has_cond(fn, *args):
     return "cond[" in str(jax.make_jaxpr(fn)(*args))
 
@@ -656,11 +649,11 @@ def test_the_output_layer_as_stored_projects_to_the_model_s_logits(tied):
 
 
 @pytest.mark.parametrize("skip", [False, True])
-def test_log_probs_of_rows_with_long_prompts_skip_no_scored_token(model, skip, monkeypatch):
+def test_log_probs_of_rows_with_long_prompts_skip_no_scored_token(model, skip, request):
     """Prompts longer than a chunk (the output layer then skips chunks) and a row with no
     scored token: the sums still equal the full log-softmax's."""
     if skip:
-        monkeypatch.setattr(training, "SKIP_MAX_DEVICES", jax.device_count())
+        request.getfixturevalue("skipping")
     rng = np.random.default_rng(5)
     t = 24
     ids = rng.integers(1, TINY.vocab_size, (4, t)).astype(np.int32)

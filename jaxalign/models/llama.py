@@ -461,7 +461,7 @@ CAUSAL_BLOCK_MIN = 64  # queries per block of the blocked causal attention, at l
 def causal_block_bounds(t: int, blocks: int) -> list[int]:
     """Query-block boundaries ``[0, ..., t]`` of a causal attention over ``t`` tokens: up to
     ``blocks`` blocks of nearly equal size, none under :data:`CAUSAL_BLOCK_MIN` queries
-    (one block when ``t`` is shorter than two)."""
+    (one block when ``t < 2 · CAUSAL_BLOCK_MIN``)."""
     n = max(1, min(blocks, t // CAUSAL_BLOCK_MIN))
     return [t * i // n for i in range(n + 1)]
 
