@@ -41,6 +41,23 @@ def pytest_make_collect_report(collector):
     _fail_skip(outcome.get_result())  # a module-level importorskip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. Every XLA:CPU executable
+    keeps a few memory mappings for its code while a jit cache holds it; over the whole
+    suite in one process they approached Linux's default ``vm.max_map_count`` (65,530:
+    56,700 seen at the end of a passing run), and a run that crossed it crashed in
+    whichever test compiled or allocated next (``LLVM compilation error: Cannot allocate
+    memory``, then SIGSEGV or SIGABRT). Modules share no compiled programs worth keeping."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A Hugging Face folder with a 2-layer random model and SmolLM2's real tokenizer.

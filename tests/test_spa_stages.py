@@ -526,7 +526,8 @@ def test_a_self_refining_round_matches_a_plain_reimplementation(run, tmp_path):
         threshold = np.quantile(window, cfg.spa.noise_quantile) if window else -np.inf
         flags = (margins < threshold).astype(np.float64)
         for r, want, flag in zip(mine, margins, flags, strict=True):
-            assert math.isclose(r["extrapolated_margin"], want, rel_tol=1e-3, abs_tol=1e-5)
+            # Float32 noise compounds over the steps (Adam divides it by small second moments).
+            assert math.isclose(r["extrapolated_margin"], want, rel_tol=1e-3, abs_tol=5e-5)
             if abs(want - threshold) > 1e-4:  # a margin at the threshold could go either way
                 assert r["flagged"] == flag, (step, r, threshold)
                 checked_flags += 1
@@ -539,7 +540,7 @@ def test_a_self_refining_round_matches_a_plain_reimplementation(run, tmp_path):
         assert math.isclose(m["train/loss"], loss, rel_tol=1e-4, abs_tol=1e-6), (step, m, loss)
         assert math.isclose(m["spa/flagged_fraction"], flags.mean(), abs_tol=1e-6)
         want_threshold = threshold if np.isfinite(threshold) else 0.0
-        assert math.isclose(m["spa/threshold"], want_threshold, rel_tol=1e-3, abs_tol=1e-6)
+        assert math.isclose(m["spa/threshold"], want_threshold, rel_tol=1e-3, abs_tol=5e-5)
         window = (window + list(margins))[-cfg.spa.margin_window :]
 
         smoothing_j = jnp.asarray(smoothing, jnp.float32)
