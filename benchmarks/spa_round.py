@@ -6,7 +6,11 @@ Runs round 0 (seed DPO) and one self-annotated round of the demo config in a fre
 run directory, then reads each stage's time from the run's ``state.json``. Prints
 one JSON line: seconds per stage of round 1, each stage's share, and the slowest.
 Compile time is included in each stage's first use (the sampler, the judge's
-forward pass and the train step compile once per shape bucket).
+forward pass and the train step compile once per shape bucket); ``round_1_compiles`` gives
+each stage's compiles, their seconds and how many came from the persistent compilation
+cache under ``~/.cache/jaxalign/xla``. The first run on a machine compiles everything; a
+second run reads the programs back. ``run.compile_cache=false`` as an override times the
+round cold whatever the cache holds.
 
 **The torch peer** (left out with ``--no-peer``) then runs round 1 again the way the SPA
 authors' code does it on one machine (:mod:`torch_spa`), from the same ``π_0`` (jaxalign's
@@ -46,6 +50,7 @@ import time
 # this module too (multiprocessing's spawn re-imports the main script), and must not load JAX.
 
 STAGES = ("sample", "judge", "train")
+COMPILE_FIELDS = ("compiles", "compile_seconds", "compile_cache_hits")
 
 
 def jaxalign_round(prompts: int, overrides: list[str], peer: bool = False) -> dict:
@@ -94,6 +99,11 @@ def jaxalign_round(prompts: int, overrides: list[str], peer: bool = False) -> di
         # kept vs decoded tokens and their rates; the warm rate (batches that compiled
         # nothing) is the one to set beside benchmarks/decode.py
         "round_1_decoding": stages["round_1/sample"].get("decoding", {}),
+        # programs each stage compiled, their seconds (inside the stage's seconds above) and
+        # how many came back from the persistent compilation cache (run.compile_cache)
+        "round_1_compiles": {
+            k: {f: stages[f"round_1/{k}"].get(f, 0) for f in COMPILE_FIELDS} for k in STAGES
+        },
     }
     if peer:
         candidates_path = stages["round_1/sample"]["result"]["candidates"]
