@@ -10,7 +10,8 @@ forward pass and the train step compile once per shape bucket); ``round_1_compil
 each stage's compiles, their seconds and how many came from the persistent compilation
 cache under ``~/.cache/jaxalign/xla``. The first run on a machine compiles everything; a
 second run reads the programs back. ``run.compile_cache=false`` as an override times the
-round cold whatever the cache holds.
+round cold whatever the cache holds; ``JAXALIGN_COMPILE_CACHE=DIR`` with an empty ``DIR``
+gives a cold run, then a warm one when repeated.
 
 **The torch peer** (left out with ``--no-peer``) then runs round 1 again the way the SPA
 authors' code does it on one machine (:mod:`torch_spa`), from the same ``π_0`` (jaxalign's
