@@ -69,18 +69,31 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
-        """Builds the tokenizer from a GGUF file's ``tokenizer.*`` metadata (no network)."""
+        """Builds the tokenizer from a GGUF file's ``tokenizer.*`` metadata (no network).
+
+        A byte-level BPE vocabulary (``tokenizer.ggml.model = gpt2`` with GPT-2's split
+        rule: SmolLM2's, GPT-2's) is built here from the metadata, without torch. Any other
+        goes through transformers' GGUF reader, which imports torch in transformers ≥ 5.24.
+        """
         from transformers import AutoTokenizer
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
+        hf = byte_level_bpe_from_gguf(path)
+        if hf is not None:
+            return cls(hf)
         try:
             hf = AutoTokenizer.from_pretrained(
                 str(path.parent), gguf_file=path.name, local_files_only=True
             )
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{path}: cannot build a tokenizer from its metadata ({e})") from None
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(
+                f"{path}: transformers needs torch to read this GGUF's tokenizer "
+                f"({e}); pip install torch, or load a Hugging Face folder instead"
+            ) from None
         return cls(hf)
 
     def _special_ids(self) -> dict[str, int]:
@@ -187,3 +200,84 @@ class Tokenizer:
     def save_pretrained(self, path: str | Path) -> None:
         """Writes the tokenizer files (``tokenizer.json``, config, chat template)."""
         self.hf.save_pretrained(str(path))
+
+
+# llama.cpp's token types (``tokenizer.ggml.token_type``).
+_CONTROL, _USER_DEFINED = 3, 4
+# ``tokenizer.ggml.pre`` values whose split rule is GPT-2's own (the byte-level default).
+_GPT2_SPLIT_PRE = (None, "default", "gpt2", "smollm")
+
+
+def byte_level_bpe_from_gguf(path: str | Path):
+    """A transformers fast tokenizer for a GGUF whose metadata describes byte-level BPE with
+    GPT-2's split rule, built from the vocabulary, merges, token types, special ids and chat
+    template alone (the tokenizer transformers' GGUF reader builds for such a file, without
+    its torch import); ``None`` for any other kind of vocabulary."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxalign.weights.gguf import metadata, open_gguf
+
+    reader = open_gguf(path)
+    field = lambda key, default=None: metadata(reader, f"tokenizer.{key}", default)  # noqa: E731
+    if field("ggml.model") != "gpt2" or field("ggml.pre") not in _GPT2_SPLIT_PRE:
+        return None
+    tokens = [str(t) for t in field("ggml.tokens", [])]
+    merges = [tuple(str(m).split(" ")) for m in field("ggml.merges", [])]
+    if not tokens or not merges:
+        raise ValueError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is empty")
+    # A token spelled in plain text rather than the byte alphabet is respelled into it.
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    spelling = _byte_alphabet()
+    vocab = {
+        (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
+        for i, t in enumerate(tokens)
+    }
+    backend = Backend(
+        models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="")
+    )
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1")
+    kinds = [int(k) for k in field("ggml.token_type", [])]
+    # Control tokens stay whole and special; one spelled outside the byte alphabet is a
+    # mislabel in the file (as transformers' reader also skips it).
+    backend.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, kind in zip(tokens, kinds, strict=False)
+            if kind == _CONTROL and set(t) <= alphabet
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, k in zip(tokens, kinds, strict=False)
+            if k == _USER_DEFINED and set(t) <= alphabet
+        ]
+    )
+
+    def token(key: str) -> str | None:
+        i = field(f"ggml.{key}")
+        return None if i is None else tokens[int(i)]
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token("bos_token_id"),
+        eos_token=token("eos_token_id"),
+        unk_token=token("unknown_token_id"),
+        pad_token=token("padding_token_id"),
+        chat_template=field("chat_template"),
+        add_bos_token=bool(field("ggml.add_bos_token", False)),
+        add_eos_token=bool(field("ggml.add_eos_token", False)),
+    )
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the byte-level BPE alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars = {b: chr(b) for b in printable}
+    extra = (b for b in range(256) if b not in chars)
+    return {**chars, **{b: chr(256 + n) for n, b in enumerate(extra)}}

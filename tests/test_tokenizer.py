@@ -1,5 +1,7 @@
 """Tokenizer parity with transformers' tokenizer built from the same GGUF file."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,51 @@ def test_truncate_left_reports_cuts():
     assert truncate_left([1, 2], 0) == ([], True)
     with pytest.raises(ValueError):
         truncate_left([1], -1)
+
+
+def test_the_gguf_tokenizer_is_transformers_own(tokenizer, reference):
+    # Built here from the metadata (no torch): the same backend, JSON for JSON, and the
+    # same special tokens and chat template as transformers' GGUF reader builds.
+    assert tokenizer.hf.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
+    assert tokenizer.hf.special_tokens_map == reference.special_tokens_map
+    assert tokenizer.hf.chat_template == reference.chat_template
+    assert len(tokenizer.hf) == len(reference)
+
+
+def test_a_gguf_tokenizer_builds_without_torch(gguf_path):
+    # The README's first command installs no torch; transformers' own GGUF reader imports it.
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "from jaxalign.tokenizer import Tokenizer\n"
+        f"t = Tokenizer.from_gguf({str(gguf_path)!r})\n"
+        "print(t.encode('Hello, world!'), t.eos_token_ids)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("[", 1)[1].startswith("19556, 28, 905, 17]")
+
+
+def test_other_gguf_vocabularies_are_left_to_transformers(tmp_path):
+    import gguf
+
+    from jaxalign.tokenizer import byte_level_bpe_from_gguf
+
+    def write(name, model, pre):
+        writer = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        writer.add_tokenizer_model(model)
+        if pre is not None:
+            writer.add_tokenizer_pre(pre)
+        writer.add_token_list(["a", "b", "ab"])
+        writer.add_token_merges(["a b"])
+        writer.add_token_types([1, 1, 1])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return tmp_path / name
+
+    assert byte_level_bpe_from_gguf(write("spm.gguf", "llama", None)) is None
+    assert byte_level_bpe_from_gguf(write("l3.gguf", "gpt2", "llama-bpe")) is None  # own split
+    built = byte_level_bpe_from_gguf(write("bpe.gguf", "gpt2", None))
+    assert built.encode("ab", add_special_tokens=False) == [2]
+    assert built.encode("ba", add_special_tokens=False) == [1, 0]
