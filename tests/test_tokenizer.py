@@ -195,3 +195,31 @@ def test_other_gguf_vocabularies_are_left_to_transformers(tmp_path):
     built = byte_level_bpe_from_gguf(write("bpe.gguf", "gpt2", None))
     assert built.encode("ab", add_special_tokens=False) == [2]
     assert built.encode("ba", add_special_tokens=False) == [1, 0]
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_written_gguf_encodes_as_transformers_reads_it(tmp_path, add_bos):
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["<s>", "</s>", "a", "b", "ab", "Ġ", "Ġa", "<x>"])
+    writer.add_token_merges(["a b", "Ġ a"])
+    writer.add_token_types([3, 3, 1, 1, 1, 1, 1, 4])  # control, control, normal..., user-defined
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_add_bos_token(add_bos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = Tokenizer.from_gguf(path).hf
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in ("ab a", "b a ab", "a<x>b</s>", ""):
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special) == theirs.encode(
+                text, add_special_tokens=special
+            )
+    assert ours.encode("ab a")[: int(add_bos)] == [0] * int(add_bos)
+    assert ours.special_tokens_map == theirs.special_tokens_map
