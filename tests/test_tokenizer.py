@@ -171,24 +171,35 @@ def test_a_gguf_tokenizer_builds_without_torch(gguf_path):
     assert done.stdout.split("[", 1)[1].startswith("19556, 28, 905, 17]")
 
 
-def test_other_gguf_vocabularies_are_left_to_transformers(tmp_path):
+def write_gguf(path, model, tokens, merges, types, pre=None, bos=None, eos=None, add_bos=None):
+    """A GGUF file holding only tokenizer metadata (llama.cpp's keys, via gguf's writer)."""
     import gguf
 
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types(types)
+    if bos is not None:
+        writer.add_bos_token_id(bos)
+    if eos is not None:
+        writer.add_eos_token_id(eos)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_other_gguf_vocabularies_are_left_to_transformers(tmp_path):
     from jaxalign.tokenizer import byte_level_bpe_from_gguf
 
     def write(name, model, pre):
-        writer = gguf.GGUFWriter(str(tmp_path / name), "llama")
-        writer.add_tokenizer_model(model)
-        if pre is not None:
-            writer.add_tokenizer_pre(pre)
-        writer.add_token_list(["a", "b", "ab"])
-        writer.add_token_merges(["a b"])
-        writer.add_token_types([1, 1, 1])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        return tmp_path / name
+        return write_gguf(tmp_path / name, model, ["a", "b", "ab"], ["a b"], [1, 1, 1], pre)
 
     assert byte_level_bpe_from_gguf(write("spm.gguf", "llama", None)) is None
     assert byte_level_bpe_from_gguf(write("l3.gguf", "gpt2", "llama-bpe")) is None  # own split
@@ -199,21 +210,16 @@ def test_other_gguf_vocabularies_are_left_to_transformers(tmp_path):
 
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_a_written_gguf_encodes_as_transformers_reads_it(tmp_path, add_bos):
-    import gguf
-
-    path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(["<s>", "</s>", "a", "b", "ab", "Ġ", "Ġa", "<x>"])
-    writer.add_token_merges(["a b", "Ġ a"])
-    writer.add_token_types([3, 3, 1, 1, 1, 1, 1, 4])  # control, control, normal..., user-defined
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
-    writer.add_add_bos_token(add_bos)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(
+        tmp_path / "tiny.gguf",
+        "gpt2",
+        ["<s>", "</s>", "a", "b", "ab", "Ġ", "Ġa", "<x>"],
+        ["a b", "Ġ a"],
+        [3, 3, 1, 1, 1, 1, 1, 4],  # control, control, normal..., user-defined
+        bos=0,
+        eos=1,
+        add_bos=add_bos,
+    )
     ours = Tokenizer.from_gguf(path).hf
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     for text in ("ab a", "b a ab", "a<x>b</s>", ""):
