@@ -396,7 +396,8 @@ def ple_loss_fn(config: training.TrainConfig, sft_coefficient: float = 1.0) -> t
     def loss_fn(model, batch, algo_state, step, rng, frozen=None):
         total = jnp.zeros((), jnp.float32)
         aux = {}
-        has_pairs, has_sft = "chosen_ids" in batch, "sft_ids" in batch
+        has_pairs = "chosen_ids" in batch or "packed_ids" in batch  # packed: data.packing
+        has_sft = "sft_ids" in batch
         if not (has_pairs or has_sft):
             raise ValueError("a PLE batch needs pair fields, sft_* fields, or both")
         if has_pairs:

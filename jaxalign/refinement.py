@@ -28,13 +28,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import losses
-from jaxalign.models.llama import positions_from_mask, project
+from jaxalign.models.llama import project
 from jaxalign.training import (
     chunk_logps_backward,
     compact_positions,
     map_sequence_chunks,
     masked_logps,
     next_token_targets,
+    pair_count,
+    sum_over_sequences,
+    token_rows,
     unless_unscored,
 )
 
@@ -140,8 +143,8 @@ def _extrapolated_forward(lam, vocab_major, hp, w, hr, w_ref, targets, mask):
 
 def _extrapolated_forward_or_skip(lam, vocab_major, hp, w, hr, w_ref, targets, mask):
     def skip(*_):
-        zeros = jnp.zeros(hp.shape[0], jnp.float32)
-        return (zeros, zeros, zeros), jnp.zeros(hp.shape[:2], jnp.float32)
+        zeros = jnp.zeros(hp.shape[:2], jnp.float32)
+        return (zeros, zeros, zeros), zeros
 
     forward = functools.partial(_extrapolated_forward, lam, vocab_major)
     return unless_unscored(mask, forward, skip, hp, w, hr, w_ref, targets, mask)
@@ -149,7 +152,8 @@ def _extrapolated_forward_or_skip(lam, vocab_major, hp, w, hr, w_ref, targets, m
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def chunk_extrapolated_logps(lam, vocab_major, hp, w, hr, w_ref, targets, mask):
-    """Per-row sums of ``log π``, ``log π_ref`` and ``log p̃`` over one chunk's masked tokens.
+    """``log π``, ``log π_ref`` and ``log p̃`` of one chunk's masked tokens, per position
+    (``[B,c]`` each, 0 where ``mask`` is 0).
 
     ``hp, hr [B,c,D]``: the policy's and the reference's final-norm states; ``w, w_ref``
     their output layers, ``[D,V]`` or, with ``vocab_major``, ``[V,D]``. The policy's
@@ -176,9 +180,20 @@ chunk_extrapolated_logps.defvjp(_chunk_extrapolated_fwd, _chunk_extrapolated_bwd
 
 
 def _extrapolated_token_terms(
-    policy, reference, h_policy, h_ref, ids, loss_mask, lam: float, chunk_size: int
+    policy,
+    reference,
+    h_policy,
+    h_ref,
+    ids,
+    loss_mask,
+    lam: float,
+    chunk_size: int,
+    segments=None,
+    num_sequences: int = 0,
 ):
-    """Per-row sums of ``log π(y_t)``, ``log π_ref(y_t)`` and ``log p̃(y_t)`` over masked tokens.
+    """Per-sequence sums of ``log π(y_t)``, ``log π_ref(y_t)`` and ``log p̃(y_t)`` over
+    masked tokens: per row, or with ``segments`` (packed rows) per segment
+    (:func:`jaxalign.training.sum_over_sequences`).
 
     Chunked over the sequence by :func:`jaxalign.training.map_sequence_chunks` after
     :func:`jaxalign.training.compact_positions`, as
@@ -186,7 +201,7 @@ def _extrapolated_token_terms(
     and none are computed past the longest row's response; only ``log π`` carries a
     gradient (:func:`chunk_extrapolated_logps`).
     """
-    targets, mask = next_token_targets(ids, loss_mask)
+    targets, mask = next_token_targets(ids, loss_mask, segments)
     w_policy, vocab_major = policy.output_layer()
     w_ref, ref_vocab_major = reference.output_layer()
     if ref_vocab_major != vocab_major:  # the reference is the policy's own architecture
@@ -196,10 +211,13 @@ def _extrapolated_token_terms(
     def chunk_terms(hp, hr, tgt, m):
         return chunk_extrapolated_logps(lam, vocab_major, hp, w_policy, hr, w_ref, tgt, m)
 
-    per_chunk = map_sequence_chunks(
-        chunk_terms, compact_positions(mask, h_policy, h_ref, targets, mask), chunk_size
+    extra = () if segments is None else (segments,)
+    hp, hr, tgt, scored, *compacted = compact_positions(
+        mask, h_policy, h_ref, targets, mask, *extra
     )
-    return tuple(jnp.sum(x, axis=0) for x in per_chunk)
+    per_chunk = map_sequence_chunks(chunk_terms, (hp, hr, tgt, scored), chunk_size)
+    segments = compacted[0] if compacted else None
+    return tuple(sum_over_sequences(x, segments, num_sequences) for x in per_chunk)
 
 
 def spa_loss_fn(
@@ -245,18 +263,13 @@ def spa_loss_fn(
             reference = frozen
         else:
             reference = nnx.merge(graphdef, jax.lax.stop_gradient(frozen))
-        b = batch["chosen_ids"].shape[0]
-
-        def both(name):
-            return jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
-
-        ids, attn, lmask = both("ids"), both("attention_mask"), both("loss_mask")
-        positions = positions_from_mask(attn)
-        h_policy, _ = model.hidden_states(ids, positions, attn)
-        h_ref, _ = reference.hidden_states(ids, positions, attn)
+        b = pair_count(batch)
+        ids, positions, attn, lmask, segments = token_rows(batch)
+        h_policy, _ = model.hidden_states(ids, positions, attn, segment_ids=segments)
+        h_ref, _ = reference.hidden_states(ids, positions, attn, segment_ids=segments)
         h_ref = jax.lax.stop_gradient(h_ref)
         logp, ref_logp, mixed_logp = _extrapolated_token_terms(
-            model, reference, h_policy, h_ref, ids, lmask, lam, chunk_size
+            model, reference, h_policy, h_ref, ids, lmask, lam, chunk_size, segments, 2 * b
         )
         weight, smoothing = batch["weight"], batch["smoothing"]
         valid = weight > 0

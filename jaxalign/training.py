@@ -17,6 +17,13 @@ followed by the response, RIGHT-padded, starting at column 0:
 - optional ``ref_chosen_logps, ref_rejected_logps [B] f32``: reference
   log-probs precomputed by :func:`compute_reference_logps`.
 
+The same batch may come *packed* (:mod:`jaxalign.data.packing`, what the train loop
+feeds with ``train.pack_sequences``): ``packed_ids, packed_positions, packed_segments,
+packed_loss_mask [R,T]`` in place of the chosen/rejected ids and masks, several
+sequences per row, ``packed_segments`` naming each position's sequence (pair ``i``'s
+chosen ``i``, its rejected ``B + i``, -1 on padding). Losses read either layout through
+:func:`token_rows` and get the same ``[B]`` log-probs.
+
 Losses reduce as ``sum(w·ℓ) / max(sum(w), ε)``. Reward-weighted SFT examples
 (PLE) use the same sequence layout under an ``sft_`` prefix, in the same dict
 or alone: ``sft_ids, sft_attention_mask, sft_loss_mask [B2,T]`` and
@@ -73,6 +80,7 @@ from jaxalign.parallel import (
     replicated,
 )
 from jaxalign.validation import (
+    BOOLEAN,
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
@@ -97,9 +105,12 @@ PAIR_FIELDS = (
 )
 REFERENCE_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 SFT_FIELDS = ("sft_ids", "sft_attention_mask", "sft_loss_mask", "sft_weight")
+# A pair batch's sequences packed into rows (jaxalign.data.packing), in place of the
+# chosen_/rejected_ ids and masks.
+PACKED_FIELDS = ("packed_ids", "packed_positions", "packed_segments", "packed_loss_mask")
 # Every field a train step may read: pairs, their reference log-probs, SFT rows, and the
 # judge's preference probability ``p [B]`` (read by SPA's soft and confidence label modes).
-BATCH_FIELDS = (*PAIR_FIELDS, *REFERENCE_FIELDS, *SFT_FIELDS, "p")
+BATCH_FIELDS = (*PAIR_FIELDS, *PACKED_FIELDS, *REFERENCE_FIELDS, *SFT_FIELDS, "p")
 
 LOSS_NAMES = (*losses.PREFERENCE_LOSSES, "ranking")
 
@@ -139,6 +150,10 @@ class TrainConfig:
     # (measured faster than storing everything on CPU, and far smaller); true/"full"
     # recomputes whole layers; false/"none" stores all; null keeps the model's setting.
     remat: bool | str | None = "dots"
+    # Pack each pair batch's sequences into fewer rows (jaxalign.data.packing): the same
+    # step on less padding. Applied on a one-device mesh with micro_batches 1 (the CPU
+    # runs); several devices, micro-batches and host-local batches train unpacked.
+    pack_sequences: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -169,6 +184,7 @@ class TrainConfig:
                     lambda v: v is None or isinstance(v, bool) or v in REMAT_POLICIES,
                     f"null, true, false or one of {', '.join(REMAT_POLICIES)}",
                 ),
+                "pack_sequences": BOOLEAN,
                 "seed": SEED,
             },
         )
@@ -216,11 +232,11 @@ def logsumexp(logits: jax.Array) -> jax.Array:
 
 
 def masked_logps(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-    """``(Σ_t mask_t · log softmax(logits_t)[targets_t] [B], lse [B,c])`` of a chunk's
+    """``(mask_t · log softmax(logits_t)[targets_t] [B,c], lse [B,c])`` of a chunk's
     ``[B,c,V]`` logits; the log-normaliser is what :func:`chunk_logps`' backward reuses."""
     lse = logsumexp(logits)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((picked - lse) * mask, axis=-1), lse
+    return (picked - lse) * mask, lse
 
 
 def _chunk_forward(vocab_major, h, w, targets, mask):
@@ -246,7 +262,7 @@ def unless_unscored(mask: jax.Array, compute: Callable, skip: Callable, *operand
 
 def _chunk_forward_or_skip(vocab_major, h, w, targets, mask):
     def skip(h, *_):
-        return jnp.zeros(h.shape[0], jnp.float32), jnp.zeros(h.shape[:2], jnp.float32)
+        return jnp.zeros(h.shape[:2], jnp.float32), jnp.zeros(h.shape[:2], jnp.float32)
 
     forward = functools.partial(_chunk_forward, vocab_major)
     return unless_unscored(mask, forward, skip, h, w, targets, mask)
@@ -256,8 +272,9 @@ def _chunk_forward_or_skip(vocab_major, h, w, targets, mask):
 def chunk_logps(
     h: jax.Array, w: jax.Array, targets: jax.Array, mask: jax.Array, vocab_major: bool = False
 ) -> jax.Array:
-    """``Σ_t mask_t · log softmax(h_t W)[targets_t]`` per row; ``h [B,c,D]``, ``w [D,V]``
-    (or ``[V,D]`` with ``vocab_major``, as :meth:`Transformer.output_layer` gives it).
+    """``mask_t · log softmax(h_t W)[targets_t]`` per position, ``[B,c]``; ``h [B,c,D]``,
+    ``w [D,V]`` (or ``[V,D]`` with ``vocab_major``, as :meth:`Transformer.output_layer`
+    gives it). Callers sum the positions of each sequence (:func:`sum_over_sequences`).
 
     The backward pass recomputes the ``[B,c,V]`` logits from ``h`` (they are never
     stored) and reuses the forward's log-normaliser: ``∂/∂logits = g·mask·(onehot −
@@ -275,7 +292,7 @@ def _chunk_logps_fwd(h, w, targets, mask, vocab_major=False):
 
 def _chunk_backward(vocab_major, h, w, targets, mask, lse, g):
     logits = project(h, w, vocab_major)
-    coef = (mask * g[:, None])[..., None]  # [B,c,1]
+    coef = (mask * g)[..., None]  # [B,c,1]
     vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
     onehot = vocab == targets[..., None]
     dlogits = (jnp.where(onehot, coef, 0.0) - coef * jnp.exp(logits - lse[..., None])).astype(
@@ -308,14 +325,24 @@ def chunk_logps_backward(vocab_major, residuals, g):
 chunk_logps.defvjp(_chunk_logps_fwd, chunk_logps_backward)
 
 
-def next_token_targets(ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def next_token_targets(
+    ids: jax.Array, loss_mask: jax.Array, segments: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """``(targets, mask)`` ``[B,T]`` aligned with the logits: position ``t`` predicts token
     ``t+1``, so ``targets[:, t] = ids[:, t+1]`` and ``mask[:, t] = loss_mask[:, t+1]``
-    (float32; the last position predicts nothing)."""
+    (float32; the last position predicts nothing). With ``segments [B,T]`` (packed rows)
+    a position predicts nothing across a boundary: the last token of one sequence does
+    not score the first of the next."""
     b = ids.shape[0]
     targets = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
     mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros((b, 1), loss_mask.dtype)], axis=1)
-    return targets, mask.astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
+    if segments is not None:
+        same = jnp.concatenate(
+            [segments[:, 1:] == segments[:, :-1], jnp.zeros((b, 1), bool)], axis=1
+        )
+        mask = mask * same
+    return targets, mask
 
 
 def map_sequence_chunks(fn: Callable, arrays: tuple[jax.Array, ...], chunk_size: int):
@@ -381,12 +408,31 @@ def compact_positions(mask: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, .
     return tuple(take(x) for x in arrays)
 
 
+def sum_over_sequences(
+    per_chunk: jax.Array, segments: jax.Array | None = None, num_sequences: int = 0
+) -> jax.Array:
+    """Per-sequence sums of per-position values chunked by :func:`map_sequence_chunks`.
+
+    ``per_chunk [n,B,c]``. Without ``segments`` each row is one sequence: ``[B]``. With
+    ``segments [B,T]`` (packed rows, in the same position order as the values; -1 on
+    padding, whose values are 0) the sum of each segment's positions: ``[num_sequences]``.
+    """
+    if segments is None:
+        return jnp.sum(per_chunk, axis=(0, 2))
+    n, b, c = per_chunk.shape
+    values = jnp.swapaxes(per_chunk, 0, 1).reshape(b, n * c)[:, : segments.shape[1]]
+    ids = jnp.maximum(segments, 0).reshape(-1)
+    return jax.ops.segment_sum(values.reshape(-1), ids, num_segments=num_sequences)
+
+
 def chunked_token_logps(
     model: Transformer,
     hidden: jax.Array,
     ids: jax.Array,
     loss_mask: jax.Array,
     chunk_size: int = 256,
+    segments: jax.Array | None = None,
+    num_sequences: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed next-token log-probs of masked tokens, computed chunk by chunk.
 
@@ -397,16 +443,24 @@ def chunked_token_logps(
     into chunks of ``chunk_size`` positions (:func:`map_sequence_chunks`); each chunk's
     ``[B,chunk,V]`` float32 logits live only inside one step of the map (recomputed in
     the backward pass, see :func:`chunk_logps`), so neither pass holds ``[B,T,V]``.
-    Returns ``(sum_logps [B], num_tokens [B])``.
+    Returns ``(sum_logps [B], num_tokens [B])``; for packed rows (``segments [B,T]``, see
+    :func:`token_rows`) the sums per sequence, ``[num_sequences]`` each.
     """
-    targets, mask = next_token_targets(ids, loss_mask)
+    targets, mask = next_token_targets(ids, loss_mask, segments)
     w, vocab_major = model.output_layer()
+    extra = () if segments is None else (segments,)
+    hidden, targets, scored, *compacted = compact_positions(mask, hidden, targets, mask, *extra)
     per_chunk = map_sequence_chunks(
         lambda h, tgt, m: chunk_logps(h, w, tgt, m, vocab_major),
-        compact_positions(mask, hidden, targets, mask),
+        (hidden, targets, scored),
         chunk_size,
     )
-    return jnp.sum(per_chunk, axis=0), jnp.sum(mask, axis=1)
+    if segments is None:
+        return sum_over_sequences(per_chunk), jnp.sum(mask, axis=1)
+    counts = jax.ops.segment_sum(
+        mask.reshape(-1), jnp.maximum(segments, 0).reshape(-1), num_segments=num_sequences
+    )
+    return sum_over_sequences(per_chunk, compacted[0], num_sequences), counts
 
 
 def sequence_logps(
@@ -425,21 +479,51 @@ def sequence_logps(
     return chunked_token_logps(model, hidden, ids, loss_mask, chunk_size)
 
 
-def pair_logps(
-    model: Transformer, batch: Mapping[str, jax.Array], chunk_size: int = 256
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Chosen and rejected log-probs from ONE forward pass over ``[2B,T]``.
+def pair_count(batch: Mapping[str, jax.Array]) -> int:
+    """The pairs ``B`` of a pair batch, packed (its ``weight [B]``) or not."""
+    return batch["weight" if "packed_ids" in batch else "chosen_ids"].shape[0]
 
-    Returns ``(chosen_logps, rejected_logps, chosen_num_tokens, rejected_num_tokens)``,
-    each ``[B]``.
-    """
-    b = batch["chosen_ids"].shape[0]
+
+def token_rows(batch: Mapping[str, jax.Array]):
+    """``(ids, positions, attention_mask, loss_mask, segments)``: the rows a pair batch's
+    forward pass runs over.
+
+    Unpacked: ``[2B,T]``, the chosen rows then the rejected ones, ``segments`` None. Packed
+    (:data:`PACKED_FIELDS`, :func:`jaxalign.data.packing.pack_pair_rows`): the ``[R,T]``
+    rows, ``segments`` naming each position's sequence (pair ``i``'s chosen response is
+    sequence ``i``, its rejected one ``B + i``; -1 on padding)."""
+    if "packed_ids" in batch:
+        segments = batch["packed_segments"]
+        return (
+            batch["packed_ids"],
+            batch["packed_positions"],
+            segments >= 0,
+            batch["packed_loss_mask"],
+            segments,
+        )
 
     def both(name):
         return jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
 
-    logps, counts = sequence_logps(
-        model, both("ids"), both("attention_mask"), both("loss_mask"), chunk_size
+    attention_mask = both("attention_mask")
+    positions = positions_from_mask(attention_mask)
+    return both("ids"), positions, attention_mask, both("loss_mask"), None
+
+
+def pair_logps(
+    model: Transformer, batch: Mapping[str, jax.Array], chunk_size: int = 256
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Chosen and rejected log-probs from ONE forward pass over ``[2B,T]`` (or the
+    batch's packed rows, :func:`token_rows`).
+
+    Returns ``(chosen_logps, rejected_logps, chosen_num_tokens, rejected_num_tokens)``,
+    each ``[B]``.
+    """
+    b = pair_count(batch)
+    ids, positions, attention_mask, loss_mask, segments = token_rows(batch)
+    hidden, _ = model.hidden_states(ids, positions, attention_mask, segment_ids=segments)
+    logps, counts = chunked_token_logps(
+        model, hidden, ids, loss_mask, chunk_size, segments, num_sequences=2 * b
     )
     return logps[:b], logps[b:], counts[:b], counts[b:]
 

@@ -356,14 +356,14 @@ def test_a_chunk_s_extrapolated_terms_against_plain_log_softmaxes(vocab_major, s
 
     def picked(logits):
         logp = jax.nn.log_softmax(logits, axis=-1)
-        return jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask, -1)
+        return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask  # per position
 
     got = terms(hp, w, hr, w_ref, mask)
     want = (picked(hp @ w), picked(hr @ w_ref), picked((1 + lam) * (hp @ w) - lam * (hr @ w_ref)))
     for g, x in zip(got, want, strict=True):
         np.testing.assert_allclose(g, x, rtol=1e-5, atol=1e-5)
 
-    weights = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(3, 2, 5)), jnp.float32)  # a cotangent per position
 
     def total(hp, w, hr, w_ref):
         return sum(

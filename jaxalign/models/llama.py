@@ -545,6 +545,7 @@ class Transformer(nnx.Module):
         attention_mask: jax.Array,
         cache: KVCache | None = None,
         adapter: LayerAdapter | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states ``[B,T,D]`` (and the updated cache).
 
@@ -556,6 +557,9 @@ class Transformer(nnx.Module):
         ``fn(layer_params, layer_slice) -> layer_params`` applied inside the scan (LoRA's
         ``W + s·A@B``, :class:`jaxalign.models.lora.AdaptedTransformer`), so the changed
         weights exist for one layer at a time, in the forward and the backward pass.
+        ``segment_ids [B,T]`` (no cache): several sequences packed in one row, a token
+        attending only to earlier tokens of its own segment (``positions`` then restart at
+        each segment; :mod:`jaxalign.data.packing`).
         """
         cfg = self.config
         dtype = dtype_from_name(cfg.dtype)
@@ -566,8 +570,12 @@ class Transformer(nnx.Module):
         if cache is None:
             causal = jnp.tril(jnp.ones((t, t), bool))
             key_mask = causal[None] & attention_mask[:, None, :]
+            if segment_ids is not None:
+                key_mask = key_mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
             index, kv_mask = None, None
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed rows) cannot be used with a KV cache")
             index = cache.index
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, index))
             slots = jnp.arange(cache.max_length)

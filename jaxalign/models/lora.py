@@ -204,9 +204,11 @@ class AdaptedTransformer:
         self.scaling = scaling
         self.config = base.config
 
-    def hidden_states(self, tokens, positions, attention_mask, cache=None):
+    def hidden_states(self, tokens, positions, attention_mask, cache=None, segment_ids=None):
         adapter = (self.adapters, lambda p, a: merge_layer(p, a, self.scaling))
-        return self.base.hidden_states(tokens, positions, attention_mask, cache, adapter)
+        return self.base.hidden_states(
+            tokens, positions, attention_mask, cache, adapter, segment_ids=segment_ids
+        )
 
     def output_embedding(self) -> jax.Array:
         return self.base.output_embedding()  # embeddings are not LoRA targets
