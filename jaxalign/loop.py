@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import checkpoint, parallel, throughput, training
 from jaxalign.data.iteration import epoch_order
+from jaxalign.data.packing import pack_pair_rows, packed_row_multiple
 from jaxalign.loading import default_cache_dir
 from jaxalign.models.llama import Transformer
 from jaxalign.parallel import model_shardings, place_params, shard_host_batch
@@ -129,6 +130,9 @@ def train(
       batches every process holds;
     - ``checkpoint_dir``: the full train state is saved every ``save_every`` steps (0:
       only after the last step) and a rerun resumes from the newest checkpoint;
+    - ``config.pack_sequences``: each batch's pair rows are packed into fewer rows before
+      the step (:func:`jaxalign.data.packing.pack_pair_rows`), the same step on less
+      padding; on a one-device mesh, with ``config.micro_batches`` 1, batches not host-local;
     - ``metrics``: a writer whose ``write(tag, step, scalars)`` gets every step's metrics.
     """
     total = epochs * len(batches)
@@ -172,6 +176,15 @@ def train(
         size = max(size, throughput.parameter_count(frozen))
     peak = throughput.peak_flops(mesh.devices.flat, default_cache_dir())
     hosts = jax.process_count() if host_local else 1
+    # Packed rows cannot be split into micro-batches by pair, host-local batches would pack
+    # into different row counts on different hosts, and a packed step over several devices
+    # sums each sequence's log-probs across them: on XLA:CPU's in-process collectives (8
+    # host devices) that step deadlocked, devices waiting in different collectives. Those
+    # train unpacked.
+    pack = config.pack_sequences and not host_local and config.micro_batches == 1 and mesh.size == 1
+    row_multiple = packed_row_multiple(config.batch_size, parallel.batch_divisor(mesh))
+    # One row length for the whole run: only the row count varies between packed batches.
+    pack_length = max((b["chosen_ids"].shape[1] for b in batches if "chosen_ids" in b), default=0)
     bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step")
     clock = time.perf_counter()
 
@@ -205,7 +218,10 @@ def train(
     for step in range(start, total):
         epoch, position = divmod(step, len(batches))
         host_batch = batches[order(epoch)[position]]
-        batch = device_batch(host_batch, mesh, config.batch_size if host_local else None)
+        fed = host_batch
+        if pack and "chosen_ids" in host_batch:
+            fed = pack_pair_rows(host_batch, row_multiple, pack_length)
+        batch = device_batch(fed, mesh, config.batch_size if host_local else None)
         state, m = step_fn(state, batch, *extra_args)
         if pending is not None:
             record(*pending)  # the previous step's, while this one runs

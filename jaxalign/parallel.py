@@ -378,15 +378,16 @@ def shard_host_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, j
     """A global batch from one every process holds whole (e.g. built from small in-memory data).
 
     Each process hands over only its own rows (:func:`process_rows`); on one
-    process this is :func:`make_global_batch` of the whole batch.
+    process this is :func:`make_global_batch` of the whole batch. Fields may differ in
+    their row counts (a packed batch's rows and its pairs, ``jaxalign.data.packing``):
+    each is split by its own.
     """
-    batch = {k: np.asarray(v) for k, v in batch.items()}
-    sizes = {v.shape[0] for v in batch.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"batch fields have different row counts: {sorted(sizes)}")
-    (global_rows,) = sizes
-    rows = process_rows(mesh, global_rows)
-    return make_global_batch({k: v[rows] for k, v in batch.items()}, mesh, global_rows)
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        rows = process_rows(mesh, value.shape[0])
+        out.update(make_global_batch({name: value[rows]}, mesh, value.shape[0]))
+    return out
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -237,6 +237,7 @@ TYPE_ONLY = {
     "sampling.greedy",
     "sampling.return_logprobs",
     "sampling.shrink_batch",  # true, false or null (null: on for the CPU)
+    "train.pack_sequences",
     "spa.refine",
     "spa.judge_from_sampler",
     "ple.sft_data",  # free text: a path, "demo", or empty for no SFT stage

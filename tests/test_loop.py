@@ -1,5 +1,7 @@
 """The training loop: batch order, global batches, and a killed run resuming to the same result."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -98,3 +100,57 @@ def test_a_run_killed_after_its_last_checkpoint_reports_its_metrics(tmp_path):
     assert again.summary() == whole.summary()
     for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(again.params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _wide_batches(width=48):
+    """The tiny batches in rows twice as long as their sequences, so two share a packed row."""
+    return [
+        {
+            k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) if v.ndim == 2 else v
+            for k, v in b.items()
+        }
+        for b in _batches()
+    ]
+
+
+def _dpo_run(config, mesh, spy=None):
+    model = Transformer(TINY, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    loss_fn = training.dpo_loss_fn(config, graphdef)
+    if spy is not None:
+        inner = loss_fn
+
+        def loss_fn(model, batch, *rest):
+            spy.append(batch["packed_ids"].shape if "packed_ids" in batch else None)
+            return inner(model, batch, *rest)
+
+    return loop.train(
+        model,
+        _wide_batches(),
+        config,
+        mesh,
+        loss_fn=loss_fn,
+        epochs=1,
+        frozen=params,
+        progress=False,
+        seed=3,
+        log=lambda m: None,
+    )
+
+
+def test_packed_batches_train_to_the_unpacked_result():
+    """``train.pack_sequences`` feeds packed rows on a one-device mesh and trains to the
+    parameters and metrics of the unpacked run; micro-batched steps and a mesh of several
+    devices stay unpacked."""
+    mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    packed, seen = _dpo_run(CONFIG, mesh, spy := []), spy
+    unpacked = _dpo_run(dataclasses.replace(CONFIG, pack_sequences=False), mesh)
+    assert seen and all(shape == (4, 48) for shape in seen)  # 8 sequences, two per row
+    for a, b in zip(jax.tree.leaves(packed.params), jax.tree.leaves(unpacked.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for key, value in unpacked.mean_metrics.items():
+        np.testing.assert_allclose(packed.mean_metrics[key], value, rtol=1e-4, atol=1e-6)
+    micro, several = [], []
+    _dpo_run(dataclasses.replace(CONFIG, micro_batches=2), mesh, micro)
+    _dpo_run(CONFIG, parallel.make_mesh(2, 1, 1, devices=jax.devices()[:2]), several)
+    assert micro and several and not any(micro) and not any(several)

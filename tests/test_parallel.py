@@ -111,8 +111,11 @@ def test_one_process_feeds_every_row_and_global_rows_is_checked():
     np.testing.assert_array_equal(np.asarray(batch["ids"]), full["ids"])
     with pytest.raises(ValueError, match="global batch of 16"):
         parallel.make_global_batch({"ids": np.zeros((8, 2))}, mesh, global_rows=16)
-    with pytest.raises(ValueError, match="different row counts"):
-        parallel.shard_host_batch({"a": np.zeros(8), "b": np.zeros(4)}, mesh)
+    mixed = parallel.shard_host_batch({"a": np.arange(8.0), "b": np.arange(4.0)}, mesh)
+    np.testing.assert_array_equal(np.asarray(mixed["b"]), np.arange(4.0))  # each by its rows
+    assert mixed["b"].sharding == parallel.batch_sharding(mesh)
+    with pytest.raises(ValueError, match="batch of 6 rows does not split"):
+        parallel.shard_host_batch({"a": np.zeros(8), "b": np.zeros(6)}, mesh)
 
 
 def test_to_host_copies_local_arrays():
