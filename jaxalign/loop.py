@@ -97,6 +97,15 @@ def device_batch(batch: dict, mesh, global_rows: int | None = None) -> dict:
     return parallel.make_global_batch(batch, mesh, global_rows=global_rows)
 
 
+def _packed(batches: Sequence[dict], batch_size: int) -> list[dict]:
+    """Each pair batch packed once for the run (:func:`jaxalign.data.packing.pack_pair_rows`)
+    at the run's longest length, so only the row count varies between them; other
+    batches (SFT rows alone) as they are."""
+    length = max((b["chosen_ids"].shape[1] for b in batches if "chosen_ids" in b), default=0)
+    multiple = packed_row_multiple(batch_size)
+    return [pack_pair_rows(b, multiple, length) if "chosen_ids" in b else b for b in batches]
+
+
 def train(
     model: Transformer | nnx.Module,
     batches: Sequence[dict],
@@ -182,9 +191,7 @@ def train(
     # host devices) that step deadlocked, devices waiting in different collectives. Those
     # train unpacked.
     pack = config.pack_sequences and not host_local and config.micro_batches == 1 and mesh.size == 1
-    row_multiple = packed_row_multiple(config.batch_size, parallel.batch_divisor(mesh))
-    # One row length for the whole run: only the row count varies between packed batches.
-    pack_length = max((b["chosen_ids"].shape[1] for b in batches if "chosen_ids" in b), default=0)
+    fed_batches = _packed(batches, config.batch_size) if pack else batches
     bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step")
     clock = time.perf_counter()
 
@@ -217,11 +224,9 @@ def train(
     pending = None  # the step dispatched last, whose metrics are not read yet
     for step in range(start, total):
         epoch, position = divmod(step, len(batches))
-        host_batch = batches[order(epoch)[position]]
-        fed = host_batch
-        if pack and "chosen_ids" in host_batch:
-            fed = pack_pair_rows(host_batch, row_multiple, pack_length)
-        batch = device_batch(fed, mesh, config.batch_size if host_local else None)
+        index = order(epoch)[position]
+        host_batch = batches[index]
+        batch = device_batch(fed_batches[index], mesh, config.batch_size if host_local else None)
         state, m = step_fn(state, batch, *extra_args)
         if pending is not None:
             record(*pending)  # the previous step's, while this one runs

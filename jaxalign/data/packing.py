@@ -87,7 +87,7 @@ def pack_pair_rows(
         placed.append((row, fill[row], seq))
         fill[row] += seq[0]
     rows = min(max(1, -(-len(fill) // row_multiple)) * row_multiple, 2 * b)
-    if rows < len(fill) or rows % row_multiple:
+    if rows % row_multiple:  # rounding up went past 2B
         raise ValueError(
             f"row_multiple {row_multiple} does not divide the batch's {2 * b} rows; "
             "see packed_row_multiple"
