@@ -31,6 +31,11 @@ shuffles them and pads each batch to its longest row, as Hugging Face's collator
 jaxalign's judge, by default (``spa.judge_from_sampler``), takes ``log π_{i-1}`` from its
 sampler and runs only ``π_init``; the peer runs both forward passes, as the authors' code
 does. jaxalign's stage times include compiling; the peer's exclude loading its models.
+``round_1_judge_scoring`` has the judge's forward passes (sequences, tokens, the padding
+computed, and ``warm_mfu``, their share of the peak over the calls that compiled nothing);
+``round_1_train_perf`` the refinement steps' ``perf/mfu`` as logged (model FLOPs of the
+policy's forward and backward and the on-the-fly reference's forward, attention included,
+over wall time between steps, against the peak ``jaxalign.throughput`` uses).
 ``load_avg_1m`` is the machine's load before the run: torch's threads slow down many-fold
 when another process holds a core (see ``--torch-threads``).
 """
@@ -105,6 +110,12 @@ def jaxalign_round(prompts: int, overrides: list[str], peer: bool = False) -> di
         "round_1_compiles": {
             k: {f: stages[f"round_1/{k}"].get(f, 0) for f in COMPILE_FIELDS} for k in STAGES
         },
+        # the judge's forward passes: sequences and tokens scored, padding computed, and the
+        # share of the peak over the calls that compiled nothing (jaxalign.throughput)
+        "round_1_judge_scoring": stages["round_1/judge"].get("scoring", {}),
+        # the refinement steps' logged throughput (model FLOPs: policy forward and backward
+        # plus the on-the-fly reference's forward, attention included)
+        "round_1_train_perf": train_perf(out / "metrics.jsonl", "round_1/train"),
     }
     if peer:
         candidates_path = stages["round_1/sample"]["result"]["candidates"]
@@ -118,6 +129,28 @@ def jaxalign_round(prompts: int, overrides: list[str], peer: bool = False) -> di
             "settings": peer_settings(config),
         }
     return result
+
+
+def train_perf(metrics_path: pathlib.Path, tag: str) -> dict:
+    """The ``perf/*`` metrics of ``tag``'s steps in ``metrics.jsonl``: each step's MFU and
+    seconds, and over all steps the model FLOPs per second of wall time and its share of
+    the peak (the first step's seconds include compiling its program; ``*_after_first``
+    leave it out). Empty when no step logged them."""
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    rows = [r for r in rows if r.get("tag") == tag and "perf/step_seconds" in r]
+    if not rows:
+        return {}
+    seconds = [r["perf/step_seconds"] for r in rows]
+    tflop = [r["perf/model_tflops_per_second"] * r["perf/step_seconds"] for r in rows]
+    out = {"step_seconds": [round(x, 2) for x in seconds]}
+    if all("perf/mfu" in r for r in rows):
+        out["step_mfu"] = [round(r["perf/mfu"], 3) for r in rows]
+        peak = rows[0]["perf/model_tflops_per_second"] / rows[0]["perf/mfu"]
+        out["peak_tflops_per_second"] = round(peak, 4)
+        out["mfu"] = round(sum(tflop) / sum(seconds) / peak, 3)
+        if len(rows) > 1:
+            out["mfu_after_first"] = round(sum(tflop[1:]) / sum(seconds[1:]) / peak, 3)
+    return out
 
 
 def _peer_models(config, run_dir: pathlib.Path) -> dict:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from jaxalign import checkpoint, parallel, throughput, training
 from jaxalign.data.iteration import epoch_order
-from jaxalign.data.packing import pack_pair_rows, packed_row_multiple
+from jaxalign.data.packing import cheapest_layout, pack_pair_rows, pair_sequences, row_multiple
 from jaxalign.loading import default_cache_dir
 from jaxalign.models.llama import Transformer
 from jaxalign.parallel import model_shardings, place_params, shard_host_batch
@@ -97,13 +97,23 @@ def device_batch(batch: dict, mesh, global_rows: int | None = None) -> dict:
     return parallel.make_global_batch(batch, mesh, global_rows=global_rows)
 
 
-def _packed(batches: Sequence[dict], batch_size: int) -> list[dict]:
+def _packed(
+    batches: Sequence[dict], batch_size: int, position_cost: Callable[[int], float]
+) -> list[dict]:
     """Each pair batch packed once for the run (:func:`jaxalign.data.packing.pack_pair_rows`)
-    at the run's longest length, so only the row count varies between them; other
-    batches (SFT rows alone) as they are."""
-    length = max((b["chosen_ids"].shape[1] for b in batches if "chosen_ids" in b), default=0)
-    multiple = packed_row_multiple(batch_size)
-    return [pack_pair_rows(b, multiple, length) if "chosen_ids" in b else b for b in batches]
+    in one row length, so only the row count varies between them; other batches (SFT rows
+    alone) as they are. The row length is the run's longest bucket ``T``, or ``2T`` or ``4T``
+    in half or a quarter of the rows, whichever computes the run's batches in the fewest
+    FLOPs (:func:`jaxalign.data.packing.cheapest_layout`): never more positions than the
+    longest unpacked batch."""
+    pairs = [b for b in batches if "chosen_ids" in b]
+    if not pairs:
+        return list(batches)
+    longest = max(b["chosen_ids"].shape[1] for b in pairs)
+    groups = [[len(ids) for _, ids, _ in pair_sequences(b)] for b in pairs]
+    length, rows = cheapest_layout(groups, longest, 2 * batch_size, position_cost)
+    step = row_multiple(rows)
+    return [pack_pair_rows(b, step, length, rows) if "chosen_ids" in b else b for b in batches]
 
 
 def train(
@@ -126,12 +136,15 @@ def train(
     save_every: int = 0,
     log: Callable[[str], None] = print,
     host_local: bool = False,
+    frozen_forward: bool = False,
 ) -> TrainResult:
     """Trains ``model`` for ``epochs`` passes over ``batches``; returns the final parameters.
 
     - ``loss_fn``, ``algo_state`` and ``frozen`` as for :func:`jaxalign.training.make_train_step`:
       ``frozen`` (e.g. an on-the-fly reference's parameters, or LoRA's base) is passed
       to every step, placed once as training places parameters, never trained;
+      ``frozen_forward``: the loss runs ``frozen`` forward over every token (an on-the-fly
+      reference), counted in the logged model FLOPs (:func:`jaxalign.throughput.model_flops`);
     - ``order``: epoch -> batch permutation (default :func:`seeded_order` of ``seed``,
       itself ``config.seed`` by default);
     - ``host_local``: ``batches`` are this process's rows of ``config.batch_size``-row
@@ -183,6 +196,7 @@ def train(
     size = throughput.parameter_count(state.params)
     if frozen is not None:  # LoRA's base, or an on-the-fly reference: the larger model
         size = max(size, throughput.parameter_count(frozen))
+    width = throughput.attention_width(model)
     peak = throughput.peak_flops(mesh.devices.flat, default_cache_dir())
     hosts = jax.process_count() if host_local else 1
     # Packed rows cannot be split into micro-batches by pair, host-local batches would pack
@@ -191,7 +205,11 @@ def train(
     # host devices) that step deadlocked, devices waiting in different collectives. Those
     # train unpacked.
     pack = config.pack_sequences and not host_local and config.micro_batches == 1 and mesh.size == 1
-    fed_batches = _packed(batches, config.batch_size) if pack else batches
+    if pack:
+        cost = throughput.position_cost(model, size)
+        fed_batches = _packed(batches, config.batch_size, cost)
+    else:
+        fed_batches = batches
     bar = tqdm(total=total, initial=start, desc=desc, disable=not progress, unit="step")
     clock = time.perf_counter()
 
@@ -200,9 +218,10 @@ def train(
         nonlocal last, clock
         m = jax.device_get(m)
         now = time.perf_counter()
-        perf = throughput.step_throughput(
-            now - clock, throughput.batch_tokens(host_batch) * hosts, size, peak
-        )
+        tokens = throughput.batch_tokens(host_batch) * hosts
+        squares = throughput.batch_squares(host_batch) * hosts
+        flops = throughput.model_flops(tokens, squares, size, width, 4 if frozen_forward else 3)
+        perf = throughput.step_throughput(now - clock, tokens, flops, peak)
         clock = now
         pair_metrics = {k: np.asarray(v) for k, v in m.items() if training.is_per_pair(k)}
         if pair_metrics:

@@ -13,15 +13,21 @@ Every place that needs ``log π(y|x)`` of responses it already has calls this mo
 
 Log-probs are summed over response tokens, computed chunk by chunk
 (:func:`jaxalign.training.chunked_token_logps`), so no ``[B,T,V]`` logits are held.
-The pair passes run on every device of a mesh when one is given: the parameters are
-placed as training places them and each batch's rows are split over the data axes
-(every process holds the batch whole and feeds its own rows), across hosts too.
+On one device (no mesh, or a mesh of one) with ``train.pack_sequences``, the pair passes
+pack every sequence of the pass into rows of its longest bucket at once
+(:func:`packed_logps`), so they compute almost no padding: a pass over short responses
+in long buckets costs what its tokens cost. Otherwise they run batch by batch on every
+device of the mesh: the parameters are placed as training places them and each batch's
+rows are split over the data axes (every process holds the batch whole and feeds its own
+rows), across hosts too.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +35,40 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxalign import training
+from jaxalign import throughput, training
+from jaxalign.data import packing
 from jaxalign.data.buckets import bucket_length
 from jaxalign.data.pairs import pair_batches
 from jaxalign.parallel import place_params, shard_host_batch, to_host
 
 # ----------------------------------------------------------------------------- pair batches
+
+
+def _model_size(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[int, int]:
+    """``(N, W)`` of the model a pass runs, for its model FLOPs (:mod:`jaxalign.throughput`)."""
+    width = throughput.attention_width(nnx.merge(graphdef, params))
+    return throughput.parameter_count(params), width
+
+
+def _counted(run: Callable[[], Any], size: tuple[int, int], lengths, positions: int):
+    """``run()`` (a pass's call, returning host arrays), counted in
+    :func:`jaxalign.throughput.record_scoring`: sequences of ``lengths`` tokens, ``positions``
+    computed, by a model of ``size`` (:func:`_model_size`)."""
+    lengths = np.asarray(lengths, np.int64)
+    compiles = throughput.compile_stats()["compiles"]
+    start = time.perf_counter()
+    out = run()
+    seconds = time.perf_counter() - start
+    tokens = int(lengths.sum())
+    throughput.record_scoring(
+        int(np.count_nonzero(lengths)),
+        tokens,
+        positions,
+        throughput.model_flops(tokens, int((lengths**2).sum()), *size, passes=1),
+        seconds,
+        compiled=throughput.compile_stats()["compiles"] > compiles,
+    )
+    return out
 
 
 def pair_scorer(
@@ -48,19 +82,21 @@ def pair_scorer(
     runs on this process's default device.
     """
     placed = place_params(params, mesh)  # once for all batches
-    if mesh is None:
-
-        def score(batch):
-            ref = training.compute_reference_logps(graphdef, placed, batch, chunk_size)
-            return {k: np.asarray(v) for k, v in ref.items()}
-
-        return score
+    size = _model_size(graphdef, params)
     fields = [k for k in training.PAIR_FIELDS if k.endswith(("ids", "mask"))]
 
-    def score(batch):
+    def run(batch):
+        if mesh is None:
+            ref = training.compute_reference_logps(graphdef, placed, batch, chunk_size)
+            return {k: np.asarray(v) for k, v in ref.items()}
         rows = shard_host_batch({k: np.asarray(batch[k]) for k in fields}, mesh)
         ref = training.compute_reference_logps(graphdef, placed, rows, chunk_size)
         return {k: to_host(v) for k, v in ref.items()}
+
+    def score(batch):
+        masks = [np.asarray(batch[f"{side}_attention_mask"]) for side in ("chosen", "rejected")]
+        lengths = np.concatenate([m.sum(axis=1) for m in masks])
+        return _counted(lambda: run(batch), size, lengths, sum(m.size for m in masks))
 
     return score
 
@@ -82,11 +118,15 @@ def with_reference_logps(
     """
     if config.compute_dtype is not None:  # the dtype the policy computes in
         graphdef = training.compute_graphdef(graphdef, params, config)
+    desc = "reference log-probs"
+    if packs(config, mesh):
+        logps = batch_pair_logps(graphdef, params, batches, config, progress, desc, mesh)
+        return [
+            {**batch, "ref_chosen_logps": both[:, 0], "ref_rejected_logps": both[:, 1]}
+            for batch, both in zip(batches, logps, strict=True)
+        ]
     score = pair_scorer(graphdef, params, config.logp_chunk_size, mesh)
-    return [
-        {**batch, **score(batch)}
-        for batch in tqdm(batches, desc="reference log-probs", disable=not progress)
-    ]
+    return [{**batch, **score(batch)} for batch in tqdm(batches, desc=desc, disable=not progress)]
 
 
 def response_logps(
@@ -112,14 +152,133 @@ def response_logps(
             f"{len(records) - report.kept} of {len(records)} candidate pairs could not be "
             "tokenised for judging; see the pair report"
         )
-    score = pair_scorer(graphdef, params, config.train.logp_chunk_size, mesh)
     out = np.zeros((len(records), 2), np.float64)
+    if packs(config.train, mesh):
+        logps = batch_pair_logps(graphdef, params, batches, config.train, progress, desc, mesh)
+        for batch, both in zip(batches, logps, strict=True):
+            rows = np.asarray(batch["index"])
+            out[rows[rows >= 0]] = both[rows >= 0]
+        return out
+    score = pair_scorer(graphdef, params, config.train.logp_chunk_size, mesh)
     for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         ref = score(batch)
         rows = np.asarray(batch["index"])
         valid = rows >= 0
         out[rows[valid], 0] = ref["ref_chosen_logps"][valid]
         out[rows[valid], 1] = ref["ref_rejected_logps"][valid]
+    return out
+
+
+def packs(config: training.TrainConfig, mesh) -> bool:
+    """Whether a pair pass packs its sequences (:func:`packed_logps`): with
+    ``config.pack_sequences``, on no mesh or a mesh of one device."""
+    return config.pack_sequences and (mesh is None or mesh.size == 1)
+
+
+def batch_pair_logps(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batches: Sequence[dict],
+    config: training.TrainConfig,
+    progress: bool = False,
+    desc: str = "log-probs",
+    mesh=None,
+) -> list[np.ndarray]:
+    """``[B, 2]`` float32 (chosen, rejected) summed log-probs of each pair batch's rows, all
+    batches' sequences packed together (:func:`packed_logps`); padding pairs get 0.
+
+    The calls hold as many positions as ``2 × config.batch_size`` rows of the longest
+    batch's length ``T``, so none needs more memory than a training step's forward pass
+    over that batch: ``2B`` rows of ``T``, or ``B`` rows of ``2T`` or ``B/2`` of ``4T``,
+    whichever computes the pass in the fewest FLOPs
+    (:func:`jaxalign.data.packing.cheapest_layout`; longer rows hold sequences of more than
+    half of ``T`` two or more to a row, at more attention per position)."""
+    found = []  # (batch, pair slot, side) of each sequence
+    sequences = []
+    for k, batch in enumerate(batches):
+        b = training.pair_count(batch)
+        for index, ids, loss_mask in packing.pair_sequences(batch):
+            found.append((k, index % b, index // b))
+            sequences.append((ids, loss_mask))
+    longest = max((np.shape(batch["chosen_ids"])[1] for batch in batches), default=1)
+    cost = throughput.position_cost(nnx.merge(graphdef, params), throughput.parameter_count(params))
+    length, rows = packing.cheapest_layout(
+        [[len(ids) for ids, _ in sequences]], longest, 2 * config.batch_size, cost
+    )
+    sums = packed_logps(
+        graphdef,
+        params,
+        sequences,
+        length,
+        2 * config.batch_size,
+        config.logp_chunk_size,
+        progress=progress,
+        desc=desc,
+        mesh=mesh,
+    )
+    out = [np.zeros((training.pair_count(batch), 2), np.float32) for batch in batches]
+    for (k, slot, side), value in zip(found, sums, strict=True):
+        out[k][slot, side] = value
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk_size",))
+def _packed_sums(graphdef, params, *, ids, positions, segments, loss_mask, chunk_size):
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.hidden_states(ids, positions, segments >= 0, segment_ids=segments)
+    sums, _ = training.chunked_token_logps(
+        model, hidden, ids, loss_mask, chunk_size, segments, num_sequences=ids.size
+    )
+    return sums
+
+
+def packed_logps(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    sequences: Sequence[tuple[np.ndarray, np.ndarray]],
+    length: int,
+    rows: int,
+    chunk_size: int = 256,
+    *,
+    progress: bool = False,
+    desc: str = "log-probs",
+    mesh=None,
+) -> np.ndarray:
+    """``[N]`` summed log-probs of ``sequences`` (``(ids, loss_mask)`` each, unpadded; token
+    ``t`` is scored, from the logits at ``t-1``, where ``loss_mask[t]`` is 1), on the device of
+    ``mesh`` (one device), or this process's default device without one.
+
+    Every sequence is placed at once in rows of ``length`` tokens, longest first into the
+    fullest row that holds it (:func:`jaxalign.data.packing.best_fit`), and the rows go
+    through the model ``rows`` at a time, attention masked to each sequence: one program
+    for the whole pass (``[rows, length]``), and a second for the last call, whose row
+    count is rounded up to :func:`jaxalign.data.packing.row_multiple` only.
+    """
+    placed, used = packing.best_fit([len(ids) for ids, _ in sequences], length)
+    calls: list[list[int]] = [[] for _ in range(-(-used // rows))]
+    step = packing.row_multiple(rows)
+    for k, (row, _) in enumerate(placed):
+        calls[row // rows].append(k)
+    on_device = place_params(params, mesh)
+    size = _model_size(graphdef, params)
+    out = np.zeros(len(sequences), np.float64)
+    for call, members in enumerate(tqdm(calls, desc=desc, disable=not progress, unit="batch")):
+        held = min(rows, -(-(used - call * rows) // step) * step)
+        arrays = packing.fill_rows(
+            [(j, *sequences[k]) for j, k in enumerate(members)],
+            [(placed[k][0] - call * rows, placed[k][1]) for k in members],
+            held,
+            length,
+        )
+        sums = _counted(
+            lambda arrays=arrays: np.asarray(
+                _packed_sums(graphdef, on_device, **arrays, chunk_size=chunk_size)
+            ),
+            size,
+            [len(sequences[k][0]) for k in members],
+            held * length,
+        )
+        out[members] = sums[: len(members)]
     return out
 
 

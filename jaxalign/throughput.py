@@ -1,10 +1,13 @@
 """Throughput of a training step: seconds, tokens per second and a model-FLOPs utilisation.
 
-Model FLOPs per step follow the usual convention (PaLM, MaxText): ``6·N·tokens`` for a
-forward and backward pass over ``tokens`` real (unpadded) tokens of a model with ``N``
-parameters. That counts full fine-tuning of the policy; a frozen model's forward passes
-(SPA's on-the-fly reference, LoRA's base) and the attention scores are not counted, so the
-figure is a lower bound of the work done, comparable across runs of one kind.
+Model FLOPs per step follow the usual convention (PaLM, MaxText), over real (unpadded)
+tokens only, so padding and packing never count as work (:func:`model_flops`): a forward
+pass over a sequence of ``s`` tokens of a model with ``N`` parameters costs ``2·N·s``
+plus its causal attention scores, ``2·W·s²`` (``W`` = layers × query heads × head size:
+``QKᵀ`` and the weighted sum of values over the half of the ``s × s`` scores a causal
+model uses); a training step is three forward passes' worth (the backward pass costs
+two) and a frozen model that runs its own forward pass on every token (SPA's on-the-fly
+reference) adds one. LoRA counts as full fine-tuning of its base, an upper bound.
 
 The peak it is measured against: a TPU or GPU's nominal dense bfloat16 peak per chip
 (:data:`NOMINAL_PEAKS`, by ``device_kind``) times the chips in use; on a CPU the best
@@ -14,15 +17,19 @@ jaxalign cache (``peak_flops.json``); ``None`` for a device this table does not 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxalign.models.llama import causal_block_bounds
 
 # Dense bfloat16 FLOP/s per chip, from the vendors' published specifications.
 NOMINAL_PEAKS = {
@@ -45,6 +52,59 @@ NOMINAL_PEAKS = {
 def batch_tokens(batch: dict) -> int:
     """Real tokens in a host batch: the sum of its attention masks (every row kind)."""
     return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("attention_mask")))
+
+
+def batch_squares(batch: dict) -> int:
+    """``Σ s²`` over a host batch's sequences (every row kind, ``s`` a row's real tokens):
+    what its causal attention scores cost, up to :func:`attention_width`."""
+    return int(
+        sum(
+            np.sum(np.sum(np.asarray(v, np.int64), axis=-1) ** 2)
+            for k, v in batch.items()
+            if k.endswith("attention_mask")
+        )
+    )
+
+
+def attention_width(model) -> int:
+    """``W`` = layers × query heads × head size of a model with a ``config`` (a
+    :class:`jaxalign.models.llama.ModelConfig`), 0 for one without (attention not counted)."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "num_heads"):
+        return 0
+    head = config.head_dim or config.hidden_size // config.num_heads
+    return int(config.num_layers * config.num_heads * head)
+
+
+def position_cost(model, params: int) -> Callable[[int], float]:
+    """``L -> `` estimated forward FLOPs per computed position of a row of ``L`` tokens, for
+    choosing how to pack rows (:func:`jaxalign.data.packing.cheapest_layout`): the matmuls
+    of a model of ``params`` parameters less its embeddings (a lookup; the output layer
+    runs only on scored tokens, however they are packed), ``2·N'``, plus the attention
+    scores it computes for a row, ``4·W`` per key: every key of the row up to the end of
+    the query's causal block (:func:`jaxalign.models.llama.causal_block_bounds`), whether
+    one sequence fills the row or several. Without a model ``config``: ``2·params``."""
+    config = getattr(model, "config", None)
+    width = attention_width(model)
+    if not width:
+        return lambda length: 2.0 * params
+    tables = 1 if config.tie_embeddings else 2
+    dense = 2.0 * max(params - tables * config.vocab_size * config.hidden_size, 0)
+
+    def cost(length: int) -> float:
+        bounds = causal_block_bounds(length, config.causal_blocks)
+        keys = sum((hi - lo) * hi for lo, hi in itertools.pairwise(bounds)) / length
+        return dense + 4.0 * width * keys
+
+    return cost
+
+
+def model_flops(tokens: int, squares: int, params: int, width: int, passes: int = 3) -> float:
+    """Model FLOPs of ``passes`` forward passes' worth of work over ``tokens`` real tokens
+    whose sequences' squared lengths sum to ``squares``: ``passes · (2·N·tokens +
+    2·W·squares)``, ``N = params``, ``W = width`` (:func:`attention_width`). A training step
+    is 3 passes, 4 with a frozen model's forward beside it; a scoring pass is 1."""
+    return passes * (2.0 * params * tokens + 2.0 * width * squares)
 
 
 def parameter_count(params) -> int:
@@ -105,17 +165,18 @@ def peak_flops(devices, cache_dir: str | os.PathLike | None) -> float | None:
 
 
 def step_throughput(
-    seconds: float, tokens: int, params: int, peak: float | None
+    seconds: float, tokens: int, flops: float, peak: float | None
 ) -> dict[str, float]:
-    """``perf/*`` metrics of one step (``perf/mfu`` only when the peak is known)."""
+    """``perf/*`` metrics of one step over ``tokens`` real tokens worth ``flops`` model
+    FLOPs (:func:`model_flops`); ``perf/mfu`` only when the peak is known."""
     seconds = max(seconds, 1e-9)
     out = {
         "perf/step_seconds": seconds,
         "perf/tokens_per_second": tokens / seconds,
-        "perf/model_tflops_per_second": 6.0 * params * tokens / seconds / 1e12,
+        "perf/model_tflops_per_second": flops / seconds / 1e12,
     }
     if peak:
-        out["perf/mfu"] = 6.0 * params * tokens / seconds / peak
+        out["perf/mfu"] = flops / seconds / peak
     return out
 
 
@@ -209,4 +270,69 @@ def decoding_since(before: dict[str, float]) -> dict[str, float]:
         out["warm_decoded_tokens_per_second"] = round(out["warm_decoded_tokens"] / warm, 1)
     out["decode_seconds"] = round(out["decode_seconds"], 3)
     out["warm_decode_seconds"] = round(out["warm_decode_seconds"], 3)
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+_scoring = {
+    "scored_sequences": 0,
+    "scored_tokens": 0,
+    "scored_positions": 0,
+    "scoring_seconds": 0.0,
+    "warm_scoring_seconds": 0.0,
+    "warm_scoring_flops": 0.0,
+}
+
+
+def record_scoring(
+    sequences: int,
+    tokens: int,
+    positions: int,
+    flops: float,
+    seconds: float,
+    *,
+    compiled: bool = False,
+) -> None:
+    """Counts one call of a scoring pass (:mod:`jaxalign.scoring`: the judge's and the
+    reference's log-probs): ``sequences`` scored, their ``tokens``, the ``positions`` the
+    call computed (its rows × their length: padding too), its forward pass's model FLOPs
+    (:func:`model_flops`' per-pass count) and ``seconds`` of wall time; ``compiled``: the
+    call compiled its program first (it counts in the totals, not in the ``warm_*`` ones)."""
+    _scoring["scored_sequences"] += int(sequences)
+    _scoring["scored_tokens"] += int(tokens)
+    _scoring["scored_positions"] += int(positions)
+    _scoring["scoring_seconds"] += float(seconds)
+    if not compiled:
+        _scoring["warm_scoring_seconds"] += float(seconds)
+        _scoring["warm_scoring_flops"] += float(flops)
+
+
+def scoring_stats() -> dict[str, float]:
+    """What :func:`record_scoring` has counted in this process so far."""
+    return dict(_scoring)
+
+
+def scoring_since(before: dict[str, float], peak: float | None = None) -> dict[str, float]:
+    """The scoring done since ``before`` (a :func:`scoring_stats`) with its rates:
+    ``scored_sequences_per_second`` and ``scored_tokens_per_second`` (compiles included),
+    ``padding`` (the share of computed positions that held no token) and, over the calls
+    that compiled nothing, ``warm_model_tflops_per_second`` and ``warm_mfu`` (against
+    ``peak``, when known). Empty when nothing was scored."""
+    now = scoring_stats()
+    out = {k: now[k] - before[k] for k in now}
+    if out["scored_sequences"] <= 0:
+        return {}
+    seconds = max(out["scoring_seconds"], 1e-9)
+    out["scored_sequences_per_second"] = round(out["scored_sequences"] / seconds, 2)
+    out["scored_tokens_per_second"] = round(out["scored_tokens"] / seconds, 1)
+    out["padding"] = round(1 - out["scored_tokens"] / max(out["scored_positions"], 1), 3)
+    flops = out.pop("warm_scoring_flops")
+    if out["warm_scoring_seconds"] > 0:
+        rate = flops / out["warm_scoring_seconds"]
+        out["warm_model_tflops_per_second"] = round(rate / 1e12, 4)
+        if peak:
+            out["warm_mfu"] = round(rate / peak, 3)
+    out["scoring_seconds"] = round(out["scoring_seconds"], 3)
+    out["warm_scoring_seconds"] = round(out["warm_scoring_seconds"], 3)
     return out

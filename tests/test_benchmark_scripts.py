@@ -251,3 +251,32 @@ def test_profile_spa_program_runs_the_refinement_step():
     assert math.isfinite(float(first["train/loss"]))
     assert "spa/extrapolated_margin" in first
     assert float(second["train/loss"]) != float(first["train/loss"])  # the policy moved
+
+
+def test_spa_round_reads_the_refinement_steps_throughput_from_the_metrics(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from spa_round import train_perf
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import json
+
+    rows = [
+        {"tag": "round_0/train", "perf/step_seconds": 9.0, "perf/model_tflops_per_second": 1.0},
+        {"tag": "round_1/train", "step": 1},  # a row without throughput: left out
+        # peak 0.5 TFLOP/s: 0.2 of it for 4 s (compiling), then 0.4 for 1 s and 0.3 for 2 s
+        {"tag": "round_1/train", "perf/step_seconds": 4.0, "perf/model_tflops_per_second": 0.1,
+         "perf/mfu": 0.2},
+        {"tag": "round_1/train", "perf/step_seconds": 1.0, "perf/model_tflops_per_second": 0.2,
+         "perf/mfu": 0.4},
+        {"tag": "round_1/train", "perf/step_seconds": 2.0, "perf/model_tflops_per_second": 0.15,
+         "perf/mfu": 0.3},
+    ]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    perf = train_perf(path, "round_1/train")
+    assert perf["step_seconds"] == [4.0, 1.0, 2.0] and perf["step_mfu"] == [0.2, 0.4, 0.3]
+    assert perf["peak_tflops_per_second"] == 0.5
+    assert perf["mfu"] == round((0.4 + 0.2 + 0.3) / 7 / 0.5, 3)
+    assert perf["mfu_after_first"] == round((0.2 + 0.3) / 3 / 0.5, 3)
+    assert train_perf(path, "round_2/train") == {}

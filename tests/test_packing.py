@@ -161,3 +161,53 @@ def test_a_packed_spa_step_is_the_unpacked_step(model):
         results.append((state, jax.device_get(m)))
     _assert_same_step(*results)
     assert results[1][1]["spa/flagging_active"] == 1.0
+
+
+def test_best_fit_places_longest_first_into_the_fullest_row_that_holds_it():
+    from jaxalign.data.packing import best_fit
+
+    # longest first: 7 -> new row 0 (room 3); 6 -> new row 1 (room 4); 4 -> row 1 (the
+    # only room that holds it); the first 3 -> row 0 (room 3, fills it); the second 3 ->
+    # new row 2; 1 -> row 2 (rows 0 and 1 are full)
+    placed, rows = best_fit([3, 7, 1, 6, 3, 4], 10)
+    assert rows == 3
+    assert placed == [(0, 7), (0, 0), (2, 3), (1, 0), (2, 0), (1, 6)]
+    lengths = np.random.default_rng(0).integers(1, 65, 500).tolist()
+    placed, rows = best_fit(lengths, 64)
+    used = np.zeros((rows, 64), int)
+    for n, (row, start) in zip(lengths, placed, strict=True):
+        used[row, start : start + n] += 1
+    assert used.max() == 1 and used.sum() == sum(lengths)  # no overlap, nothing lost
+    assert rows <= -(-sum(lengths) * 11 // (9 * 64)) + 1  # within 11/9 of the bound
+    with pytest.raises(ValueError, match="does not fit rows of 10"):
+        best_fit([4, 11], 10)
+
+
+def test_the_cheapest_layout_by_hand():
+    from jaxalign.data.packing import cheapest_layout, row_layouts
+
+    assert row_layouts(8, 4) == [(8, 4), (16, 2), (32, 1)]
+    assert row_layouts(8, 6) == [(8, 6), (16, 3)]  # 4 does not divide 6 rows
+    # six sequences of 5 in rows of 8 (one each: 4 + 2 rows, 48 positions), of 16 (three
+    # each: 2 rows, 32) or of 32 (six: 1 row, 32)
+    flat = [[5] * 6]
+    assert cheapest_layout(flat, 8, 4, lambda length: 1.0) == (16, 2)  # ties: shorter rows
+    assert cheapest_layout(flat, 8, 4, lambda length: length) == (8, 4)  # 384 < 512 < 1024
+    # each group packs on its own: two groups of three 5s take 3 rows of 8 each (48
+    # positions), 1 row of 16 each (32) or 1 row of 32 each (64)
+    assert cheapest_layout([[5] * 3, [5] * 3], 8, 4, lambda length: 1.0) == (16, 2)
+
+
+def test_longer_rows_hold_a_batch_in_fewer_rows_and_no_more_than_the_cap():
+    batch = _short_batch(2)
+    for side in ("chosen", "rejected"):  # every sequence longer than half a row
+        batch[f"{side}_attention_mask"][:] = 1
+        batch[f"{side}_attention_mask"][:, T - 3 :] = 0
+        batch[f"{side}_loss_mask"] *= batch[f"{side}_attention_mask"]
+    batch["weight"][:] = 1.0
+    assert pack_pair_rows(batch)["packed_ids"].shape == (2 * B, T)  # one to a row of T
+    wide = pack_pair_rows(batch, 1, 2 * T, max_rows=B)
+    assert wide["packed_ids"].shape == (B, 2 * T)  # two to a row of 2T
+    assert sorted(np.unique(wide["packed_segments"])) == list(range(-1, 2 * B))
+    with pytest.raises(ValueError, match="need 8 rows of 32, more than 4"):
+        pack_pair_rows(batch, 1, 2 * T, max_rows=4)

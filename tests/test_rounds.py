@@ -300,6 +300,41 @@ def test_a_sampling_stage_records_its_decoding_and_logs_it(tmp_path):
     assert not any("decoded" in line for line in lines[3:])
 
 
+def test_a_judging_stage_records_its_scoring_and_logs_it(tmp_path, monkeypatch):
+    from jaxalign import throughput
+
+    lines = []
+    runner = rounds.RoundRunner(tmp_path / "run", {"a": 1}, log=lines.append)
+    monkeypatch.setattr(runner, "peak_flops", lambda: 1e12)
+
+    def judge(round_dir):
+        throughput.record_scoring(10, 600, 800, 2e11, 0.5)  # 0.4 TFLOP/s warm
+        throughput.record_scoring(6, 200, 200, 5e11, 1.5, compiled=True)
+        return {"n": 1}
+
+    assert runner.stage(1, "judge", judge) == {"n": 1}
+    assert runner.stage(1, "train", lambda d: {"n": 2}) == {"n": 2}
+    stages = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]
+    scoring = stages["round_1/judge"]["scoring"]
+    assert scoring == {
+        "scored_sequences": 16,
+        "scored_tokens": 800,
+        "scored_positions": 1000,
+        "scoring_seconds": 2.0,
+        "warm_scoring_seconds": 0.5,
+        "scored_sequences_per_second": 8.0,
+        "scored_tokens_per_second": 400.0,
+        "padding": 0.2,
+        "warm_model_tflops_per_second": 0.4,
+        "warm_mfu": 0.4,
+    }
+    assert "scoring" not in stages["round_1/train"]  # nothing scored, no record
+    assert lines[2] == (
+        "[round_1/judge] scored 16 sequences (8.0/s, 400 tokens/s, padding 20%), 0.40 of peak"
+    )
+    assert not any("scored" in line for line in lines[3:])
+
+
 def test_finish_run_writes_the_summary_of_every_stage(tmp_path):
     """summary.json: the rows under their key, the invocation's seconds, every stage's wall
     time, the compile counts of stages that recorded them and the decoding of sampling
@@ -324,6 +359,7 @@ def test_finish_run_writes_the_summary_of_every_stage(tmp_path):
             "decoding": {"sampled_tokens": 7},
         },
         "round_1/judge": {"result": {}, "seconds": 0.5},  # an older run's stage: no counts
+        "round_2/eval": {"result": {}, "seconds": 0.25, "scoring": {"scored_sequences": 8}},
     }
     rows = [{"round": 0, "win": 0.5}, {"round": 1, "win": 0.75}]
     summary = rounds.finish_run(
@@ -332,12 +368,18 @@ def test_finish_run_writes_the_summary_of_every_stage(tmp_path):
     assert summary == {
         "rounds": rows,
         "seconds_this_invocation": 12.5,
-        "stage_seconds": {"round_0/train": 2.5, "round_1/sample": 4.0, "round_1/judge": 0.5},
+        "stage_seconds": {
+            "round_0/train": 2.5,
+            "round_1/sample": 4.0,
+            "round_1/judge": 0.5,
+            "round_2/eval": 0.25,
+        },
         "stage_compiles": {
             "round_0/train": {"compiles": 3, "compile_seconds": 1.25, "compile_cache_hits": 1},
             "round_1/sample": {"compiles": 0, "compile_seconds": 0.0, "compile_cache_hits": 0},
         },
         "stage_decoding": {"round_1/sample": {"sampled_tokens": 7}},
+        "stage_scoring": {"round_2/eval": {"scored_sequences": 8}},
     }
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
     assert (tmp_path / "run" / "summary.json").read_text().startswith('{\n "rounds": [\n  {')

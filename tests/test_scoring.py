@@ -89,3 +89,58 @@ def test_reward_scores_in_record_order_equal_one_row_at_a_time():
         ids = np.asarray([row], np.int32)
         want = float(model(ids, np.ones_like(ids))[0])
         np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_passes_equal_the_batch_by_batch_passes():
+    """With ``train.pack_sequences`` (the default) a one-device pass packs every sequence of
+    all batches into shared rows of the longest batch's length, several calls of ``2B`` rows
+    here: the same log-probs as scoring each batch's rows as they are, padding pairs 0."""
+    import dataclasses
+
+    from jaxalign.data.pairs import build_pair_batches
+
+    records = [
+        {"prompt": f"question {i}?", "chosen": "yes " * (i % 7 + 1), "rejected": "n" * (i % 4)}
+        for i in range(23)  # 23 pairs in batches of 4: the last has a padding pair
+    ]
+    batches, _ = build_pair_batches(
+        records, CharTokenizer(), batch_size=4, max_prompt_tokens=16, max_response_tokens=32
+    )
+    assert len({b["chosen_ids"].shape[1] for b in batches}) > 1  # several buckets
+    graphdef, params = nnx.split(Transformer(TINY, rngs=nnx.Rngs(3)))
+    packed = training.TrainConfig(batch_size=4, logp_chunk_size=8)
+    assert packed.pack_sequences and scoring.packs(packed, None)
+    plain = dataclasses.replace(packed, pack_sequences=False)
+    got = scoring.with_reference_logps(graphdef, params, batches, packed)
+    want = scoring.with_reference_logps(graphdef, params, batches, plain)
+    for a, b in zip(got, want, strict=True):
+        real = a["weight"] > 0
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            np.testing.assert_allclose(a[key][real], b[key][real], rtol=2e-5, atol=2e-5)
+            np.testing.assert_array_equal(a[key][~real], 0.0)
+    assert (~(got[-1]["weight"] > 0)).any()
+    assert np.abs(got[0]["ref_chosen_logps"]).min() > 1
+
+
+def test_packed_logps_are_each_sequence_scored_alone():
+    """:func:`scoring.packed_logps` against each sequence's own unpadded forward pass
+    (:func:`training.sequence_logps` on a one-row batch): rows shared by several sequences,
+    more sequences than one call holds, one sequence filling a whole row."""
+    import jax.numpy as jnp
+
+    graphdef, params = nnx.split(Transformer(TINY, rngs=nnx.Rngs(5)))
+    model = nnx.merge(graphdef, params)
+    rng = np.random.default_rng(0)
+    lengths = [16, 3, 9, 5, 12, 2, 7, 7, 4, 11, 6]
+    sequences = []
+    for n in lengths:
+        ids = rng.integers(1, TINY.vocab_size, n).astype(np.int32)
+        loss = (np.arange(n) >= n // 3).astype(np.int32)
+        sequences.append((ids, loss))
+    got = scoring.packed_logps(graphdef, params, sequences, length=16, rows=2, chunk_size=4)
+    for (ids, loss), value in zip(sequences, got, strict=True):
+        want, _ = training.sequence_logps(
+            model, jnp.asarray(ids[None]), jnp.ones((1, len(ids)), jnp.int32), loss[None], 4
+        )
+        np.testing.assert_allclose(value, float(want[0]), rtol=2e-5, atol=2e-5)
+    assert got.shape == (len(lengths),) and np.all(got < 0)

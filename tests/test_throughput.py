@@ -19,12 +19,37 @@ CONFIG = training.TrainConfig(learning_rate=1e-3, epochs=2, batch_size=4, logp_c
 
 
 def test_step_throughput_by_hand():
-    perf = throughput.step_throughput(2.0, 1000, 3_000_000, peak=1e12)
+    perf = throughput.step_throughput(2.0, 1000, 18e9, peak=1e12)
     assert perf["perf/step_seconds"] == 2.0
     assert perf["perf/tokens_per_second"] == 500.0
-    assert math.isclose(perf["perf/model_tflops_per_second"], 6 * 3e6 * 1000 / 2 / 1e12)
-    assert math.isclose(perf["perf/mfu"], 6 * 3e6 * 1000 / 2 / 1e12)
-    assert "perf/mfu" not in throughput.step_throughput(2.0, 1000, 3_000_000, peak=None)
+    assert math.isclose(perf["perf/model_tflops_per_second"], 18e9 / 2 / 1e12)
+    assert math.isclose(perf["perf/mfu"], 18e9 / 2 / 1e12)
+    assert "perf/mfu" not in throughput.step_throughput(2.0, 1000, 18e9, peak=None)
+
+
+def test_model_flops_by_hand():
+    """Two sequences of 3 and 5 tokens, N = 1e6, W = layers·heads·head size = 2·4·8 = 64:
+    a pass is 2·N·8 + 2·W·(9 + 25); a step three passes by default."""
+    batch = {
+        "chosen_attention_mask": np.array([[1, 1, 1, 0, 0]]),
+        "rejected_attention_mask": np.array([[1, 1, 1, 1, 1]]),
+        "chosen_ids": np.ones((1, 5)),
+    }
+    assert throughput.batch_squares(batch) == 34
+    one_pass = 2 * 1e6 * 8 + 2 * 64 * 34
+    assert throughput.model_flops(8, 34, 1_000_000, 64) == 3 * one_pass
+    assert throughput.model_flops(8, 34, 1_000_000, 64, passes=4) == 4 * one_pass
+    assert throughput.model_flops(8, 34, 1_000_000, 64, passes=1) == one_pass
+    model = types.SimpleNamespace(
+        config=types.SimpleNamespace(num_layers=2, num_heads=4, head_dim=8, hidden_size=99)
+    )
+    assert throughput.attention_width(model) == 64
+    model.config.head_dim, model.config.hidden_size = None, 32  # hidden // heads = 8
+    assert throughput.attention_width(model) == 64
+    assert throughput.attention_width(object()) == 0
+    small = Transformer(TINY, rngs=nnx.Rngs(0))
+    head = TINY.head_dim or TINY.hidden_size // TINY.num_heads
+    assert throughput.attention_width(small) == TINY.num_layers * TINY.num_heads * head
 
 
 def test_batch_tokens_counts_every_row_kind():
@@ -61,12 +86,21 @@ def test_every_logged_step_has_throughput_and_results_do_not(tmp_path, monkeypat
     batches, result = _train_tiny(MetricsWriter(tmp_path / "metrics.jsonl"))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 2 * len(batches) + 1))
-    tokens = [throughput.batch_tokens(b) for b in batches]
+    size = throughput.parameter_count(nnx.state(Transformer(TINY, rngs=nnx.Rngs(0))))
+    width = throughput.attention_width(Transformer(TINY, rngs=nnx.Rngs(0)))
+    work = {
+        throughput.batch_tokens(b): throughput.model_flops(
+            throughput.batch_tokens(b), throughput.batch_squares(b), size, width
+        )
+        for b in batches
+    }
     for row in rows:
         assert row["perf/step_seconds"] > 0
         done = row["perf/tokens_per_second"] * row["perf/step_seconds"]
-        assert any(done == pytest.approx(t) for t in tokens)  # that step's batch's tokens
-        assert 0 < row["perf/mfu"] < 1e3
+        tokens = next(t for t in work if done == pytest.approx(t))  # that step's batch's
+        flops = row["perf/model_tflops_per_second"] * row["perf/step_seconds"] * 1e12
+        assert flops == pytest.approx(work[tokens])
+        assert row["perf/mfu"] == pytest.approx(flops / row["perf/step_seconds"] / 50e9)
     assert not any(k.startswith("perf/") for k in result.summary())
 
 
@@ -155,3 +189,26 @@ def test_compile_stats_count_a_new_program_and_its_seconds():
     done = throughput.compiles_since(before)
     assert done["compiles"] == 1
     assert done["compile_seconds"] >= 0
+
+
+def test_position_cost_by_hand():
+    """W = 2·4·8 = 64; N' = 10,000 − 10·32 (tied embeddings): 2·N' = 19,360 per position,
+    plus 4·W per key scored. Rows of 256 run 4 causal blocks of 64 queries, which score
+    64, 128, 192, 256 keys: 160 a query on average; rows under 128 run one block, L keys."""
+    config = types.SimpleNamespace(
+        num_layers=2,
+        num_heads=4,
+        head_dim=8,
+        hidden_size=32,
+        vocab_size=10,
+        tie_embeddings=True,
+        causal_blocks=4,
+    )
+    cost = throughput.position_cost(types.SimpleNamespace(config=config), 10_000)
+    assert cost(256) == 19_360 + 4 * 64 * 160
+    assert cost(100) == 19_360 + 4 * 64 * 100
+    config.tie_embeddings = False  # a separate output layer is not a per-position matmul
+    assert throughput.position_cost(types.SimpleNamespace(config=config), 10_000)(100) == (
+        2 * (10_000 - 640) + 4 * 64 * 100
+    )
+    assert throughput.position_cost(object(), 10_000)(512) == 20_000  # no config: 2·N

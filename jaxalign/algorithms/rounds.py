@@ -37,10 +37,12 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import yaml
 from etils import epath
 
 from jaxalign import parallel, throughput
+from jaxalign.loading import default_cache_dir
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
@@ -304,6 +306,10 @@ class RoundRunner:
     def result(self, round_index: int, name: str) -> dict:
         return self.state["stages"][self.key(round_index, name)]["result"]
 
+    def peak_flops(self) -> float | None:
+        """The peak a stage's scoring passes are measured against (all devices)."""
+        return throughput.peak_flops(jax.devices(), default_cache_dir())
+
     def stage(self, round_index: int, name: str, fn: Callable[[RunPath], dict]) -> dict:
         key = self.key(round_index, name)
         if key in self.state["stages"]:
@@ -313,15 +319,18 @@ class RoundRunner:
         start = time.perf_counter()
         compiled = throughput.compile_stats()
         decoded = throughput.decoding_stats()
+        scored = throughput.scoring_stats()
         result = fn(self.round_dir(round_index))
         seconds = time.perf_counter() - start
         compiled = throughput.compiles_since(compiled)
         decoded = throughput.decoding_since(decoded)
+        scored = throughput.scoring_since(scored, self.peak_flops())
         self.state["stages"][key] = {
             "result": result,
             "seconds": round(seconds, 3),
             **compiled,
             **({"decoding": decoded} if decoded else {}),
+            **({"scoring": scored} if scored else {}),
         }
         self.state["last_stage"] = key
         atomic_write_text(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1))
@@ -331,6 +340,14 @@ class RoundRunner:
             f"[{key}] finished in {seconds:.1f}s ({compiled['compiles']} programs compiled in "
             f"{compiled['compile_seconds']:.1f}s, {compiled['compile_cache_hits']} from the cache)"
         )
+        if scored:
+            self.log(
+                f"[{key}] scored {scored['scored_sequences']} sequences "
+                f"({scored['scored_sequences_per_second']:.1f}/s, "
+                f"{scored['scored_tokens_per_second']:.0f} tokens/s, padding "
+                f"{scored['padding']:.0%})"
+                + (f", {scored['warm_mfu']:.2f} of peak" if "warm_mfu" in scored else "")
+            )
         if decoded:
             self.log(
                 f"[{key}] decoded {decoded['sampled_tokens']} response tokens "
@@ -392,12 +409,15 @@ def finish_run(
     }
     # Tokens decoded by each sampling stage and their rates (absent for older runs).
     stage_decoding = {k: v["decoding"] for k, v in stages.items() if "decoding" in v}
+    # Sequences scored by each stage's log-prob passes (judge, reference) and their rates.
+    stage_scoring = {k: v["scoring"] for k, v in stages.items() if "scoring" in v}
     summary = {
         rows_key: rows,
         "seconds_this_invocation": seconds,
         "stage_seconds": stage_seconds,
         "stage_compiles": stage_compiles,
         "stage_decoding": stage_decoding,
+        "stage_scoring": stage_scoring,
     }
     atomic_write_text(runner.run_dir / "summary.json", json.dumps(summary, indent=1))
     atomic_write_text(runner.run_dir / "summary.md", f"# {title}\n\n{table}\n")

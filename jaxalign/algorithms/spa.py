@@ -665,7 +665,8 @@ def train_stage(
     batches, build_report = pair_batches(records, ctx.tokenizer, cfg)
     if not batches:
         raise ValueError(f"round {round_index}: no usable preference pairs to train on")
-    if seed_round or not spa.refine:
+    on_the_fly = not seed_round and spa.refine  # the reference runs beside the policy
+    if not on_the_fly:
         batches = scoring.with_reference_logps(
             ctx.graphdef, reference, batches, cfg.train, progress=ctx.progress, mesh=ctx.mesh
         )
@@ -710,6 +711,7 @@ def train_stage(
         checkpoint_dir=(out / "checkpoints") if cfg.run.checkpoint_every else None,
         save_every=cfg.run.checkpoint_every,
         log=ctx.log,
+        frozen_forward=on_the_fly,
     )
     if result.per_pair:  # which pairs self-refinement flagged, at which step
         ids = [r["id"] for r in records]
