@@ -17,7 +17,6 @@ jaxalign cache (``peak_flops.json``); ``None`` for a device this table does not 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import platform
@@ -28,8 +27,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxalign.models.llama import causal_block_bounds
 
 # Dense bfloat16 FLOP/s per chip, from the vendors' published specifications.
 NOMINAL_PEAKS = {
@@ -81,22 +78,16 @@ def position_cost(model, params: int) -> Callable[[int], float]:
     choosing how to pack rows (:func:`jaxalign.data.packing.cheapest_layout`): the matmuls
     of a model of ``params`` parameters less its embeddings (a lookup; the output layer
     runs only on scored tokens, however they are packed), ``2·N'``, plus the attention
-    scores it computes for a row, ``4·W`` per key: every key of the row up to the end of
-    the query's causal block (:func:`jaxalign.models.llama.causal_block_bounds`), whether
-    one sequence fills the row or several. Without a model ``config``: ``2·params``."""
+    scores it computes for a row, ``4·W`` per key a query scores
+    (:meth:`jaxalign.models.llama.ModelConfig.keys_per_query`). Without a model ``config``:
+    ``2·params``."""
     config = getattr(model, "config", None)
     width = attention_width(model)
     if not width:
         return lambda length: 2.0 * params
     tables = 1 if config.tie_embeddings else 2
     dense = 2.0 * max(params - tables * config.vocab_size * config.hidden_size, 0)
-
-    def cost(length: int) -> float:
-        bounds = causal_block_bounds(length, config.causal_blocks)
-        keys = sum((hi - lo) * hi for lo, hi in itertools.pairwise(bounds)) / length
-        return dense + 4.0 * width * keys
-
-    return cost
+    return lambda length: dense + 4.0 * width * config.keys_per_query(length)
 
 
 def model_flops(tokens: int, squares: int, params: int, width: int, passes: int = 3) -> float:

@@ -151,8 +151,11 @@ class TrainConfig:
     # recomputes whole layers; false/"none" stores all; null keeps the model's setting.
     remat: bool | str | None = "dots"
     # Pack each pair batch's sequences into fewer rows (jaxalign.data.packing): the same
-    # step on less padding. Applied on a one-device mesh with micro_batches 1 (the CPU
-    # runs); several devices, micro-batches and host-local batches train unpacked.
+    # step on less padding; and the reference's and the judge's log-prob passes
+    # (jaxalign.scoring) pack all their sequences at once. Rows of the longest bucket T,
+    # or 2T / 4T in half / a quarter of the rows, whichever computes fewer FLOPs. Applied
+    # on a one-device mesh (the CPU runs), for the step with micro_batches 1; several
+    # devices, micro-batches and host-local batches run unpacked.
     pack_sequences: bool = True
     seed: int = 0
 

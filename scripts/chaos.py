@@ -57,6 +57,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A scoring pass's wall times and rates (a resumed stage compiles again: its warm share too).
+SCORING_TIMES = (
+    "scoring_seconds",
+    "warm_scoring_seconds",
+    "scored_sequences_per_second",
+    "scored_tokens_per_second",
+    "warm_model_tflops_per_second",
+    "warm_mfu",
+)
 # What legitimately differs between two runs of one command: wall-clock measurements. They
 # are removed before the comparison; nothing else is.
 TIME_DEPENDENT = {
@@ -72,6 +81,7 @@ TIME_DEPENDENT = {
         "stages.*.decoding.warm_decoded_tokens",  # a resumed stage compiles again
         "stages.*.decoding.warm_decode_seconds",
         "stages.*.decoding.warm_decoded_tokens_per_second",
+        *(f"stages.*.scoring.{k}" for k in SCORING_TIMES),  # sequences and tokens compared
     ),
     "summary.json": (
         "seconds_this_invocation",
@@ -83,6 +93,7 @@ TIME_DEPENDENT = {
         "stage_decoding.*.warm_decoded_tokens",
         "stage_decoding.*.warm_decode_seconds",
         "stage_decoding.*.warm_decoded_tokens_per_second",
+        *(f"stage_scoring.*.{k}" for k in SCORING_TIMES),
     ),
     "report/report.md": ("the 'Stage times' section (state.json's stage seconds)",),
     "report/report.html": ("the 'Stage times' section (state.json's stage seconds)",),

@@ -195,19 +195,24 @@ def test_position_cost_by_hand():
     """W = 2·4·8 = 64; N' = 10,000 − 10·32 (tied embeddings): 2·N' = 19,360 per position,
     plus 4·W per key scored. Rows of 256 run 4 causal blocks of 64 queries, which score
     64, 128, 192, 256 keys: 160 a query on average; rows under 128 run one block, L keys."""
-    config = types.SimpleNamespace(
+    from jaxalign.models.llama import ModelConfig
+
+    config = ModelConfig(
+        vocab_size=10,
+        hidden_size=32,
+        intermediate_size=64,
         num_layers=2,
         num_heads=4,
+        num_kv_heads=2,
         head_dim=8,
-        hidden_size=32,
-        vocab_size=10,
         tie_embeddings=True,
         causal_blocks=4,
     )
+    assert config.keys_per_query(256) == 160 and config.keys_per_query(100) == 100
     cost = throughput.position_cost(types.SimpleNamespace(config=config), 10_000)
     assert cost(256) == 19_360 + 4 * 64 * 160
     assert cost(100) == 19_360 + 4 * 64 * 100
-    config.tie_embeddings = False  # a separate output layer is not a per-position matmul
+    config = config.replace(tie_embeddings=False)  # its own output layer: not per position
     assert throughput.position_cost(types.SimpleNamespace(config=config), 10_000)(100) == (
         2 * (10_000 - 640) + 4 * 64 * 100
     )

@@ -12,10 +12,13 @@ positions at each sequence's start, and sums log-probs per sequence
 (:func:`jaxalign.training.token_rows`). The loss sees the same ``[B]`` log-probs as
 from the unpacked batch, so a packed step is the same step, computed on fewer rows.
 
-The train loop packs every batch of a run into rows of the run's longest bucket and
-rounds the row count up to a quarter of ``2B`` (:func:`packed_row_multiple`), so a run
-compiles at most four step shapes; the row count never exceeds ``2B``, so a packed step
-never needs more memory than the run's longest unpacked one.
+The train loop packs every batch of a run in one row layout (:func:`cheapest_layout`):
+``2B`` rows of the run's longest bucket ``T``, ``B`` rows of ``2T`` or ``B/2`` of ``4T``,
+whichever computes the run in the fewest FLOPs (longer rows hold two or more sequences of
+more than ``T/2``, at more attention per position), the row count rounded up to a quarter
+of the most (:func:`row_multiple`), so a run compiles at most four step shapes, none with
+more positions than the longest unpacked batch. The scoring passes (:mod:`jaxalign.scoring`)
+pack all their sequences at once the same way (:func:`best_fit`, :func:`fill_rows`).
 """
 
 from __future__ import annotations

@@ -143,6 +143,13 @@ class ModelConfig:
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    def keys_per_query(self, length: int) -> float:
+        """Keys a query of a ``length``-token row scores on average, without a KV cache:
+        every key up to the end of its causal block (:func:`causal_block_bounds`), whether
+        one sequence fills the row or several are packed in it."""
+        bounds = causal_block_bounds(length, self.causal_blocks)
+        return sum((hi - lo) * hi for lo, hi in itertools.pairwise(bounds)) / length
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
