@@ -14,9 +14,10 @@ Every place that needs ``log π(y|x)`` of responses it already has calls this mo
 Log-probs are summed over response tokens, computed chunk by chunk
 (:func:`jaxalign.training.chunked_token_logps`), so no ``[B,T,V]`` logits are held.
 On one device (no mesh, or a mesh of one) with ``train.pack_sequences``, the pair passes
-pack every sequence of the pass into rows of its longest bucket at once
-(:func:`packed_logps`), so they compute almost no padding: a pass over short responses
-in long buckets costs what its tokens cost. Otherwise they run batch by batch on every
+pack every sequence of the pass at once (:func:`packed_logps`) into rows of its longest
+bucket, or of two or four times that in half or a quarter of the rows, whichever costs
+fewest FLOPs (:func:`batch_pair_logps`), so they compute little padding: a pass over short
+responses in long buckets costs about what its tokens cost. Otherwise they run batch by batch on every
 device of the mesh: the parameters are placed as training places them and each batch's
 rows are split over the data axes (every process holds the batch whole and feeds its own
 rows), across hosts too.
