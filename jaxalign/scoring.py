@@ -17,10 +17,10 @@ On one device (no mesh, or a mesh of one) with ``train.pack_sequences``, the pai
 pack every sequence of the pass at once (:func:`packed_logps`) into rows of its longest
 bucket, or of two or four times that in half or a quarter of the rows, whichever costs
 fewest FLOPs (:func:`batch_pair_logps`), so they compute little padding: a pass over short
-responses in long buckets costs about what its tokens cost. Otherwise they run batch by batch on every
-device of the mesh: the parameters are placed as training places them and each batch's
-rows are split over the data axes (every process holds the batch whole and feeds its own
-rows), across hosts too.
+responses in long buckets costs about what its tokens cost. Otherwise they run batch by
+batch on every device of the mesh: the parameters are placed as training places them and
+each batch's rows are split over the data axes (every process holds the batch whole and
+feeds its own rows), across hosts too.
 """
 
 from __future__ import annotations
