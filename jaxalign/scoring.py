@@ -45,10 +45,11 @@ from jaxalign.parallel import place_params, shard_host_batch, to_host
 # ----------------------------------------------------------------------------- pair batches
 
 
-def _model_size(graphdef: nnx.GraphDef, params: nnx.State) -> tuple[int, int]:
-    """``(N, W)`` of the model a pass runs, for its model FLOPs (:mod:`jaxalign.throughput`)."""
-    width = throughput.attention_width(nnx.merge(graphdef, params))
-    return throughput.parameter_count(params), width
+def _model_size(graphdef: nnx.GraphDef, params: nnx.State):
+    """``(model, (N, W))``: the model a pass runs and its sizes for its model FLOPs
+    (:mod:`jaxalign.throughput`)."""
+    model = nnx.merge(graphdef, params)
+    return model, (throughput.parameter_count(params), throughput.attention_width(model))
 
 
 def _counted(run: Callable[[], Any], size: tuple[int, int], lengths, positions: int):
@@ -83,7 +84,7 @@ def pair_scorer(
     runs on this process's default device.
     """
     placed = place_params(params, mesh)  # once for all batches
-    size = _model_size(graphdef, params)
+    _, size = _model_size(graphdef, params)
     fields = [k for k in training.PAIR_FIELDS if k.endswith(("ids", "mask"))]
 
     def run(batch):
@@ -202,15 +203,11 @@ def batch_pair_logps(
             found.append((k, index % b, index // b))
             sequences.append((ids, loss_mask))
     longest = max((np.shape(batch["chosen_ids"])[1] for batch in batches), default=1)
-    cost = throughput.position_cost(nnx.merge(graphdef, params), throughput.parameter_count(params))
-    length, rows = packing.cheapest_layout(
-        [[len(ids) for ids, _ in sequences]], longest, 2 * config.batch_size, cost
-    )
     sums = packed_logps(
         graphdef,
         params,
         sequences,
-        length,
+        longest,
         2 * config.batch_size,
         config.logp_chunk_size,
         progress=progress,
@@ -249,19 +246,26 @@ def packed_logps(
     ``t`` is scored, from the logits at ``t-1``, where ``loss_mask[t]`` is 1), on the device of
     ``mesh`` (one device), or this process's default device without one.
 
-    Every sequence is placed at once in rows of ``length`` tokens, longest first into the
-    fullest row that holds it (:func:`jaxalign.data.packing.best_fit`), and the rows go
-    through the model ``rows`` at a time, attention masked to each sequence: one program
-    for the whole pass (``[rows, length]``), and a second for the last call, whose row
-    count is rounded up to :func:`jaxalign.data.packing.row_multiple` only.
+    A call holds ``rows`` rows of ``length`` tokens (each sequence at most ``length``), or
+    half as many twice as long, or a quarter four times as long, whichever computes the pass
+    in the fewest FLOPs (:func:`jaxalign.data.packing.cheapest_layout`, priced by
+    :func:`jaxalign.throughput.position_cost`). Every sequence is placed at once in rows of
+    that length, longest first into the fullest row that holds it
+    (:func:`jaxalign.data.packing.best_fit`), and the rows go through the model that many
+    at a time, attention masked to each sequence: one program for the whole pass, and a
+    second for the last call, whose row count is rounded up to
+    :func:`jaxalign.data.packing.row_multiple` only.
     """
-    placed, used = packing.best_fit([len(ids) for ids, _ in sequences], length)
+    model, size = _model_size(graphdef, params)
+    lengths = [len(ids) for ids, _ in sequences]
+    cost = throughput.position_cost(model, size[0])
+    length, rows = packing.cheapest_layout([lengths], length, rows, cost)
+    placed, used = packing.best_fit(lengths, length)
     calls: list[list[int]] = [[] for _ in range(-(-used // rows))]
     step = packing.row_multiple(rows)
     for k, (row, _) in enumerate(placed):
         calls[row // rows].append(k)
     on_device = place_params(params, mesh)
-    size = _model_size(graphdef, params)
     out = np.zeros(len(sequences), np.float64)
     for call, members in enumerate(tqdm(calls, desc=desc, disable=not progress, unit="batch")):
         held = min(rows, -(-(used - call * rows) // step) * step)
@@ -276,7 +280,7 @@ def packed_logps(
                 _packed_sums(graphdef, on_device, **arrays, chunk_size=chunk_size)
             ),
             size,
-            [len(sequences[k][0]) for k in members],
+            [lengths[k] for k in members],
             held * length,
         )
         out[members] = sums[: len(members)]
